@@ -1,0 +1,19 @@
+//! tcp-trace's kernel side: capture only. One module per hook family; every map in `maps`.
+#![no_std]
+#![no_main]
+
+mod context;
+mod maps;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here, so it is never taken at run time.
+    loop {}
+}
+
+/// bpf_probe_read_kernel and bpf_ktime_get_ns are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,77 @@
+//! Every map of the eBPF side, and the globals the agent sets at load time.
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    macros::map,
+    maps::{Array, PerCpuArray, RingBuf},
+};
+use tcp_trace_common::counter;
+
+/// The records, in the order the kernel reserved them. Its size is set by the agent (`--ring-bytes`).
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Per-CPU counters, indexed by `tcp_trace_common::counter`.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-CPU softirq nesting: set by `irq:softirq_entry`, cleared by `irq:softirq_exit` (softirqs
+/// do not nest on one CPU, so one slot per CPU is exact). Holds the softirq vector + 1, 0 outside.
+#[map(name = "SOFTIRQ")]
+pub static SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// When the programs last forced a consumer wake-up (bpf_ktime_get_ns).
+#[map(name = "LAST_WAKEUP")]
+static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+// Globals: the agent overwrites these in .rodata before loading (EbpfLoader::set_global).
+#[unsafe(no_mangle)]
+static NETNS_NET_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static NETNS_INUM_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static NETNS_FILTER: u32 = 0;
+#[unsafe(no_mangle)]
+static WAKEUP_INTERVAL_NS: u64 = 1_000_000;
+
+/// Read a global through a volatile load so the compiler cannot fold in the default.
+macro_rules! global {
+    ($name:ident) => {
+        unsafe { core::ptr::read_volatile(&raw const $name) }
+    };
+}
+
+pub fn netns_offsets() -> (u32, u32) {
+    (global!(NETNS_NET_OFFSET), global!(NETNS_INUM_OFFSET))
+}
+
+pub fn netns_filter() -> u32 {
+    global!(NETNS_FILTER)
+}
+
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Flags for `bpf_ringbuf_submit`. A wake-up per record costs an irq_work and an epoll wake-up
+/// each (../shared/PLATFORM.md measured a 20x slowdown), so a record wakes the agent only if no
+/// record did in the last WAKEUP_INTERVAL_NS. The agent, once woken, keeps draining every interval
+/// until a drain one interval after its last wake-up finds the ring empty, so a record that did
+/// not wake it still arrives within about one interval.
+pub fn submit_flags(now: u64) -> u64 {
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return BPF_RB_FORCE_WAKEUP as u64;
+    };
+    let interval = global!(WAKEUP_INTERVAL_NS);
+    // Racy across CPUs by design: at worst two CPUs both wake the agent.
+    unsafe {
+        if now.wrapping_sub(*last) >= interval {
+            *last = now;
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
+    }
+}

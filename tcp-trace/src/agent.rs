@@ -1,0 +1,214 @@
+//! The agent: capture -> lifecycle -> bus -> gRPC, wired together and shut down as one.
+use std::sync::{Arc, Mutex, atomic::Ordering};
+
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::{self, Limits, ListenAddr, Listeners, convert},
+    bus::Bus,
+    capture::{self, Capture, CaptureConfig, DecodeError, Record},
+    filter::Keys,
+    lifecycle::Table,
+    proto,
+    stats::AgentStats,
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub listen: Vec<ListenAddr>,
+    pub capture: CaptureConfig,
+    /// Most connections followed at once; beyond it new ones are counted, not followed.
+    pub max_connections: usize,
+    pub limits: Limits,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            listen: vec![ListenAddr::default()],
+            capture: CaptureConfig::default(),
+            max_connections: 1_000_000,
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
+    #[error(transparent)]
+    Listen(#[from] api::ListenError),
+}
+
+/// A running agent. Stop it with [`Agent::shutdown`].
+pub struct Agent {
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    /// Where it listens, with TCP port 0 resolved.
+    pub listening: Vec<ListenAddr>,
+    pub hooks: capture::Hooks,
+    _listeners_cleanup: ListenerFiles,
+}
+
+/// Removes Unix socket files when the agent is gone.
+struct ListenerFiles(Vec<std::path::PathBuf>);
+
+impl Drop for ListenerFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Agent {
+    /// Loads and attaches the programs, binds the listeners and starts serving. Returns once
+    /// events are being captured.
+    pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        let mut listeners = Listeners::bind(&config.listen).await?;
+        let mut capture = Capture::load(&config.capture)?;
+        let hooks = capture.hooks().clone();
+        let stats = Arc::new(AgentStats::new(capture.kernel_counters(), hooks.clone()));
+        let table = Arc::new(Mutex::new(Table::new(config.max_connections)));
+        let bus = Bus::new();
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let mut pipeline = Pipeline {
+            table: Arc::clone(&table),
+            bus: Arc::clone(&bus),
+            stats: Arc::clone(&stats),
+            clock: convert::Clock::now(),
+            batch: Vec::with_capacity(1024),
+            warned_malformed: false,
+        };
+        let drain_cancel = cancel.clone();
+        tasks.spawn(async move {
+            capture.run(&drain_cancel, &mut pipeline).await;
+            // `capture` drops here: the programs detach.
+        });
+
+        let service = api::Service {
+            bus,
+            table,
+            stats,
+            limits: config.limits.clone(),
+        };
+        let service = proto::tcp_trace_server::TcpTraceServer::from_arc(Arc::new(service));
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<proto::tcp_trace_server::TcpTraceServer<api::Service>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor set is valid");
+        let router = tonic::transport::Server::builder()
+            .add_service(service)
+            .add_service(health)
+            .add_service(reflection);
+
+        let listening = listeners.bound.clone();
+        let socket_files = listeners
+            .unix
+            .iter()
+            .map(|(path, _)| path.clone())
+            .collect();
+        for (_, listener) in listeners.unix.drain(..) {
+            let router = router.clone();
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let incoming = UnixListenerStream::new(listener);
+                if let Err(err) = router
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                    .await
+                {
+                    tracing::error!("gRPC server on a Unix socket failed: {err}");
+                }
+            });
+        }
+        for listener in listeners.tcp.drain(..) {
+            let router = router.clone();
+            let stop = cancel.clone();
+            tasks.spawn(async move {
+                let incoming = TcpListenerStream::new(listener);
+                if let Err(err) = router
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                    .await
+                {
+                    tracing::error!("gRPC server on TCP failed: {err}");
+                }
+            });
+        }
+        // The socket files now belong to the agent, not to the (emptied) listener set.
+        std::mem::forget(listeners);
+        Ok(Agent {
+            cancel,
+            tasks,
+            listening,
+            hooks,
+            _listeners_cleanup: ListenerFiles(socket_files),
+        })
+    }
+
+    /// Stops serving, detaches the programs and removes the socket files.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down.
+    pub async fn run_until_signal(self) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Decodes records, updates the table and publishes the resulting events, one drain at a time.
+struct Pipeline {
+    table: Arc<Mutex<Table>>,
+    bus: Arc<Bus>,
+    stats: Arc<AgentStats>,
+    clock: convert::Clock,
+    batch: Vec<(proto::Event, Keys)>,
+    warned_malformed: bool,
+}
+
+impl capture::Sink for Pipeline {
+    fn record(&mut self, record: Result<Record, DecodeError>) {
+        match record {
+            Ok(Record::Transition(t)) => {
+                self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
+                let applied = self
+                    .table
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .apply(&t);
+                convert::events(&t, &applied, &self.clock, &mut self.batch);
+            }
+            Err(err) => {
+                self.stats.records_malformed.fetch_add(1, Ordering::Relaxed);
+                if !self.warned_malformed {
+                    self.warned_malformed = true;
+                    tracing::warn!("undecodable record from the kernel (counted in stats): {err}");
+                }
+            }
+        }
+    }
+
+    fn batch_done(&mut self) {
+        self.bus.publish(&mut self.batch);
+        // Re-read the clock offset now and then: NTP slews CLOCK_REALTIME.
+        self.clock = convert::Clock::now();
+    }
+}

@@ -1,0 +1,318 @@
+//! The only code that touches the kernel: load and attach the eBPF programs, drain the ring
+//! buffer, decode records, read the kernel-side counters.
+mod btf;
+pub mod decode;
+pub mod tracefs;
+
+use std::{io, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use tcp_trace_common::globals;
+use tokio::io::{Interest, unix::AsyncFd};
+
+pub use decode::{DecodeError, Record};
+
+use crate::{
+    model::{Context, TcpState},
+    stats::KernelCounterReader,
+};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
+
+/// The state tracepoint's record layout the program reads (see tcp-trace-ebpf/src/state.rs).
+const STATE_LAYOUT: &[(&str, usize, usize)] = &[
+    ("skaddr", 8, 8),
+    ("oldstate", 16, 4),
+    ("newstate", 20, 4),
+    ("sport", 24, 2),
+    ("dport", 26, 2),
+    ("family", 28, 2),
+    ("protocol", 30, 2),
+    ("saddr", 32, 4),
+    ("daddr", 36, 4),
+    ("saddr_v6", 40, 16),
+    ("daddr_v6", 56, 16),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "tcp-trace needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF programs \
+         (this process has neither CAP_SYS_ADMIN nor both of those): run it with sudo"
+    )]
+    NotPrivileged,
+    #[error("{0}")]
+    Tracefs(io::Error),
+    #[error("the kernel's sock:inet_sock_set_state differs from what the program reads: {0}")]
+    Layout(String),
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("attaching {hook} failed: {source}")]
+    Attach {
+        hook: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+    #[error("watching the ring buffer: {0}")]
+    Poll(io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Ring buffer size in bytes: a power of two, a multiple of the page size.
+    pub ring_bytes: u32,
+    /// Only capture sockets in this network namespace (inode); None = every namespace.
+    pub netns: Option<u32>,
+    /// Longest a record may wait in the ring before the agent reads it, roughly.
+    pub wakeup_interval: Duration,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        CaptureConfig {
+            ring_bytes: 8 << 20,
+            netns: None,
+            wakeup_interval: Duration::from_millis(1),
+        }
+    }
+}
+
+/// Which hooks are attached, and which optional ones are not (with why).
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    pub attached: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+/// Counters kept by the programs, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub submitted: u64,
+    pub ring_full: u64,
+    pub filtered: u64,
+}
+
+/// Receives what [`Capture::run`] drains.
+pub trait Sink {
+    fn record(&mut self, record: Result<Record, DecodeError>);
+    /// The ring was drained; a good moment to publish.
+    fn batch_done(&mut self) {}
+}
+
+pub struct Capture {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: KernelCounterReader,
+    hooks: Hooks,
+    /// False when the softirq hooks are missing: then a task is only trusted for transitions
+    /// that always run in a system call.
+    context_tracked: bool,
+    wakeup_interval: Duration,
+}
+
+impl Capture {
+    /// Loads and attaches the programs. Must run inside a tokio runtime (the ring is registered
+    /// with its reactor).
+    pub fn load(config: &CaptureConfig) -> Result<Capture, CaptureError> {
+        if !privileged() {
+            return Err(CaptureError::NotPrivileged);
+        }
+        tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
+        tracefs::check_layout("sock", "inet_sock_set_state", STATE_LAYOUT)
+            .map_err(CaptureError::Layout)?;
+        let mut hooks = Hooks::default();
+        let (net_offset, inum_offset) = match netns_offsets() {
+            Ok(offsets) => offsets,
+            Err(why) => {
+                hooks
+                    .missing
+                    .push(format!("network namespace of sockets: {why}"));
+                (0, 0)
+            }
+        };
+        let netns_filter = config.netns.unwrap_or(0);
+        let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::NETNS_NET_OFFSET, &net_offset, true)
+            .override_global(globals::NETNS_INUM_OFFSET, &inum_offset, true)
+            .override_global(globals::NETNS_FILTER, &netns_filter, true)
+            .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
+            .map_max_entries("EVENTS", config.ring_bytes)
+            .load(EBPF_OBJECT)?;
+
+        // Context first, so the first transitions already know it.
+        let mut context_tracked = true;
+        for event in ["softirq_entry", "softirq_exit"] {
+            match attach(&mut ebpf, event, "irq", event) {
+                Ok(()) => hooks.attached.push(format!("irq:{event}")),
+                Err(err) => {
+                    context_tracked = false;
+                    hooks.missing.push(format!(
+                        "irq:{event} ({err}): transitions in softirq cannot be told from process context, \
+                         so only connect() and listen() transitions name a process"
+                    ));
+                }
+            }
+        }
+        attach(
+            &mut ebpf,
+            "inet_sock_set_state",
+            "sock",
+            "inet_sock_set_state",
+        )
+        .map_err(|source| CaptureError::Attach {
+            hook: "sock:inet_sock_set_state",
+            source,
+        })?;
+        hooks.attached.push("sock:inet_sock_set_state".into());
+
+        let ring = ebpf.take_map("EVENTS").expect("the object defines EVENTS");
+        let ring = RingBuf::try_from(ring).map_err(|err| CaptureError::Map("EVENTS", err))?;
+        // SAFETY: the RingBuf owns its fd and stays inside the AsyncFd for the AsyncFd's life.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|err| CaptureError::Poll(err.into()))?;
+        let counters = ebpf
+            .take_map("COUNTERS")
+            .expect("the object defines COUNTERS");
+        let counters =
+            PerCpuArray::try_from(counters).map_err(|err| CaptureError::Map("COUNTERS", err))?;
+        let counters = KernelCounterReader::new(counters);
+        Ok(Capture {
+            _ebpf: ebpf,
+            ring,
+            counters,
+            hooks,
+            context_tracked,
+            wakeup_interval: config.wakeup_interval,
+        })
+    }
+
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
+    }
+
+    /// The programs' counters, readable from any task.
+    pub fn kernel_counters(&self) -> KernelCounterReader {
+        self.counters.clone()
+    }
+
+    /// Drains what the ring holds now. Returns how many records it read.
+    pub fn drain(&mut self, sink: &mut impl Sink) -> usize {
+        let context_tracked = self.context_tracked;
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            n += 1;
+            let mut record = decode::decode(&item);
+            if !context_tracked {
+                if let Ok(Record::Transition(t)) = &mut record {
+                    distrust_context(t);
+                }
+            }
+            sink.record(record);
+        }
+        if n > 0 {
+            sink.batch_done();
+        }
+        n
+    }
+
+    /// Drains records into `sink` until `cancel` fires.
+    ///
+    /// The programs wake the agent at most once per wake-up interval (a wake-up per record costs
+    /// an irq_work and an epoll round trip each). So after a wake-up the agent keeps draining once
+    /// per interval, and goes back to sleep only when a drain at least one interval after the
+    /// last wake-up finds the ring empty: any record after that point wakes it again.
+    pub async fn run(
+        &mut self,
+        cancel: &tokio_util::sync::CancellationToken,
+        sink: &mut impl Sink,
+    ) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                guard = self.ring.readable_mut() => match guard {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(err) => {
+                        tracing::error!("polling the ring buffer failed: {err}");
+                        break;
+                    }
+                },
+            }
+            let woken = tokio::time::Instant::now();
+            loop {
+                let n = self.drain(sink);
+                if n == 0 && woken.elapsed() >= self.wakeup_interval {
+                    break;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(self.wakeup_interval) => {}
+                }
+            }
+        }
+        // Whatever is left when asked to stop.
+        self.drain(sink);
+    }
+}
+
+/// Without the softirq hooks, a task is only known for transitions that always run in the
+/// owner's system call: connect() (CLOSE -> SYN_SENT) and listen() (CLOSE -> LISTEN).
+fn distrust_context(t: &mut crate::model::Transition) {
+    let in_syscall =
+        t.old == TcpState::Close && matches!(t.new, TcpState::SynSent | TcpState::Listen);
+    if !in_syscall {
+        t.context = Context::Unknown;
+    }
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &str,
+    category: &str,
+    event: &str,
+) -> Result<(), aya::programs::ProgramError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(program)
+        .expect("the object defines every program the agent attaches")
+        .try_into()?;
+    program.load()?;
+    program.attach(category, event)?;
+    Ok(())
+}
+
+fn netns_offsets() -> Result<(u32, u32), String> {
+    let btf = btf::Btf::from_sys_fs().map_err(|err| format!("/sys/kernel/btf/vmlinux: {err}"))?;
+    let net = btf
+        .member_offset("sock.__sk_common.skc_net.net")
+        .map_err(|err| err.to_string())?;
+    let inum = btf
+        .member_offset("net.ns.inum")
+        .map_err(|err| err.to_string())?;
+    Ok((net, inum))
+}
+
+/// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON (tracepoint programs need both).
+fn privileged() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let Some(effective) = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return false;
+    };
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}

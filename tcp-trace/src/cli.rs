@@ -1,0 +1,528 @@
+//! The command line: one binary that is the agent and its clients.
+use std::{fmt::Write as _, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    agent::AgentConfig,
+    api::{Limits, ListenAddr},
+    capture::CaptureConfig,
+    proto,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcp-trace",
+    version,
+    about = "TCP connection lifecycles, traced with eBPF and streamed over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: trace every TCP state transition on this host and serve them (needs root).
+    Agent(AgentArgs),
+    /// Stream events live from an agent, one line each.
+    Watch(WatchArgs),
+    /// List the connections an agent is following now.
+    Conns(ConnsArgs),
+    /// Show an agent's counters.
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Where to serve gRPC: unix:PATH, HOST:PORT or PORT (loopback). Repeatable.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "unix:/run/tcp-trace/tcp-trace.sock"
+    )]
+    pub listen: Vec<ListenAddr>,
+    /// Kernel ring buffer size in bytes (a power of two, at least 4096). Records that find it
+    /// full are lost in the kernel and counted (`stats`: kernel ring full).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
+    /// Only trace sockets in this network namespace (inode, as `stat -L -c %i /proc/PID/ns/net`
+    /// prints); filtered in the kernel. Default: every namespace.
+    #[arg(long, value_name = "INODE")]
+    pub netns: Option<u32>,
+    /// Most connections followed at once; beyond it new connections are counted, not followed.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+    /// Longest a record may wait in the kernel before the agent reads it, in microseconds.
+    /// Lower is fresher, higher costs less CPU under heavy churn.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
+    pub wakeup_interval_us: u64,
+    /// Events queued per subscriber before it starts losing events (it is told how many).
+    #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
+    pub subscriber_queue: u64,
+    /// Most subscribers at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_subscribers: usize,
+}
+
+impl AgentArgs {
+    pub fn config(&self) -> AgentConfig {
+        AgentConfig {
+            listen: self.listen.clone(),
+            capture: CaptureConfig {
+                ring_bytes: self.ring_bytes,
+                netns: self.netns,
+                wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
+            },
+            max_connections: self.max_connections,
+            limits: Limits {
+                subscriber_queue: self.subscriber_queue as usize,
+                max_subscribers: self.max_subscribers,
+                ..Limits::default()
+            },
+        }
+    }
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!(
+            "{n} is not a power of two of at least 4096 (e.g. 8388608 for 8 MiB)"
+        ));
+    }
+    Ok(n)
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The agent's address: unix:PATH, HOST:PORT or PORT.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "unix:/run/tcp-trace/tcp-trace.sock"
+    )]
+    pub connect: ListenAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    StateChange,
+    ConnectionClosed,
+    Lost,
+}
+
+impl From<KindArg> for proto::EventKind {
+    fn from(kind: KindArg) -> proto::EventKind {
+        match kind {
+            KindArg::StateChange => proto::EventKind::StateChange,
+            KindArg::ConnectionClosed => proto::EventKind::ConnectionClosed,
+            KindArg::Lost => proto::EventKind::Lost,
+        }
+    }
+}
+
+/// The server-side filter, as flags. Each flag is repeatable; all given flags must match.
+#[derive(Debug, Args, Default)]
+pub struct FilterArgs {
+    /// Local or remote port.
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u32>,
+    /// Local or remote address or CIDR (198.51.100.0/24, ::1).
+    #[arg(long = "addr", value_name = "IP[/PREFIX]")]
+    pub addresses: Vec<String>,
+    /// The connection owner's pid.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Network namespace inode.
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u64>,
+    /// Event kind.
+    #[arg(long = "kind", value_name = "KIND")]
+    pub kinds: Vec<KindArg>,
+}
+
+impl FilterArgs {
+    pub fn to_proto(&self) -> proto::Filter {
+        proto::Filter {
+            ports: self.ports.clone(),
+            addresses: self.addresses.clone(),
+            pids: self.pids.clone(),
+            netns: self.netns.clone(),
+            kinds: self
+                .kinds
+                .iter()
+                .map(|&k| proto::EventKind::from(k) as i32)
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// One JSON object per line (the proto3 JSON mapping of Event).
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// JSON (the proto3 JSON mapping of ListConnectionsResponse).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// JSON (the proto3 JSON mapping of Stats).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn state_name(value: i32) -> &'static str {
+    proto::TcpState::try_from(value)
+        .map(|s| s.as_str_name().trim_start_matches("TCP_STATE_"))
+        .unwrap_or("?")
+}
+
+/// `HH:MM:SS.micros` (UTC) of a timestamp.
+fn time_of_day(ts: Option<&prost_types::Timestamp>) -> String {
+    let Some(ts) = ts else {
+        return "--:--:--.------".into();
+    };
+    let secs = ts.seconds.rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        ts.nanos / 1000
+    )
+}
+
+fn endpoint(e: Option<&proto::Endpoint>) -> String {
+    match e {
+        Some(e) if e.address.contains(':') => format!("[{}]:{}", e.address, e.port),
+        Some(e) => format!("{}:{}", e.address, e.port),
+        None => "?".into(),
+    }
+}
+
+/// Local and remote, with the arrow pointing from client to server.
+fn tuple(c: &proto::Connection) -> String {
+    let (local, remote) = (endpoint(c.local.as_ref()), endpoint(c.remote.as_ref()));
+    match proto::Direction::try_from(c.direction) {
+        Ok(proto::Direction::Active) => format!("{local} -> {remote}"),
+        Ok(proto::Direction::Passive) => format!("{local} <- {remote}"),
+        Ok(proto::Direction::Listen) => format!("{local} (listening)"),
+        _ => format!("{local} -- {remote}"),
+    }
+}
+
+fn direction_name(value: i32) -> &'static str {
+    match proto::Direction::try_from(value) {
+        Ok(proto::Direction::Active) => "active",
+        Ok(proto::Direction::Passive) => "passive",
+        Ok(proto::Direction::Listen) => "listen",
+        _ => "unknown",
+    }
+}
+
+fn owner(p: Option<&proto::Process>) -> String {
+    match p {
+        Some(p) if p.attribution != proto::Attribution::None as i32 && p.pid != 0 => {
+            format!("{}/{}", p.pid, p.comm)
+        }
+        _ => "-".into(),
+    }
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> String {
+    let Some(d) = d else { return "?".into() };
+    let secs = d.seconds as f64 + f64::from(d.nanos) / 1e9;
+    match secs {
+        s if s < 1e-3 => format!("{:.0}us", s * 1e6),
+        s if s < 1.0 => format!("{:.1}ms", s * 1e3),
+        s => format!("{s:.2}s"),
+    }
+}
+
+/// One readable line per event.
+pub fn event_line(event: &proto::Event) -> String {
+    let mut line = format!("{} {:>7} ", time_of_day(event.time.as_ref()), event.seq);
+    let conn = event.connection.as_ref();
+    if let Some(c) = conn {
+        let _ = write!(line, "conn {} {} ", c.id, tuple(c));
+    }
+    match &event.body {
+        Some(proto::event::Body::StateChange(change)) => {
+            let _ = write!(
+                line,
+                "{} -> {}",
+                state_name(change.old_state),
+                state_name(change.new_state)
+            );
+            match change.task.as_ref() {
+                Some(t) if t.attribution == proto::Attribution::ProcessContext as i32 => {
+                    let _ = write!(line, "  by {}/{}", t.pid, t.comm);
+                }
+                _ => {
+                    let _ = write!(line, "  in {}", change.context);
+                    if let Some(c) = conn {
+                        let _ = write!(line, ", owner {}", owner(c.owner.as_ref()));
+                    }
+                }
+            }
+        }
+        Some(proto::event::Body::ConnectionClosed(closed)) => {
+            let path: Vec<_> = closed.path.iter().map(|&s| state_name(s)).collect();
+            let _ = write!(
+                line,
+                "closed after {}: {}",
+                duration(closed.duration.as_ref()),
+                path.join(" > ")
+            );
+            if !closed.seen_open {
+                line.push_str(" (opened before the agent saw it)");
+            }
+        }
+        Some(proto::event::Body::Lost(lost)) => {
+            let _ = write!(
+                line,
+                "LOST {} events: this client read too slowly",
+                lost.count
+            );
+        }
+        None => line.push_str("(empty event)"),
+    }
+    if let Some(c) = conn {
+        let _ = write!(line, "  netns {}", c.netns);
+    }
+    line
+}
+
+/// The live connections as a table.
+pub fn connections_table(conns: &[proto::Connection], now: std::time::SystemTime) -> String {
+    let mut out = format!(
+        "{:>8}  {:<8} {:<12} {:<46} {:<11} {:<22} {:>9}\n",
+        "ID", "DIR", "STATE", "LOCAL / REMOTE", "NETNS", "OWNER", "AGE"
+    );
+    for c in conns {
+        let age = c
+            .opened_at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .and_then(|t| now.duration_since(t).ok())
+            .and_then(|d| prost_types::Duration::try_from(d).ok());
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<8} {:<12} {:<46} {:<11} {:<22} {:>9}",
+            c.id,
+            direction_name(c.direction),
+            state_name(c.state),
+            tuple(c),
+            c.netns,
+            owner(c.owner.as_ref()),
+            duration(age.as_ref()),
+        );
+    }
+    let _ = write!(out, "{} connections", conns.len());
+    out
+}
+
+pub fn stats_text(s: &proto::Stats) -> String {
+    let mut out = String::new();
+    let mut row = |name: &str, value: String| {
+        let _ = writeln!(out, "{name:<28} {value}");
+    };
+    for k in &s.events {
+        let kind = proto::EventKind::try_from(k.kind)
+            .map(|k| k.as_str_name())
+            .unwrap_or("?");
+        row(
+            &format!(
+                "events {}",
+                kind.trim_start_matches("EVENT_KIND_").to_lowercase()
+            ),
+            k.count.to_string(),
+        );
+    }
+    row("kernel records", s.kernel_records.to_string());
+    row("kernel ring full (lost)", s.kernel_ring_full.to_string());
+    row("kernel filtered (--netns)", s.kernel_filtered.to_string());
+    row("records decoded", s.records_decoded.to_string());
+    row("records malformed", s.records_malformed.to_string());
+    row("live connections", s.live_connections.to_string());
+    row("not followed (table full)", s.table_full.to_string());
+    row("subscribers", s.subscribers.to_string());
+    row("subscriber drops", s.subscriber_drops.to_string());
+    row("hooks attached", s.hooks_attached.join(", "));
+    row(
+        "hooks missing",
+        if s.hooks_missing.is_empty() {
+            "none".into()
+        } else {
+            s.hooks_missing.join("; ")
+        },
+    );
+    out.trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(direction: proto::Direction) -> proto::Connection {
+        proto::Connection {
+            id: 7,
+            local: Some(proto::Endpoint {
+                address: "127.0.0.1".into(),
+                port: 41000,
+            }),
+            remote: Some(proto::Endpoint {
+                address: "127.0.0.1".into(),
+                port: 8080,
+            }),
+            netns: 4026532000,
+            direction: direction as i32,
+            owner: Some(proto::Process {
+                pid: 12,
+                tid: 12,
+                comm: "curl".into(),
+                attribution: proto::Attribution::ProcessContext as i32,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_state_change_line_names_the_task_only_in_process_context() {
+        let mut event = proto::Event {
+            seq: 5,
+            time: Some(prost_types::Timestamp {
+                seconds: 3600 + 62,
+                nanos: 1_500_000,
+            }),
+            connection: Some(conn(proto::Direction::Active)),
+            body: Some(proto::event::Body::StateChange(proto::StateChange {
+                old_state: proto::TcpState::Close as i32,
+                new_state: proto::TcpState::SynSent as i32,
+                task: Some(proto::Process {
+                    pid: 12,
+                    tid: 13,
+                    comm: "curl".into(),
+                    attribution: proto::Attribution::ProcessContext as i32,
+                }),
+                context: "process".into(),
+            })),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_line(&event),
+            "01:01:02.001500       5 conn 7 127.0.0.1:41000 -> 127.0.0.1:8080 CLOSE -> SYN_SENT  by 12/curl  netns 4026532000"
+        );
+        event.body = Some(proto::event::Body::StateChange(proto::StateChange {
+            old_state: proto::TcpState::SynSent as i32,
+            new_state: proto::TcpState::Established as i32,
+            task: Some(proto::Process {
+                attribution: proto::Attribution::None as i32,
+                ..Default::default()
+            }),
+            context: "softirq:NET_RX".into(),
+        }));
+        assert!(
+            event_line(&event)
+                .contains("SYN_SENT -> ESTABLISHED  in softirq:NET_RX, owner 12/curl")
+        );
+    }
+
+    #[test]
+    fn a_closed_line_tells_the_whole_path_and_duration() {
+        let event = proto::Event {
+            seq: 9,
+            connection: Some(conn(proto::Direction::Passive)),
+            body: Some(proto::event::Body::ConnectionClosed(
+                proto::ConnectionClosed {
+                    path: [
+                        proto::TcpState::Listen,
+                        proto::TcpState::SynRecv,
+                        proto::TcpState::Established,
+                        proto::TcpState::Close,
+                    ]
+                    .iter()
+                    .map(|&s| s as i32)
+                    .collect(),
+                    duration: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 2_500_000,
+                    }),
+                    seen_open: true,
+                },
+            )),
+            ..Default::default()
+        };
+        let line = event_line(&event);
+        assert!(line.contains("127.0.0.1:41000 <- 127.0.0.1:8080"), "{line}");
+        assert!(
+            line.contains("closed after 2.5ms: LISTEN > SYN_RECV > ESTABLISHED > CLOSE"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn ipv6_endpoints_are_bracketed_and_ring_sizes_validated() {
+        assert_eq!(
+            endpoint(Some(&proto::Endpoint {
+                address: "::1".into(),
+                port: 80
+            })),
+            "[::1]:80"
+        );
+        assert!(parse_ring_bytes("4096").is_ok());
+        assert!(
+            parse_ring_bytes("5000")
+                .unwrap_err()
+                .contains("power of two")
+        );
+        assert!(parse_ring_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn filter_flags_become_the_proto_filter() {
+        let cli = Cli::try_parse_from([
+            "tcp-trace",
+            "watch",
+            "--port",
+            "80",
+            "--addr",
+            "::1",
+            "--kind",
+            "connection-closed",
+            "--netns",
+            "5",
+        ])
+        .unwrap();
+        let Command::Watch(watch) = cli.command else {
+            panic!("watch parses as watch")
+        };
+        let f = watch.filter.to_proto();
+        assert_eq!(f.ports, [80]);
+        assert_eq!(f.addresses, ["::1"]);
+        assert_eq!(f.netns, [5]);
+        assert_eq!(f.kinds, [proto::EventKind::ConnectionClosed as i32]);
+    }
+}

@@ -1,0 +1,133 @@
+use anyhow::Context as _;
+use clap::Parser as _;
+use tcp_trace::{
+    agent::Agent,
+    cli::{self, Cli, Command},
+    client, json, proto,
+};
+use tokio_stream::StreamExt as _;
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tcp-trace: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One readable line with its causes, no backtrace: these are users' errors.
+            eprintln!("tcp-trace: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => agent(args).await,
+        Command::Watch(args) => watch(args).await,
+        Command::Conns(args) => conns(args).await,
+        Command::Stats(args) => stats(args).await,
+    }
+}
+
+async fn agent(args: cli::AgentArgs) -> anyhow::Result<()> {
+    let agent = Agent::start(args.config()).await?;
+    for hook in &agent.hooks.attached {
+        eprintln!("tcp-trace: attached {hook}");
+    }
+    for missing in &agent.hooks.missing {
+        eprintln!("tcp-trace: NOT attached: {missing}");
+    }
+    for addr in &agent.listening {
+        eprintln!("tcp-trace: listening on {addr}");
+    }
+    eprintln!("tcp-trace: tracing; Ctrl-C to stop");
+    agent
+        .run_until_signal()
+        .await
+        .context("waiting for SIGINT/SIGTERM")?;
+    eprintln!("tcp-trace: stopped");
+    Ok(())
+}
+
+async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
+    let mut client = client::connect(&args.client.connect).await?;
+    let request = proto::SubscribeRequest {
+        filter: Some(args.filter.to_proto()),
+        queue: 0,
+    };
+    let mut stream = client
+        .subscribe(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut seen = 0u64;
+    while let Some(event) = stream.next().await {
+        let event = event.map_err(status)?;
+        if args.json {
+            println!("{}", json::event(&event));
+        } else {
+            println!("{}", cli::event_line(&event));
+        }
+        seen += 1;
+        if args.count.is_some_and(|limit| seen >= limit) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
+    let mut client = client::connect(&args.client.connect).await?;
+    let request = proto::ListConnectionsRequest {
+        filter: Some(args.filter.to_proto()),
+    };
+    let response = client
+        .list_connections(request)
+        .await
+        .map_err(status)?
+        .into_inner();
+    if args.json {
+        println!(
+            "{}",
+            json::to_json(&response, "tcptrace.v1.ListConnectionsResponse")
+        );
+    } else {
+        println!(
+            "{}",
+            cli::connections_table(&response.connections, std::time::SystemTime::now())
+        );
+    }
+    Ok(())
+}
+
+async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
+    let mut client = client::connect(&args.client.connect).await?;
+    let stats = client
+        .get_stats(proto::GetStatsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if args.json {
+        println!("{}", json::to_json(&stats, "tcptrace.v1.Stats"));
+    } else {
+        println!("{}", cli::stats_text(&stats));
+    }
+    Ok(())
+}
+
+/// The agent's answer, in its own words.
+fn status(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the agent said {:?}: {}", status.code(), status.message())
+}

@@ -1,0 +1,155 @@
+//! The agent's vocabulary, taken from TCP itself. Plain data shared by every stage.
+use std::{fmt, net::SocketAddr};
+
+/// Linux TCP states, numbered as in `include/net/tcp_states.h` (and in the proto's `TcpState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+    BoundInactive = 13,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 13] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+        TcpState::BoundInactive,
+    ];
+
+    pub fn from_kernel(value: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(value).checked_sub(1)?).copied()
+    }
+
+    /// The name the kernel's own tracepoint output uses, without its `TCP_` prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+            TcpState::BoundInactive => "BOUND_INACTIVE",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        let name = name
+            .trim_start_matches("TCP_STATE_")
+            .trim_start_matches("TCP_");
+        Self::ALL
+            .into_iter()
+            .find(|state| state.name().eq_ignore_ascii_case(name))
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A task as the kernel reports it: `bpf_get_current_pid_tgid()` and `bpf_get_current_comm()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// Thread group id: what ps calls PID.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// NUL-padded task name.
+    pub comm: [u8; 16],
+}
+
+impl Task {
+    pub fn comm(&self) -> &str {
+        let end = self
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.comm.len());
+        std::str::from_utf8(&self.comm[..end]).unwrap_or("?")
+    }
+}
+
+/// Where a transition ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Context {
+    /// In a system call of this task (connect, listen, close, ...): the task is the socket's user.
+    Process(Task),
+    /// In a softirq handler (vector as in `irq:softirq_entry`): a packet or a timer drove the
+    /// transition, and the interrupted task has nothing to do with the socket.
+    Softirq(u8),
+    /// Not known: the agent could not attach the hooks that tell softirq from process context.
+    Unknown,
+}
+
+impl Context {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Context::Process(_) => "process",
+            Context::Softirq(vec) => match vec {
+                0 => "softirq:HI",
+                1 => "softirq:TIMER",
+                2 => "softirq:NET_TX",
+                3 => "softirq:NET_RX",
+                6 => "softirq:TASKLET",
+                8 => "softirq:HRTIMER",
+                9 => "softirq:RCU",
+                _ => "softirq",
+            },
+            Context::Unknown => "unknown",
+        }
+    }
+
+    pub fn task(&self) -> Option<&Task> {
+        match self {
+            Context::Process(task) => Some(task),
+            Context::Softirq(_) | Context::Unknown => None,
+        }
+    }
+}
+
+/// One TCP state transition, decoded from the kernel's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the socket.
+    pub sock: u64,
+    pub netns: u32,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Local side: the tracepoint's source. Port 0 before the port is bound (connect() reports
+    /// SYN_SENT before inet_hash_connect() picks the port).
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub context: Context,
+    pub cpu: u32,
+}
