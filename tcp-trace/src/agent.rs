@@ -96,6 +96,7 @@ impl Agent {
             table,
             stats,
             limits: config.limits.clone(),
+            stop: cancel.clone(),
         };
         let service = proto::tcp_trace_server::TcpTraceServer::from_arc(Arc::new(service));
         let (health_reporter, health) = tonic_health::server::health_reporter();

@@ -18,6 +18,11 @@ pub enum ConnectError {
 }
 
 pub async fn connect(addr: &ListenAddr) -> Result<TcpTraceClient<Channel>, ConnectError> {
+    Ok(TcpTraceClient::new(channel(addr).await?).max_decoding_message_size(64 << 20))
+}
+
+/// A gRPC channel to the agent, for its other services (health, reflection) too.
+pub async fn channel(addr: &ListenAddr) -> Result<Channel, ConnectError> {
     let unreachable = |source| ConnectError::Unreachable {
         addr: addr.to_string(),
         source,
@@ -44,5 +49,5 @@ pub async fn connect(addr: &ListenAddr) -> Result<TcpTraceClient<Channel>, Conne
             .await
             .map_err(unreachable)?,
     };
-    Ok(TcpTraceClient::new(channel).max_decoding_message_size(64 << 20))
+    Ok(channel)
 }

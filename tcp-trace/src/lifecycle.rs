@@ -164,13 +164,13 @@ impl Table {
         // before the source port is chosen).
         connection.local = t.local;
         connection.remote = t.remote;
-        if connection.owner.is_none() {
-            if let Context::Process(task) = t.context {
-                connection.owner = Some(Owner {
-                    task,
-                    source: OwnerSource::ProcessContext,
-                });
-            }
+        if connection.owner.is_none()
+            && let Context::Process(task) = t.context
+        {
+            connection.owner = Some(Owner {
+                task,
+                source: OwnerSource::ProcessContext,
+            });
         }
         self.track_listener(t, &connection);
         let closed = t.new == TcpState::Close;

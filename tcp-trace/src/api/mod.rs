@@ -9,7 +9,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use std::future::Future as _;
+
 use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
 pub use listen::{ListenAddr, ListenError, Listeners};
@@ -66,17 +69,24 @@ pub struct Service {
     pub table: Arc<Mutex<Table>>,
     pub stats: Arc<AgentStats>,
     pub limits: Limits,
+    /// Cancelled when the agent stops.
+    pub stop: CancellationToken,
 }
 
-/// A subscriber's stream: ends when the agent stops; dropping it unsubscribes.
+/// A subscriber's stream: ends when the agent stops (so graceful shutdown does not wait on
+/// endless streams); dropping it unsubscribes.
 pub struct EventStream {
     subscription: Subscription,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Stream for EventStream {
     type Item = Result<proto::Event, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
         self.subscription.rx.poll_recv(cx).map(|delivery| {
             delivery.map(|d| {
                 Ok(match d {
@@ -111,7 +121,8 @@ impl TcpTrace for Service {
             return Err(ApiError::TooManySubscribers(subscribers).into());
         }
         let subscription = self.bus.subscribe(filter, queue);
-        Ok(Response::new(EventStream { subscription }))
+        let stop = Box::pin(self.stop.clone().cancelled_owned());
+        Ok(Response::new(EventStream { subscription, stop }))
     }
 
     async fn list_connections(

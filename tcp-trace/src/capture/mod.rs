@@ -210,10 +210,8 @@ impl Capture {
         while let Some(item) = ring.next() {
             n += 1;
             let mut record = decode::decode(&item);
-            if !context_tracked {
-                if let Ok(Record::Transition(t)) = &mut record {
-                    distrust_context(t);
-                }
+            if !context_tracked && let Ok(Record::Transition(t)) = &mut record {
+                distrust_context(t);
             }
             sink.record(record);
         }

@@ -1,0 +1,149 @@
+//! A real agent for a test: the real eBPF programs, loaded in this process, served on a Unix
+//! socket of its own, with a gRPC client to it.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use tcp_trace::{
+    agent::{Agent, AgentConfig},
+    api::ListenAddr,
+    proto::{self, event::Body, tcp_trace_client::TcpTraceClient},
+};
+use tonic::transport::Channel;
+
+pub struct TestAgent {
+    agent: Option<Agent>,
+    pub addr: ListenAddr,
+    pub client: TcpTraceClient<Channel>,
+}
+
+impl TestAgent {
+    pub async fn start() -> TestAgent {
+        Self::start_with(AgentConfig::default()).await
+    }
+
+    pub async fn start_with(mut config: AgentConfig) -> TestAgent {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = PathBuf::from(format!(
+            "/tmp/tcp-trace-test-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let addr = ListenAddr::Unix(path);
+        config.listen = vec![addr.clone()];
+        let agent = Agent::start(config)
+            .await
+            .expect("the agent starts (run the tests as root)");
+        let client = tcp_trace::client::connect(&addr)
+            .await
+            .expect("the agent accepts clients");
+        TestAgent {
+            agent: Some(agent),
+            addr,
+            client,
+        }
+    }
+
+    pub async fn subscribe(&mut self, filter: proto::Filter) -> tonic::Streaming<proto::Event> {
+        let request = proto::SubscribeRequest {
+            filter: Some(filter),
+            queue: 0,
+        };
+        self.client
+            .subscribe(request)
+            .await
+            .expect("subscribe")
+            .into_inner()
+    }
+
+    pub async fn stats(&mut self) -> proto::Stats {
+        self.client
+            .get_stats(proto::GetStatsRequest {})
+            .await
+            .expect("GetStats")
+            .into_inner()
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.shutdown().await;
+        }
+    }
+}
+
+pub fn netns_filter(inode: u64) -> proto::Filter {
+    proto::Filter {
+        netns: vec![inode],
+        ..Default::default()
+    }
+}
+
+/// Reads events until `count` have arrived (panicking after `deadline` with what did), then
+/// keeps reading for `grace` to catch any extra (duplicated or leaked) event.
+pub async fn collect(
+    stream: &mut tonic::Streaming<proto::Event>,
+    count: usize,
+    deadline: Duration,
+    grace: Duration,
+) -> Vec<proto::Event> {
+    let mut events = Vec::new();
+    let until = tokio::time::Instant::now() + deadline;
+    while events.len() < count {
+        match tokio::time::timeout_at(until, stream.message()).await {
+            Ok(Ok(Some(event))) => events.push(event),
+            Ok(other) => panic!(
+                "stream ended after {} of {count} events: {other:?}",
+                events.len()
+            ),
+            Err(_) => panic!(
+                "only {} of {count} events within {deadline:?}; last: {:?}",
+                events.len(),
+                events.last()
+            ),
+        }
+    }
+    while let Ok(Ok(Some(event))) = tokio::time::timeout(grace, stream.message()).await {
+        events.push(event);
+    }
+    events
+}
+
+/// A connection's transitions, `(old, new)` by name, in event order, keyed by connection id.
+pub fn transitions_by_connection(events: &[proto::Event]) -> BTreeMap<u64, Vec<(String, String)>> {
+    let mut out: BTreeMap<u64, Vec<(String, String)>> = BTreeMap::new();
+    for event in events {
+        if let Some(Body::StateChange(change)) = &event.body {
+            let id = event
+                .connection
+                .as_ref()
+                .expect("state changes carry their connection")
+                .id;
+            out.entry(id)
+                .or_default()
+                .push((state(change.old_state), state(change.new_state)));
+        }
+    }
+    out
+}
+
+pub fn state(value: i32) -> String {
+    proto::TcpState::try_from(value)
+        .map(|s| s.as_str_name().trim_start_matches("TCP_STATE_").to_owned())
+        .unwrap_or_else(|_| format!("?{value}"))
+}
+
+pub fn endpoint(e: &Option<proto::Endpoint>) -> std::net::SocketAddr {
+    let e = e.as_ref().expect("endpoint present");
+    std::net::SocketAddr::new(e.address.parse().expect("an IP address"), e.port as u16)
+}
+
+/// `[("CLOSE","SYN_SENT"), ...]` from `["CLOSE", "SYN_SENT", ...]`.
+pub fn path(states: &[&str]) -> Vec<(String, String)> {
+    states
+        .windows(2)
+        .map(|w| (w[0].to_owned(), w[1].to_owned()))
+        .collect()
+}

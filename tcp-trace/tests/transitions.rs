@@ -1,0 +1,290 @@
+//! Every TCP state transition, captured by the real eBPF programs on the real kernel, streamed
+//! over gRPC and checked against the kernel's own counters in a namespace the test made.
+mod support;
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use support::{
+    NetNs,
+    agent::{TestAgent, collect, endpoint, netns_filter, path, transitions_by_connection},
+    roundtrips,
+};
+use tcp_trace::proto::{self, event::Body};
+
+const CLIENT: &[&str] = &[
+    "CLOSE",
+    "SYN_SENT",
+    "ESTABLISHED",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "CLOSE",
+];
+const SERVER: &[&str] = &[
+    "LISTEN",
+    "SYN_RECV",
+    "ESTABLISHED",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "CLOSE",
+];
+const LISTENER: &[&str] = &["CLOSE", "LISTEN", "CLOSE"];
+
+/// Per connection: 5 transitions and 1 closing summary on each side; plus the listener's 2 + 1.
+fn expected_events(n: usize) -> usize {
+    n * 12 + 3
+}
+
+async fn exact_sequences_match_the_kernel_counters(addr: &str) {
+    const N: usize = 40;
+    let ns = Arc::new(NetNs::new("seq"));
+    let mut agent = TestAgent::start().await;
+    let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
+    let before = ns.snmp();
+    let addr: IpAddr = addr.parse().unwrap();
+    let traffic_ns = Arc::clone(&ns);
+    let trips = tokio::task::spawn_blocking(move || roundtrips(&traffic_ns, addr, N))
+        .await
+        .unwrap();
+    let delta = ns.snmp().delta(&before);
+    let events = collect(
+        &mut stream,
+        expected_events(N),
+        Duration::from_secs(10),
+        Duration::from_millis(300),
+    )
+    .await;
+    assert_eq!(
+        events.len(),
+        expected_events(N),
+        "no duplicated or foreign events"
+    );
+
+    // Sequence numbers strictly increase; every event is from this namespace.
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.connection.as_ref().unwrap().netns == ns.inode())
+    );
+
+    // The kernel's counters of this namespace agree with what was captured.
+    let count_new = |state: proto::TcpState| {
+        events
+            .iter()
+            .filter(
+                |e| matches!(&e.body, Some(Body::StateChange(c)) if c.new_state == state as i32),
+            )
+            .count() as i64
+    };
+    assert_eq!(delta.get("Tcp:ActiveOpens"), N as i64);
+    assert_eq!(
+        count_new(proto::TcpState::SynSent),
+        delta.get("Tcp:ActiveOpens")
+    );
+    assert_eq!(
+        count_new(proto::TcpState::SynRecv),
+        delta.get("Tcp:PassiveOpens")
+    );
+
+    // Every connection, both sides, went through exactly the expected transitions.
+    let by_conn = transitions_by_connection(&events);
+    let conn_of = |local: std::net::SocketAddr, remote: std::net::SocketAddr| {
+        events
+            .iter()
+            .filter_map(|e| e.connection.as_ref())
+            .find(|c| endpoint(&c.local) == local && endpoint(&c.remote) == remote)
+            .unwrap_or_else(|| panic!("no connection {local} - {remote}"))
+            .id
+    };
+    for trip in &trips {
+        assert_eq!(
+            by_conn[&conn_of(trip.client, trip.server)],
+            path(CLIENT),
+            "client {}",
+            trip.client
+        );
+        assert_eq!(
+            by_conn[&conn_of(trip.server, trip.client)],
+            path(SERVER),
+            "server side of {}",
+            trip.client
+        );
+    }
+    let listeners: Vec<_> = by_conn.values().filter(|t| **t == path(LISTENER)).collect();
+    assert_eq!(listeners.len(), 1);
+    assert_eq!(by_conn.len(), 2 * N + 1);
+
+    // Each connection's closing summary tells the same path.
+    for event in &events {
+        if let Some(Body::ConnectionClosed(closed)) = &event.body {
+            let id = event.connection.as_ref().unwrap().id;
+            let states: Vec<String> = closed
+                .path
+                .iter()
+                .map(|&s| support::agent::state(s))
+                .collect();
+            let mut expected = vec![by_conn[&id][0].0.clone()];
+            expected.extend(by_conn[&id].iter().map(|(_, new)| new.clone()));
+            assert_eq!(states, expected);
+            assert!(closed.seen_open);
+            assert!(closed.duration.is_some());
+        }
+    }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ipv4_connection_has_its_exact_transitions_on_both_sides_and_matches_snmp() {
+    exact_sequences_match_the_kernel_counters("127.0.0.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ipv6_connection_has_its_exact_transitions_on_both_sides_and_matches_snmp() {
+    exact_sequences_match_the_kernel_counters("::1").await;
+}
+
+/// The classic tracer bug: a transition run in softirq reported with the pid of whatever process
+/// was interrupted. Here a separate process (bash) is the client; the server is this test process.
+/// The server's passive open runs in softirq while bash is current, and must not name bash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn softirq_transitions_are_never_attributed_to_the_interrupted_process() {
+    let ns = Arc::new(NetNs::new("pid"));
+    let mut agent = TestAgent::start().await;
+    let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
+    let server_ns = Arc::clone(&ns);
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        server_ns.run(move || {
+            use std::io::{Read, Write};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            port_tx.send(listener.local_addr().unwrap().port()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut byte = [0u8; 1];
+            conn.read_exact(&mut byte).unwrap();
+            conn.write_all(b"y").unwrap();
+            assert_eq!(conn.read(&mut byte).unwrap(), 0, "client closes first");
+        })
+    });
+    let port = port_rx.recv().unwrap();
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port}; printf x >&3; head -c1 <&3 >/dev/null; exec 3>&-"
+    );
+    let client = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "bash", "-c", &script])
+        .spawn()
+        .unwrap();
+    let bash_pid = client.id().unwrap(); // `ip netns exec` execs bash in place: same pid
+    let status = client.wait_with_output().await.unwrap().status;
+    assert!(status.success());
+    server.join().unwrap();
+    let events = collect(
+        &mut stream,
+        expected_events(1),
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+    )
+    .await;
+    let me = std::process::id();
+
+    for event in &events {
+        let Some(Body::StateChange(change)) = &event.body else {
+            continue;
+        };
+        let conn = event.connection.as_ref().unwrap();
+        let transition = format!(
+            "{} -> {}",
+            support::agent::state(change.old_state),
+            support::agent::state(change.new_state)
+        );
+        let task = change.task.as_ref().unwrap();
+        let client_side = conn.direction == proto::Direction::Active as i32;
+        if task.attribution == proto::Attribution::ProcessContext as i32 {
+            let expected = if client_side { bash_pid } else { me };
+            assert_eq!(
+                task.pid,
+                expected,
+                "{transition} on the {} side ran in the wrong process's context: {task:?}",
+                if client_side { "client" } else { "server" }
+            );
+        } else {
+            assert_eq!(task.pid, 0, "{transition}: no pid outside process context");
+            assert!(
+                change.context.starts_with("softirq"),
+                "{transition}: {}",
+                change.context
+            );
+        }
+        match (client_side, transition.as_str()) {
+            (true, "CLOSE -> SYN_SENT") => assert_eq!(task.pid, bash_pid, "connect() runs in bash"),
+            (false, "LISTEN -> SYN_RECV") => {
+                assert_ne!(task.pid, bash_pid, "the passive open is not bash's");
+                // The accepted connection's owner is the listener's: this test process.
+                let owner = conn.owner.as_ref().unwrap();
+                assert_eq!(
+                    (owner.pid, owner.attribution),
+                    (me, proto::Attribution::SocketOwner as i32)
+                );
+            }
+            _ => {}
+        }
+    }
+    let client_owner = events
+        .iter()
+        .filter_map(|e| e.connection.as_ref())
+        .find(|c| c.direction == proto::Direction::Active as i32)
+        .and_then(|c| c.owner.clone())
+        .unwrap();
+    assert_eq!(
+        (client_owner.pid, client_owner.comm.as_str()),
+        (bash_pid, "bash")
+    );
+    agent.shutdown().await;
+}
+
+/// Tracepoints see every namespace; a netns filter lets through exactly its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_netns_filter_passes_exactly_its_namespace() {
+    let (a, b) = (Arc::new(NetNs::new("fa")), Arc::new(NetNs::new("fb")));
+    let mut agent = TestAgent::start().await;
+    let mut only_a = agent.subscribe(netns_filter(a.inode())).await;
+    let mut only_b = agent.subscribe(netns_filter(b.inode())).await;
+    let (ta, tb) = (Arc::clone(&a), Arc::clone(&b));
+    let (ra, rb) = tokio::join!(
+        tokio::task::spawn_blocking(move || roundtrips(&ta, "127.0.0.1".parse().unwrap(), 7)),
+        tokio::task::spawn_blocking(move || roundtrips(&tb, "::1".parse().unwrap(), 3)),
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    let grace = Duration::from_millis(300);
+    let events_a = collect(
+        &mut only_a,
+        expected_events(ra.len()),
+        Duration::from_secs(10),
+        grace,
+    )
+    .await;
+    let events_b = collect(
+        &mut only_b,
+        expected_events(rb.len()),
+        Duration::from_secs(10),
+        grace,
+    )
+    .await;
+    assert_eq!(events_a.len(), expected_events(7));
+    assert_eq!(events_b.len(), expected_events(3));
+    assert!(
+        events_a
+            .iter()
+            .all(|e| e.connection.as_ref().unwrap().netns == a.inode())
+    );
+    assert!(
+        events_b
+            .iter()
+            .all(|e| e.connection.as_ref().unwrap().netns == b.inode())
+    );
+    assert!(
+        events_b
+            .iter()
+            .all(|e| endpoint(&e.connection.as_ref().unwrap().local).is_ipv6())
+    );
+    agent.shutdown().await;
+}
