@@ -13,6 +13,7 @@ fn compile_protos() {
     unsafe { env::set_var("PROTOC", protoc) };
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let proto_dir = PathBuf::from("../proto");
+    println!("cargo:rerun-if-changed=../proto");
     let include = protoc_bin_vendored::include_path().expect("protoc-bin-vendored ships includes");
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tcptrace_descriptor.bin"))

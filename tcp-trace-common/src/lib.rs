@@ -7,6 +7,28 @@
 pub mod kind {
     /// A [`StateChange`](super::StateChange): `sock:inet_sock_set_state` fired for a TCP socket.
     pub const STATE_CHANGE: u32 = 1;
+    /// A [`Retransmit`](super::Retransmit): `tcp:tcp_retransmit_skb` or `tcp:tcp_retransmit_synack`.
+    pub const RETRANSMIT: u32 = 2;
+    /// A [`Reset`](super::Reset): `tcp:tcp_send_reset` or `tcp:tcp_receive_reset`.
+    pub const RESET: u32 = 3;
+    /// A [`Keepalive`](super::Keepalive): the keepalive timer of a socket ran.
+    pub const KEEPALIVE: u32 = 4;
+    /// A [`SocketOption`](super::SocketOption): setsockopt() of a keepalive option.
+    pub const SOCKET_OPTION: u32 = 5;
+}
+
+/// Values of [`Retransmit::what`].
+pub mod retransmit {
+    /// A segment of the socket itself (a SYN while in SYN_SENT).
+    pub const SEGMENT: u8 = 1;
+    /// A SYN-ACK of a listener's request socket; the 4-tuple names the future connection.
+    pub const SYNACK: u8 = 2;
+}
+
+/// Values of [`Reset::direction`].
+pub mod reset {
+    pub const SENT: u8 = 1;
+    pub const RECEIVED: u8 = 2;
 }
 
 /// Bits of [`StateChange::flags`].
@@ -80,10 +102,99 @@ pub struct StateChange {
     pub daddr: [u8; 16],
     /// The current task's name, NUL padded.
     pub comm: [u8; 16],
+    /// `sk->sk_err` on transitions to CLOSE (ECONNREFUSED, ETIMEDOUT, ECONNRESET, ...), else 0:
+    /// the kernel sets it before tcp_done() moves the socket to CLOSE.
+    pub error: u32,
+    /// On transitions to ESTABLISHED and CLOSE: `tcp_sock.srtt_us >> 3` (microseconds). At
+    /// SYN_RECV -> ESTABLISHED it is the SYN-ACK's round trip (tcp_synack_rtt_meas runs first).
+    pub srtt_us: u32,
+    /// On transitions to ESTABLISHED and CLOSE: `tcp_sock.total_retrans`. For a handshake that
+    /// is the SYNs (active) or SYN-ACKs (passive, copied from the request) retransmitted.
+    pub total_retrans: u32,
+    pub _reserved: u32,
 }
 
 impl StateChange {
     pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+/// A retransmission.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    /// `sock` is the socket (SEGMENT) or the listener (SYNACK).
+    pub header: Header,
+    pub netns: u32,
+    /// One of [`retransmit`].
+    pub what: u8,
+    /// The socket's TCP state (SEGMENT; SYN_RECV for SYNACK).
+    pub state: u8,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _reserved: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// A TCP reset sent or received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    /// `sock` is 0 for a reset sent with no socket (answering a segment to a closed port).
+    pub header: Header,
+    pub netns: u32,
+    /// One of [`reset`].
+    pub direction: u8,
+    /// The socket's TCP state, 0 without a socket.
+    pub state: u8,
+    pub _reserved: u16,
+    /// `enum sk_rst_reason` for sent resets.
+    pub reason: u32,
+    /// The segment's (or socket's) 4-tuple from the sender's point of view; family 0 = unknown.
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _reserved2: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The keepalive timer ran for a socket (`timer:timer_expire_entry`/`exit` around
+/// `tcp_keepalive_timer`). A probe was sent if `probes_after > probes_before`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub header: Header,
+    pub netns: u32,
+    /// `icsk_probes_out` before and after the timer function.
+    pub probes_before: u8,
+    pub probes_after: u8,
+    pub _reserved: u16,
+}
+
+/// setsockopt() of SO_KEEPALIVE or TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT, seen by a cgroup
+/// setsockopt program before the kernel applies it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOption {
+    pub header: Header,
+    pub netns: u32,
+    pub level: u32,
+    pub optname: u32,
+    pub value: i32,
+    pub pid_tgid: u64,
+    pub comm: [u8; 16],
+}
+
+/// setsockopt levels and names tcp-trace watches.
+pub mod sockopt {
+    pub const SOL_SOCKET: u32 = 1;
+    pub const SO_KEEPALIVE: u32 = 9;
+    pub const IPPROTO_TCP: u32 = 6;
+    pub const TCP_KEEPIDLE: u32 = 4;
+    pub const TCP_KEEPINTVL: u32 = 5;
+    pub const TCP_KEEPCNT: u32 = 6;
 }
 
 /// Globals the agent sets at load time (`EbpfLoader::set_global`). The eBPF side reads them
@@ -97,6 +208,21 @@ pub mod globals {
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     /// Minimum nanoseconds between two consumer wake-ups forced by the programs.
     pub const WAKEUP_INTERVAL_NS: &str = "WAKEUP_INTERVAL_NS";
+    /// Offset of `sock.sk_err`; 0 = unknown.
+    pub const SK_ERR_OFFSET: &str = "SK_ERR_OFFSET";
+    /// Offsets of `tcp_sock.srtt_us` and `tcp_sock.total_retrans`; 0 = unknown.
+    pub const SRTT_OFFSET: &str = "SRTT_OFFSET";
+    pub const TOTAL_RETRANS_OFFSET: &str = "TOTAL_RETRANS_OFFSET";
+    /// Offset of `sock.sk_timer` (the keepalive timer); 0 = unknown.
+    pub const SK_TIMER_OFFSET: &str = "SK_TIMER_OFFSET";
+    /// Offset of `inet_connection_sock.icsk_probes_out`; 0 = unknown.
+    pub const PROBES_OUT_OFFSET: &str = "PROBES_OUT_OFFSET";
+    /// Offsets of `sk_buff.dev` and `net_device.nd_net.net`, for the netns of resets sent
+    /// without a socket; 0 = unknown.
+    pub const SKB_DEV_OFFSET: &str = "SKB_DEV_OFFSET";
+    pub const DEV_NET_OFFSET: &str = "DEV_NET_OFFSET";
+    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms); 0 = unknown.
+    pub const KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
 }
 
 /// Indices into the `COUNTERS` per-CPU array.
@@ -115,8 +241,16 @@ mod user {
     // SAFETY: plain old data, `#[repr(C)]`, every bit pattern valid, no padding.
     unsafe impl aya::Pod for super::Header {}
     unsafe impl aya::Pod for super::StateChange {}
+    unsafe impl aya::Pod for super::Retransmit {}
+    unsafe impl aya::Pod for super::Reset {}
+    unsafe impl aya::Pod for super::Keepalive {}
+    unsafe impl aya::Pod for super::SocketOption {}
 }
 
 // No implicit padding: the sizes below are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<Header>() == 24);
-const _: () = assert!(core::mem::size_of::<StateChange>() == 24 + 8 + 8 + 8 + 32 + 16);
+const _: () = assert!(core::mem::size_of::<StateChange>() == 24 + 8 + 8 + 8 + 32 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<Retransmit>() == 24 + 8 + 8 + 32);
+const _: () = assert!(core::mem::size_of::<Reset>() == 24 + 8 + 8 + 8 + 32);
+const _: () = assert!(core::mem::size_of::<Keepalive>() == 24 + 8);
+const _: () = assert!(core::mem::size_of::<SocketOption>() == 24 + 16 + 8 + 16);

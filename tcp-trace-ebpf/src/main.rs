@@ -3,8 +3,12 @@
 #![no_main]
 
 mod context;
+mod fields;
+mod keepalive;
+mod kernel;
 mod maps;
 mod state;
+mod tcp;
 
 #[cfg(not(test))]
 #[panic_handler]

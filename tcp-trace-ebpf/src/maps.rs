@@ -32,6 +32,22 @@ static NETNS_INUM_OFFSET: u32 = 0;
 static NETNS_FILTER: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_INTERVAL_NS: u64 = 1_000_000;
+#[unsafe(no_mangle)]
+static SK_ERR_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SRTT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TOTAL_RETRANS_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SK_TIMER_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static PROBES_OUT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_DEV_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static DEV_NET_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static KEEPALIVE_TIMER_FN: u64 = 0;
 
 /// Read a global through a volatile load so the compiler cannot fold in the default.
 macro_rules! global {
@@ -46,6 +62,56 @@ pub fn netns_offsets() -> (u32, u32) {
 
 pub fn netns_filter() -> u32 {
     global!(NETNS_FILTER)
+}
+
+pub fn sk_err_offset() -> u32 {
+    global!(SK_ERR_OFFSET)
+}
+
+pub fn tcp_sock_offsets() -> (u32, u32) {
+    (global!(SRTT_OFFSET), global!(TOTAL_RETRANS_OFFSET))
+}
+
+pub fn sk_timer_offset() -> u32 {
+    global!(SK_TIMER_OFFSET)
+}
+
+pub fn probes_out_offset() -> u32 {
+    global!(PROBES_OUT_OFFSET)
+}
+
+pub fn skb_dev_offsets() -> (u32, u32) {
+    (global!(SKB_DEV_OFFSET), global!(DEV_NET_OFFSET))
+}
+
+pub fn keepalive_timer_fn() -> u64 {
+    global!(KEEPALIVE_TIMER_FN)
+}
+
+/// Whether a record for this network namespace passes the agent's `--netns` filter; counts
+/// the ones that do not.
+pub fn netns_wanted(netns: u32) -> bool {
+    let filter = netns_filter();
+    if filter != 0 && filter != netns {
+        count(counter::FILTERED);
+        return false;
+    }
+    true
+}
+
+/// Reserves a record, counting a full ring as a kernel-side loss.
+pub fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count(counter::RING_FULL);
+    }
+    entry
+}
+
+/// Submits a reserved record with the wake-up policy of [`submit_flags`].
+pub fn submit<T: 'static>(entry: aya_ebpf::maps::ring_buf::RingBufEntry<T>, now: u64) {
+    entry.submit(submit_flags(now));
+    count(counter::SUBMITTED);
 }
 
 pub fn count(index: u32) {

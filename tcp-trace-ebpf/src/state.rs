@@ -1,16 +1,18 @@
 //! `sock:inet_sock_set_state`: every TCP state transition, both families.
 use aya_ebpf::{
-    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
     },
     macros::tracepoint,
     programs::TracePointContext,
 };
-use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, counter, flags, kind};
+use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, tcp_state};
 
-use crate::{context, maps};
+use crate::{
+    context,
+    fields::{address, field, widen},
+    kernel, maps,
+};
 
 // Field offsets in the tracepoint record (/sys/kernel/tracing/events/sock/inet_sock_set_state/format);
 // the agent checks them against the running kernel's format file before loading.
@@ -33,15 +35,23 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let sock: u64 = field(&ctx, SKADDR);
-    let netns = netns_of(sock);
-    let filter = maps::netns_filter();
-    if filter != 0 && filter != netns {
-        maps::count(counter::FILTERED);
+    let netns = kernel::netns_of_sock(sock);
+    if !maps::netns_wanted(netns) {
         return 0;
     }
-    let Some(mut entry) = maps::EVENTS.reserve::<StateChange>(0) else {
-        maps::count(counter::RING_FULL);
+    let Some(mut entry) = maps::reserve::<StateChange>() else {
         return 0;
+    };
+    let new_state = field::<i32>(&ctx, NEWSTATE) as u8;
+    // tcp_done() runs after the cause is stored in sk_err (tcp_reset, tcp_write_err, ICMP).
+    let error = if new_state == tcp_state::CLOSE {
+        kernel::sk_err(sock)
+    } else {
+        0
+    };
+    let (srtt_us, total_retrans) = match new_state {
+        tcp_state::ESTABLISHED | tcp_state::CLOSE => kernel::rtt_and_retransmits(sock),
+        _ => (0, 0),
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let family: u16 = field(&ctx, FAMILY);
@@ -65,7 +75,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         },
         netns,
         old_state: field::<i32>(&ctx, OLDSTATE) as u8,
-        new_state: field::<i32>(&ctx, NEWSTATE) as u8,
+        new_state,
         family,
         sport: field(&ctx, SPORT),
         dport: field(&ctx, DPORT),
@@ -74,50 +84,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         saddr,
         daddr,
         comm: bpf_get_current_comm().unwrap_or_default(),
+        error,
+        srtt_us,
+        total_retrans,
+        _reserved: 0,
     });
-    entry.submit(maps::submit_flags(now));
-    maps::count(counter::SUBMITTED);
+    maps::submit(entry, now);
     0
-}
-
-/// A field of the tracepoint record. Direct context loads: the verifier checks them against the
-/// record and they cost less than a helper call, but it only accepts a load of the field's own
-/// size at a constant offset from the context pointer, hence the volatile (single, sized) load.
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    unsafe { core::ptr::read_volatile(ctx.as_ptr().add(offset).cast::<T>()) }
-}
-
-/// A 16-byte address field as two 8-byte loads (both offsets are 8-aligned in the record).
-#[inline(always)]
-fn address(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
-    let high: u64 = field(ctx, offset);
-    let low: u64 = field(ctx, offset + 8);
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&high.to_ne_bytes());
-    out[8..].copy_from_slice(&low.to_ne_bytes());
-    out
-}
-
-#[inline(always)]
-fn widen(v4: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..4].copy_from_slice(&v4.to_ne_bytes());
-    out
-}
-
-/// `sk->__sk_common.skc_net.net->ns.inum`, with offsets the agent read from the kernel's BTF
-/// (aya's eBPF side has no CO-RE relocations). 0 when they are unknown or a read faults.
-#[inline(always)]
-fn netns_of(sock: u64) -> u32 {
-    let (net_offset, inum_offset) = maps::netns_offsets();
-    if net_offset == 0 || inum_offset == 0 {
-        return 0;
-    }
-    unsafe {
-        let Ok(net) = bpf_probe_read_kernel((sock + net_offset as u64) as *const u64) else {
-            return 0;
-        };
-        bpf_probe_read_kernel((net + inum_offset as u64) as *const u32).unwrap_or(0)
-    }
 }

@@ -1,5 +1,9 @@
 //! The agent: capture -> lifecycle -> bus -> gRPC, wired together and shut down as one.
-use std::sync::{Arc, Mutex, atomic::Ordering};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
 
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
@@ -10,7 +14,7 @@ use crate::{
     bus::Bus,
     capture::{self, Capture, CaptureConfig, DecodeError, Record},
     filter::Keys,
-    lifecycle::Table,
+    lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
     proto,
     stats::AgentStats,
 };
@@ -21,6 +25,10 @@ pub struct AgentConfig {
     pub capture: CaptureConfig,
     /// Most connections followed at once; beyond it new ones are counted, not followed.
     pub max_connections: usize,
+    /// Closed connections that lived at least this long are long-lived, the rest short-lived.
+    pub long_lived: Duration,
+    /// Most remote peers aggregated in GetStats.
+    pub max_peers: usize,
     pub limits: Limits,
 }
 
@@ -30,6 +38,8 @@ impl Default for AgentConfig {
             listen: vec![ListenAddr::default()],
             capture: CaptureConfig::default(),
             max_connections: 1_000_000,
+            long_lived: Duration::from_secs(60),
+            max_peers: 10_000,
             limits: Limits::default(),
         }
     }
@@ -72,7 +82,13 @@ impl Agent {
         let mut capture = Capture::load(&config.capture)?;
         let hooks = capture.hooks().clone();
         let stats = Arc::new(AgentStats::new(capture.kernel_counters(), hooks.clone()));
-        let table = Arc::new(Mutex::new(Table::new(config.max_connections)));
+        let table = Arc::new(Mutex::new(Table::new(
+            config.max_connections,
+            Peers::new(
+                config.max_peers,
+                u64::try_from(config.long_lived.as_nanos()).unwrap_or(u64::MAX),
+            ),
+        )));
         let bus = Bus::new();
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -83,6 +99,8 @@ impl Agent {
             stats: Arc::clone(&stats),
             clock: convert::Clock::now(),
             batch: Vec::with_capacity(1024),
+            closed: Vec::new(),
+            keepalive_defaults: HashMap::new(),
             warned_malformed: false,
         };
         let drain_cancel = cancel.clone();
@@ -182,32 +200,83 @@ struct Pipeline {
     stats: Arc<AgentStats>,
     clock: convert::Clock,
     batch: Vec<(proto::Event, Keys)>,
+    /// Reused buffer for connections whose lives completed.
+    closed: Vec<Connection>,
+    keepalive_defaults: HashMap<u32, KeepaliveDefaults>,
     warned_malformed: bool,
+}
+
+impl Pipeline {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keepalive sysctls of a namespace, read once per namespace through a process in it.
+    fn keepalive_defaults(&mut self, netns: u32, pid: u32) -> KeepaliveDefaults {
+        *self
+            .keepalive_defaults
+            .entry(netns)
+            .or_insert_with(|| capture::keepalive_defaults(pid).unwrap_or(KeepaliveDefaults::LINUX))
+    }
 }
 
 impl capture::Sink for Pipeline {
     fn record(&mut self, record: Result<Record, DecodeError>) {
-        match record {
-            Ok(Record::Transition(t)) => {
-                self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
-                let applied = self
-                    .table
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .apply(&t);
-                convert::events(&t, &applied, &self.clock, &mut self.batch);
-            }
+        let record = match record {
+            Ok(record) => record,
             Err(err) => {
                 self.stats.records_malformed.fetch_add(1, Ordering::Relaxed);
                 if !self.warned_malformed {
                     self.warned_malformed = true;
                     tracing::warn!("undecodable record from the kernel (counted in stats): {err}");
                 }
+                return;
             }
+        };
+        self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
+        let clock = self.clock;
+        let event = match record {
+            Record::Transition(t) => {
+                let applied = self.table().apply(&t);
+                Some(convert::state_change(&t, &applied.connection, &clock))
+            }
+            Record::Retransmit(r) => {
+                let connection = self.table().retransmit(&r);
+                connection.map(|c| convert::retransmit(&r, &c, &clock))
+            }
+            Record::Reset(r) => {
+                let connection = self.table().reset(&r);
+                // A reset sent without a socket has no connection; a reset for a socket the
+                // agent never saw is reported bare too.
+                Some(convert::reset(&r, connection.as_ref(), &clock))
+            }
+            Record::Keepalive(k) => {
+                let change = self.table().keepalive_timer(&k);
+                change.map(|(c, change)| convert::keepalive(k.ts_ns, &change, &c, &clock))
+            }
+            Record::SocketOption(o) => {
+                let defaults = self.keepalive_defaults(o.netns, o.task.pid);
+                let change = self.table().socket_option(&o, defaults);
+                change.map(|(c, change)| convert::keepalive(o.ts_ns, &change, &c, &clock))
+            }
+        };
+        if let Some(event) = event {
+            self.batch.push(event);
         }
     }
 
     fn batch_done(&mut self) {
+        let mut closed = std::mem::take(&mut self.closed);
+        let long_lived_ns = {
+            let mut table = self.table();
+            table.end_batch(&mut closed);
+            table.peers.long_lived_ns()
+        };
+        for connection in closed.drain(..) {
+            self.batch
+                .push(convert::closed(&connection, &self.clock, long_lived_ns));
+        }
+        self.closed = closed;
         self.bus.publish(&mut self.batch);
         // Re-read the clock offset now and then: NTP slews CLOCK_REALTIME.
         self.clock = convert::Clock::now();

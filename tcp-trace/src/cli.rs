@@ -60,6 +60,13 @@ pub struct AgentArgs {
     /// Events queued per subscriber before it starts losing events (it is told how many).
     #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
+    /// Closed connections that lived at least this many seconds count as long-lived, the rest
+    /// as short-lived (churn that pooling or keepalive would avoid).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub long_lived: u64,
+    /// Most remote peers aggregated in `stats`; connections to more are counted, not aggregated.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_peers: usize,
     /// Most subscribers at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_subscribers: usize,
@@ -75,6 +82,8 @@ impl AgentArgs {
                 wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
             },
             max_connections: self.max_connections,
+            long_lived: Duration::from_secs(self.long_lived),
+            max_peers: self.max_peers,
             limits: Limits {
                 subscriber_queue: self.subscriber_queue as usize,
                 max_subscribers: self.max_subscribers,
@@ -267,40 +276,14 @@ pub fn event_line(event: &proto::Event) -> String {
     let mut line = format!("{} {:>7} ", time_of_day(event.time.as_ref()), event.seq);
     let conn = event.connection.as_ref();
     if let Some(c) = conn {
-        let _ = write!(line, "conn {} {} ", c.id, tuple(c));
+        if c.id != 0 {
+            let _ = write!(line, "conn {} ", c.id);
+        }
+        let _ = write!(line, "{} ", tuple(c));
     }
     match &event.body {
-        Some(proto::event::Body::StateChange(change)) => {
-            let _ = write!(
-                line,
-                "{} -> {}",
-                state_name(change.old_state),
-                state_name(change.new_state)
-            );
-            match change.task.as_ref() {
-                Some(t) if t.attribution == proto::Attribution::ProcessContext as i32 => {
-                    let _ = write!(line, "  by {}/{}", t.pid, t.comm);
-                }
-                _ => {
-                    let _ = write!(line, "  in {}", change.context);
-                    if let Some(c) = conn {
-                        let _ = write!(line, ", owner {}", owner(c.owner.as_ref()));
-                    }
-                }
-            }
-        }
-        Some(proto::event::Body::ConnectionClosed(closed)) => {
-            let path: Vec<_> = closed.path.iter().map(|&s| state_name(s)).collect();
-            let _ = write!(
-                line,
-                "closed after {}: {}",
-                duration(closed.duration.as_ref()),
-                path.join(" > ")
-            );
-            if !closed.seen_open {
-                line.push_str(" (opened before the agent saw it)");
-            }
-        }
+        Some(proto::event::Body::StateChange(change)) => state_change_text(&mut line, change, conn),
+        Some(proto::event::Body::ConnectionClosed(closed)) => closed_text(&mut line, closed),
         Some(proto::event::Body::Lost(lost)) => {
             let _ = write!(
                 line,
@@ -308,12 +291,166 @@ pub fn event_line(event: &proto::Event) -> String {
                 lost.count
             );
         }
+        Some(proto::event::Body::Retransmit(r)) => {
+            let what = if r.state == proto::TcpState::SynSent as i32 {
+                "SYN"
+            } else {
+                "segment"
+            };
+            let _ = write!(
+                line,
+                "{what} retransmitted (#{} in {})",
+                r.count,
+                state_name(r.state)
+            );
+        }
+        Some(proto::event::Body::Reset(r)) => {
+            line.push_str(if r.sent {
+                "RESET sent"
+            } else {
+                "RESET received"
+            });
+            if r.without_socket {
+                line.push_str(" (no socket: nothing listens there)");
+            }
+        }
+        Some(proto::event::Body::Keepalive(k)) => keepalive_text(&mut line, k),
         None => line.push_str("(empty event)"),
     }
     if let Some(c) = conn {
         let _ = write!(line, "  netns {}", c.netns);
     }
     line
+}
+
+fn state_change_text(
+    line: &mut String,
+    change: &proto::StateChange,
+    conn: Option<&proto::Connection>,
+) {
+    let _ = write!(
+        line,
+        "{} -> {}",
+        state_name(change.old_state),
+        state_name(change.new_state)
+    );
+    if let Some(h) = &change.handshake {
+        let _ = write!(line, "  handshake {}", duration(h.latency.as_ref()));
+        if h.retransmits > 0 {
+            let _ = write!(line, " after {} retransmit(s)", h.retransmits);
+        }
+    }
+    if !change.error_name.is_empty() {
+        let _ = write!(line, "  {}", change.error_name);
+    }
+    match change.task.as_ref() {
+        Some(t) if t.attribution == proto::Attribution::ProcessContext as i32 => {
+            let _ = write!(line, "  by {}/{}", t.pid, t.comm);
+        }
+        _ => {
+            let _ = write!(line, "  in {}", change.context);
+            if let Some(c) = conn {
+                let _ = write!(line, ", owner {}", owner(c.owner.as_ref()));
+            }
+        }
+    }
+}
+
+fn enum_name(name: Option<&str>, prefix: &str) -> String {
+    name.map(|n| {
+        n.trim_start_matches(prefix)
+            .to_lowercase()
+            .replace('_', " ")
+    })
+    .unwrap_or_else(|| "?".into())
+}
+
+fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
+    let cause = proto::CloseCause::try_from(closed.cause)
+        .ok()
+        .map(|c| c.as_str_name());
+    let _ = write!(line, "CLOSED {}", enum_name(cause, "CLOSE_CAUSE_"));
+    if !closed.error_name.is_empty() {
+        let _ = write!(line, " ({})", closed.error_name);
+    }
+    let first_fin = proto::Closer::try_from(closed.first_fin).ok();
+    match first_fin {
+        Some(proto::Closer::Local) => line.push_str(", closed here first"),
+        Some(proto::Closer::Remote) => line.push_str(", peer closed first"),
+        Some(proto::Closer::Simultaneous) => line.push_str(", both closed at once"),
+        _ => {}
+    }
+    let lifetime = if closed.lifetime == proto::Lifetime::Long as i32 {
+        "long-lived"
+    } else {
+        "short-lived"
+    };
+    let _ = write!(
+        line,
+        " after {} ({lifetime})",
+        duration(closed.duration.as_ref())
+    );
+    if let Some(h) = &closed.handshake {
+        let _ = write!(line, ", handshake {}", duration(h.latency.as_ref()));
+        if h.retransmits > 0 {
+            let _ = write!(line, " with {} retransmit(s)", h.retransmits);
+        }
+    } else if closed.failed_handshake_retransmits > 0 {
+        let _ = write!(
+            line,
+            ", {} SYN retransmit(s)",
+            closed.failed_handshake_retransmits
+        );
+    }
+    if closed.retransmits > 0 {
+        let _ = write!(line, ", {} retransmits", closed.retransmits);
+    }
+    if closed.keepalive_probes > 0 {
+        let _ = write!(line, ", {} keepalive probe(s)", closed.keepalive_probes);
+    }
+    let path: Vec<_> = closed.path.iter().map(|&s| state_name(s)).collect();
+    let _ = write!(line, ": {}", path.join(" > "));
+    if !closed.seen_open {
+        line.push_str(" (opened before the agent saw it)");
+    }
+}
+
+fn keepalive_text(line: &mut String, k: &proto::Keepalive) {
+    use proto::keepalive::What;
+    let settings = k
+        .settings
+        .as_ref()
+        .map(|s| {
+            format!(
+                " (idle {}s, every {}s, {} probes)",
+                s.idle_seconds, s.interval_seconds, s.count
+            )
+        })
+        .unwrap_or_default();
+    match What::try_from(k.what) {
+        Ok(What::Enabled) => {
+            let _ = write!(line, "KEEPALIVE on{settings}");
+        }
+        Ok(What::Disabled) => line.push_str("KEEPALIVE off"),
+        Ok(What::Changed) => {
+            let _ = write!(line, "KEEPALIVE changed{settings}");
+        }
+        Ok(What::ProbeSent) => {
+            let count = k.settings.as_ref().map(|s| s.count).unwrap_or(0);
+            let _ = write!(line, "KEEPALIVE probe {} of {count} sent", k.probe);
+        }
+        Ok(What::PeerAnswered) => {
+            let _ = write!(
+                line,
+                "KEEPALIVE peer answered after {} probe(s): alive",
+                k.probe
+            );
+        }
+        _ => line.push_str("KEEPALIVE ?"),
+    }
+    if let Some(by) = &k.by {
+        let _ = write!(line, "  by {}/{}", by.pid, by.comm);
+    }
 }
 
 /// The live connections as a table.

@@ -152,4 +152,73 @@ pub struct Transition {
     pub remote: SocketAddr,
     pub context: Context,
     pub cpu: u32,
+    /// `sk_err` on transitions to CLOSE (errno: ECONNREFUSED, ETIMEDOUT, ...), else 0.
+    pub error: u32,
+    /// On transitions to ESTABLISHED and CLOSE: smoothed RTT (microseconds) and segments
+    /// retransmitted so far (SYNs or SYN-ACKs during a handshake).
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+}
+
+/// A segment retransmitted by a socket, or a SYN-ACK by a listener's request socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    pub ts_ns: u64,
+    /// The socket, or the listener for a SYN-ACK.
+    pub sock: u64,
+    pub netns: u32,
+    pub syn_ack: bool,
+    pub state: TcpState,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// A TCP reset sent or received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub ts_ns: u64,
+    /// 0 for a reset sent without a socket (answering a segment to a closed port).
+    pub sock: u64,
+    pub netns: u32,
+    pub sent: bool,
+    /// The kernel's `enum sk_rst_reason` for sent resets.
+    pub reason: u32,
+    /// Local and remote end, if the kernel reported them.
+    pub tuple: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// The keepalive timer of a socket ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveTimer {
+    pub ts_ns: u64,
+    pub sock: u64,
+    pub netns: u32,
+    /// Unanswered probes before and after the timer function: a probe went out if it grew.
+    pub probes_before: u8,
+    pub probes_after: u8,
+}
+
+/// A keepalive socket option being set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepaliveOption {
+    /// SO_KEEPALIVE: on (non-zero) or off.
+    Enabled,
+    /// TCP_KEEPIDLE, seconds.
+    Idle,
+    /// TCP_KEEPINTVL, seconds.
+    Interval,
+    /// TCP_KEEPCNT.
+    Count,
+}
+
+/// setsockopt() of a keepalive option, seen before the kernel applies it (in the caller's
+/// own context, so `task` is the caller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOption {
+    pub ts_ns: u64,
+    pub sock: u64,
+    pub netns: u32,
+    pub option: KeepaliveOption,
+    pub value: i32,
+    pub task: Task,
 }

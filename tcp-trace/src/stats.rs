@@ -86,6 +86,8 @@ impl AgentStats {
             hooks_attached: self.hooks.attached.clone(),
             hooks_missing: self.hooks.missing.clone(),
             started_at: Some(self.started_at.into()),
+            // The lifecycle aggregates are added by the caller, which holds the table.
+            ..Default::default()
         }
     }
 }

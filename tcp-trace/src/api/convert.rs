@@ -3,8 +3,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::{
     filter::Keys,
-    lifecycle::{Applied, Connection, Direction, OwnerSource},
-    model::{Task, TcpState, Transition},
+    lifecycle::{
+        Cause, Closer, Connection, Direction, KeepaliveChange, KeepaliveDefaults, OwnerSource,
+        Peers, peers::FAILURE_CAUSES,
+    },
+    model::{KeepaliveOption, Reset, Retransmit, Task, TcpState, Transition},
     proto,
 };
 
@@ -102,6 +105,8 @@ pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
         owner: Some(owner),
         state: state(c.state) as i32,
         opened_at: Some(clock.timestamp(c.opened_ns)),
+        handshake_latency: c.handshake_ns.and_then(duration),
+        keepalive: keepalive_settings(c),
     }
 }
 
@@ -115,16 +120,66 @@ pub fn keys(c: &Connection, kind: proto::EventKind) -> Keys {
     }
 }
 
-/// The events one transition produces: its state change, and the closing summary when the
-/// connection reached CLOSE. `seq` is set by the bus.
-pub fn events(
-    t: &Transition,
-    applied: &Applied,
+fn event(
+    ts_ns: u64,
     clock: &Clock,
-    out: &mut Vec<(proto::Event, Keys)>,
-) {
-    let c = &applied.connection;
-    let conn = connection(c, clock);
+    connection: proto::Connection,
+    body: proto::event::Body,
+) -> proto::Event {
+    proto::Event {
+        seq: 0,
+        time: Some(clock.timestamp(ts_ns)),
+        kernel_time_ns: ts_ns,
+        connection: Some(connection),
+        body: Some(body),
+    }
+}
+
+fn duration(ns: u64) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(Duration::from_nanos(ns)).ok()
+}
+
+/// The kernel's name for an errno tcp-trace reports.
+pub fn errno_name(errno: u32) -> String {
+    match errno {
+        0 => String::new(),
+        32 => "EPIPE".into(),
+        101 => "ENETUNREACH".into(),
+        103 => "ECONNABORTED".into(),
+        104 => "ECONNRESET".into(),
+        110 => "ETIMEDOUT".into(),
+        111 => "ECONNREFUSED".into(),
+        113 => "EHOSTUNREACH".into(),
+        n => format!("errno {n}"),
+    }
+}
+
+fn handshake(c: &Connection) -> Option<proto::Handshake> {
+    c.handshake_ns.map(|ns| proto::Handshake {
+        latency: duration(ns),
+        retransmits: c.handshake_retransmits,
+    })
+}
+
+fn keepalive_settings(c: &Connection) -> Option<proto::KeepaliveSettings> {
+    let k = &c.keepalive;
+    if !k.enabled && k.idle_s.is_none() && k.interval_s.is_none() && k.count.is_none() {
+        return None;
+    }
+    let effective = k.effective(c.keepalive_defaults.unwrap_or(KeepaliveDefaults::LINUX));
+    Some(proto::KeepaliveSettings {
+        enabled: k.enabled,
+        idle_seconds: effective.idle_s,
+        interval_seconds: effective.interval_s,
+        count: effective.count,
+        idle_set: k.idle_s.is_some(),
+        interval_set: k.interval_s.is_some(),
+        count_set: k.count.is_some(),
+    })
+}
+
+/// The state change event of one transition. `seq` is set by the bus.
+pub fn state_change(t: &Transition, c: &Connection, clock: &Clock) -> (proto::Event, Keys) {
     let task = match t.context.task() {
         Some(task) => process(task, proto::Attribution::ProcessContext),
         None => no_process(),
@@ -134,34 +189,167 @@ pub fn events(
         new_state: state(t.new) as i32,
         task: Some(task),
         context: t.context.describe().to_owned(),
+        handshake: if t.new == TcpState::Established {
+            handshake(c)
+        } else {
+            None
+        },
+        error: t.error,
+        error_name: errno_name(t.error),
     };
-    let event = |connection, body| proto::Event {
-        seq: 0,
-        time: Some(clock.timestamp(t.ts_ns)),
-        kernel_time_ns: t.ts_ns,
-        connection: Some(connection),
-        body: Some(body),
-    };
-    if applied.closed {
-        out.push((
-            event(conn.clone(), proto::event::Body::StateChange(change)),
-            keys(c, proto::EventKind::StateChange),
-        ));
-        let closed = proto::ConnectionClosed {
-            path: c.path.states().iter().map(|&s| state(s) as i32).collect(),
-            duration: prost_types::Duration::try_from(Duration::from_nanos(c.duration_ns())).ok(),
-            seen_open: c.seen_open,
-        };
-        out.push((
-            event(conn, proto::event::Body::ConnectionClosed(closed)),
-            keys(c, proto::EventKind::ConnectionClosed),
-        ));
-    } else {
-        out.push((
-            event(conn, proto::event::Body::StateChange(change)),
-            keys(c, proto::EventKind::StateChange),
-        ));
+    let body = proto::event::Body::StateChange(change);
+    (
+        event(t.ts_ns, clock, connection(c, clock), body),
+        keys(c, proto::EventKind::StateChange),
+    )
+}
+
+fn cause(c: Cause) -> proto::CloseCause {
+    match c {
+        Cause::Orderly => proto::CloseCause::Orderly,
+        Cause::ResetSent => proto::CloseCause::ResetSent,
+        Cause::ResetReceived => proto::CloseCause::ResetReceived,
+        Cause::Refused => proto::CloseCause::Refused,
+        Cause::ConnectTimeout => proto::CloseCause::ConnectTimeout,
+        Cause::Unreachable => proto::CloseCause::Unreachable,
+        Cause::KeepaliveTimeout => proto::CloseCause::KeepaliveTimeout,
+        Cause::RetransmitTimeout => proto::CloseCause::RetransmitTimeout,
+        Cause::Aborted => proto::CloseCause::Aborted,
+        Cause::ListenerClosed => proto::CloseCause::ListenerClosed,
+        Cause::Unknown => proto::CloseCause::Unknown,
     }
+}
+
+fn closer(c: Closer) -> proto::Closer {
+    match c {
+        Closer::Local => proto::Closer::Local,
+        Closer::Remote => proto::Closer::Remote,
+        Closer::Simultaneous => proto::Closer::Simultaneous,
+        Closer::None => proto::Closer::None,
+    }
+}
+
+/// The closing summary of a connection whose life is complete.
+pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Event, Keys) {
+    let lifetime = if c.duration_ns() >= long_lived_ns {
+        proto::Lifetime::Long
+    } else {
+        proto::Lifetime::Short
+    };
+    let established = c.handshake_ns.is_some();
+    let summary = proto::ConnectionClosed {
+        path: c.path.states().iter().map(|&s| state(s) as i32).collect(),
+        duration: duration(c.duration_ns()),
+        seen_open: c.seen_open,
+        cause: cause(c.cause()) as i32,
+        first_fin: closer(c.first_closer()) as i32,
+        lifetime: lifetime as i32,
+        handshake: handshake(c),
+        failed_handshake_retransmits: if established {
+            0
+        } else {
+            c.handshake_retransmits
+        },
+        retransmits: c.retransmits,
+        resets_sent: c.resets_sent,
+        resets_received: c.resets_received,
+        error: c.error,
+        error_name: errno_name(c.error),
+        keepalive: keepalive_settings(c),
+        keepalive_probes: c.keepalive.probes,
+        keepalive_unanswered: c.keepalive.unanswered,
+        srtt_us: c.srtt_us,
+    };
+    let body = proto::event::Body::ConnectionClosed(summary);
+    (
+        event(c.last_ns, clock, connection(c, clock), body),
+        keys(c, proto::EventKind::ConnectionClosed),
+    )
+}
+
+pub fn retransmit(r: &Retransmit, c: &Connection, clock: &Clock) -> (proto::Event, Keys) {
+    let body = proto::event::Body::Retransmit(proto::Retransmit {
+        state: state(r.state) as i32,
+        count: c.retransmits,
+    });
+    (
+        event(r.ts_ns, clock, connection(c, clock), body),
+        keys(c, proto::EventKind::Retransmit),
+    )
+}
+
+/// A reset, of a known connection or (sent without a socket) of bare endpoints.
+pub fn reset(r: &Reset, c: Option<&Connection>, clock: &Clock) -> (proto::Event, Keys) {
+    let body = proto::event::Body::Reset(proto::Reset {
+        sent: r.sent,
+        reason: r.reason,
+        without_socket: r.sock == 0,
+    });
+    let (conn, keys) = match c {
+        Some(c) => (connection(c, clock), keys(c, proto::EventKind::Reset)),
+        None => {
+            let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+            let (local, remote) = r.tuple.unwrap_or((unspecified, unspecified));
+            let conn = proto::Connection {
+                sock: r.sock,
+                ip_version: if local.is_ipv4() { 4 } else { 6 },
+                local: Some(endpoint(local)),
+                remote: Some(endpoint(remote)),
+                netns: u64::from(r.netns),
+                direction: proto::Direction::Unknown as i32,
+                owner: Some(no_process()),
+                ..Default::default()
+            };
+            let keys = Keys {
+                kind: proto::EventKind::Reset,
+                local,
+                remote,
+                pid: None,
+                netns: r.netns,
+            };
+            (conn, keys)
+        }
+    };
+    (event(r.ts_ns, clock, conn, body), keys)
+}
+
+pub fn keepalive(
+    ts_ns: u64,
+    change: &KeepaliveChange,
+    c: &Connection,
+    clock: &Clock,
+) -> (proto::Event, Keys) {
+    use proto::keepalive::What;
+    let (what, probe, by) = match *change {
+        KeepaliveChange::Configured {
+            option,
+            value,
+            task,
+        } => {
+            let what = match (option, value) {
+                (KeepaliveOption::Enabled, 0) => What::Disabled,
+                (KeepaliveOption::Enabled, _) => What::Enabled,
+                _ => What::Changed,
+            };
+            (
+                what,
+                0,
+                Some(process(&task, proto::Attribution::ProcessContext)),
+            )
+        }
+        KeepaliveChange::ProbeSent { probe } => (What::ProbeSent, probe, None),
+        KeepaliveChange::PeerAnswered { probes } => (What::PeerAnswered, probes, None),
+    };
+    let body = proto::event::Body::Keepalive(proto::Keepalive {
+        what: what as i32,
+        probe,
+        settings: keepalive_settings(c),
+        by,
+    });
+    (
+        event(ts_ns, clock, connection(c, clock), body),
+        keys(c, proto::EventKind::Keepalive),
+    )
 }
 
 pub fn lost(count: u64, last_seq: u64) -> proto::Event {
@@ -172,4 +360,42 @@ pub fn lost(count: u64, last_seq: u64) -> proto::Event {
         connection: None,
         body: Some(proto::event::Body::Lost(proto::Lost { count })),
     }
+}
+
+/// The per-peer aggregates, busiest first.
+pub fn peers(peers: &Peers) -> Vec<proto::PeerStats> {
+    let now_ns = u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0);
+    let mut out: Vec<proto::PeerStats> = peers
+        .iter()
+        .map(|(key, p)| proto::PeerStats {
+            netns: u64::from(key.netns),
+            direction: if key.active {
+                proto::Direction::Active
+            } else {
+                proto::Direction::Passive
+            } as i32,
+            address: key.address.to_string(),
+            port: u32::from(key.port),
+            opened: p.opened,
+            closed: p.closed,
+            opened_per_second: p.rate_per_second(now_ns),
+            handshake_p50: p.handshake.quantile_ns(0.50).and_then(duration),
+            handshake_p90: p.handshake.quantile_ns(0.90).and_then(duration),
+            handshake_p99: p.handshake.quantile_ns(0.99).and_then(duration),
+            handshakes: p.handshake.count,
+            short_lived: p.short_lived,
+            long_lived: p.long_lived,
+            failures: FAILURE_CAUSES
+                .iter()
+                .zip(p.failures)
+                .filter(|&(_, n)| n > 0)
+                .map(|(&c, count)| proto::CauseCount {
+                    cause: cause(c) as i32,
+                    count,
+                })
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| b.opened.cmp(&a.opened).then(a.address.cmp(&b.address)));
+    out
 }

@@ -156,11 +156,15 @@ impl TcpTrace for Service {
     ) -> Result<Response<proto::Stats>, Status> {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let (live, table_full) = (table.len() as u64, table.table_full);
+        let peers = convert::peers(&table.peers);
+        let peers_full = table.peers.peers_full;
+        let long_lived = table.peers.long_lived_ns();
         drop(table);
-        Ok(Response::new(self.stats.snapshot(
-            &self.bus.counters(),
-            live,
-            table_full,
-        )))
+        let mut stats = self.stats.snapshot(&self.bus.counters(), live, table_full);
+        stats.peers = peers;
+        stats.peers_full = peers_full;
+        stats.long_lived_threshold =
+            prost_types::Duration::try_from(std::time::Duration::from_nanos(long_lived)).ok();
+        Ok(Response::new(stats))
     }
 }

@@ -1,9 +1,15 @@
 //! Kernel record bytes -> [`Transition`]. Pure: unit-tested without a kernel.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tcp_trace_common::{AF_INET, AF_INET6, Header, StateChange, flags, kind};
+use tcp_trace_common::{
+    AF_INET, AF_INET6, Header, Keepalive, Reset as RawReset, Retransmit as RawRetransmit,
+    SocketOption as RawSocketOption, StateChange, flags, kind, reset, retransmit, sockopt,
+};
 
-use crate::model::{Context, Task, TcpState, Transition};
+use crate::model::{
+    Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task, TcpState,
+    Transition,
+};
 
 /// Why a record could not be decoded: the kernel and agent disagree about the wire format.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,59 +28,144 @@ pub enum DecodeError {
     State(u8),
     #[error("unknown address family {0}")]
     Family(u16),
+    #[error("unknown socket option {0}/{1}")]
+    Option(u32, u32),
 }
 
 /// A decoded record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Record {
     Transition(Transition),
+    Retransmit(Retransmit),
+    Reset(Reset),
+    Keepalive(KeepaliveTimer),
+    SocketOption(SocketOption),
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     let header: Header = read(bytes).ok_or(DecodeError::Short(bytes.len()))?;
     match header.kind {
-        kind::STATE_CHANGE => {
-            let raw: StateChange = read(bytes).ok_or(DecodeError::Size {
-                kind: header.kind,
-                len: bytes.len(),
-                expected: StateChange::SIZE,
-            })?;
-            transition(&raw).map(Record::Transition)
+        kind::STATE_CHANGE => transition(&record(bytes, header.kind)?).map(Record::Transition),
+        kind::RETRANSMIT => retransmission(&record(bytes, header.kind)?).map(Record::Retransmit),
+        kind::RESET => reset_of(&record(bytes, header.kind)?).map(Record::Reset),
+        kind::KEEPALIVE => {
+            let raw: Keepalive = record(bytes, header.kind)?;
+            Ok(Record::Keepalive(KeepaliveTimer {
+                ts_ns: raw.header.ts_ns,
+                sock: raw.header.sock,
+                netns: raw.netns,
+                probes_before: raw.probes_before,
+                probes_after: raw.probes_after,
+            }))
+        }
+        kind::SOCKET_OPTION => {
+            socket_option(&record(bytes, header.kind)?).map(Record::SocketOption)
         }
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
 
-fn transition(raw: &StateChange) -> Result<Transition, DecodeError> {
-    let state = |value| TcpState::from_kernel(value).ok_or(DecodeError::State(value));
-    let (local, remote) = match raw.family {
-        AF_INET => (v4(&raw.saddr), v4(&raw.daddr)),
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(raw.saddr)),
-            IpAddr::V6(Ipv6Addr::from(raw.daddr)),
-        ),
-        other => return Err(DecodeError::Family(other)),
+fn record<T: aya::Pod>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
+    read(bytes).ok_or(DecodeError::Size {
+        kind,
+        len: bytes.len(),
+        expected: std::mem::size_of::<T>(),
+    })
+}
+
+fn tcp_state(value: u8) -> Result<TcpState, DecodeError> {
+    TcpState::from_kernel(value).ok_or(DecodeError::State(value))
+}
+
+fn addresses(
+    family: u16,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+) -> Result<(IpAddr, IpAddr), DecodeError> {
+    match family {
+        AF_INET => Ok((v4(saddr), v4(daddr))),
+        AF_INET6 => Ok((
+            IpAddr::V6(Ipv6Addr::from(*saddr)),
+            IpAddr::V6(Ipv6Addr::from(*daddr)),
+        )),
+        other => Err(DecodeError::Family(other)),
+    }
+}
+
+fn task(pid_tgid: u64, comm: [u8; 16]) -> Task {
+    Task {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        comm,
+    }
+}
+
+fn retransmission(raw: &RawRetransmit) -> Result<Retransmit, DecodeError> {
+    let (local, remote) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
+    Ok(Retransmit {
+        ts_ns: raw.header.ts_ns,
+        sock: raw.header.sock,
+        netns: raw.netns,
+        syn_ack: raw.what == retransmit::SYNACK,
+        state: tcp_state(raw.state)?,
+        local: SocketAddr::new(local, raw.sport),
+        remote: SocketAddr::new(remote, raw.dport),
+    })
+}
+
+fn reset_of(raw: &RawReset) -> Result<Reset, DecodeError> {
+    let tuple = addresses(raw.family, &raw.saddr, &raw.daddr)
+        .ok()
+        .map(|(s, d)| (SocketAddr::new(s, raw.sport), SocketAddr::new(d, raw.dport)));
+    Ok(Reset {
+        ts_ns: raw.header.ts_ns,
+        sock: raw.header.sock,
+        netns: raw.netns,
+        sent: raw.direction == reset::SENT,
+        reason: raw.reason,
+        tuple,
+    })
+}
+
+fn socket_option(raw: &RawSocketOption) -> Result<SocketOption, DecodeError> {
+    let option = match (raw.level, raw.optname) {
+        (sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE) => KeepaliveOption::Enabled,
+        (sockopt::IPPROTO_TCP, sockopt::TCP_KEEPIDLE) => KeepaliveOption::Idle,
+        (sockopt::IPPROTO_TCP, sockopt::TCP_KEEPINTVL) => KeepaliveOption::Interval,
+        (sockopt::IPPROTO_TCP, sockopt::TCP_KEEPCNT) => KeepaliveOption::Count,
+        (level, name) => return Err(DecodeError::Option(level, name)),
     };
+    Ok(SocketOption {
+        ts_ns: raw.header.ts_ns,
+        sock: raw.header.sock,
+        netns: raw.netns,
+        option,
+        value: raw.value,
+        task: task(raw.pid_tgid, raw.comm),
+    })
+}
+
+fn transition(raw: &StateChange) -> Result<Transition, DecodeError> {
+    let (local, remote) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
     let context = if raw.flags & flags::INTERRUPT_CONTEXT != 0 {
         let vec_plus_one = (raw.flags & flags::SOFTIRQ_MASK) >> flags::SOFTIRQ_SHIFT;
         Context::Softirq(vec_plus_one.saturating_sub(1) as u8)
     } else {
-        Context::Process(Task {
-            pid: (raw.pid_tgid >> 32) as u32,
-            tid: raw.pid_tgid as u32,
-            comm: raw.comm,
-        })
+        Context::Process(task(raw.pid_tgid, raw.comm))
     };
     Ok(Transition {
         ts_ns: raw.header.ts_ns,
         sock: raw.header.sock,
         netns: raw.netns,
-        old: state(raw.old_state)?,
-        new: state(raw.new_state)?,
+        old: tcp_state(raw.old_state)?,
+        new: tcp_state(raw.new_state)?,
         local: SocketAddr::new(local, raw.sport),
         remote: SocketAddr::new(remote, raw.dport),
         context,
         cpu: raw.header.cpu,
+        error: raw.error,
+        srtt_us: raw.srtt_us,
+        total_retrans: raw.total_retrans,
     })
 }
 
@@ -126,6 +217,10 @@ pub(crate) mod tests {
             saddr,
             daddr,
             comm,
+            error: 0,
+            srtt_us: 0,
+            total_retrans: 0,
+            _reserved: 0,
         }
     }
 
@@ -140,7 +235,9 @@ pub(crate) mod tests {
     #[test]
     fn ipv4_process_context_transition_decodes_every_field() {
         let raw = raw_state_change(7, 2, AF_INET);
-        let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap();
+        let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!()
+        };
         assert_eq!(t.old, TcpState::Close);
         assert_eq!(t.new, TcpState::SynSent);
         assert_eq!(t.local, "127.0.0.1:40000".parse().unwrap());
@@ -154,7 +251,9 @@ pub(crate) mod tests {
     #[test]
     fn ipv6_addresses_decode_from_all_16_bytes() {
         let raw = raw_state_change(10, 3, AF_INET6);
-        let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap();
+        let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("a transition")
+        };
         assert_eq!(t.local, "[::1]:40000".parse().unwrap());
         assert_eq!(t.remote, "[::2]:80".parse().unwrap());
     }
@@ -163,7 +262,9 @@ pub(crate) mod tests {
     fn softirq_context_names_no_task() {
         let mut raw = raw_state_change(10, 3, AF_INET);
         raw.flags = flags::INTERRUPT_CONTEXT | (4 << flags::SOFTIRQ_SHIFT); // NET_RX (3) + 1
-        let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap();
+        let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("a transition")
+        };
         assert_eq!(t.context, Context::Softirq(3));
         assert_eq!(t.context.describe(), "softirq:NET_RX");
         assert!(t.context.task().is_none());

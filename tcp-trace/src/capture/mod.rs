@@ -127,37 +127,41 @@ impl Capture {
         tracefs::check_layout("sock", "inet_sock_set_state", STATE_LAYOUT)
             .map_err(CaptureError::Layout)?;
         let mut hooks = Hooks::default();
-        let (net_offset, inum_offset) = match netns_offsets() {
-            Ok(offsets) => offsets,
-            Err(why) => {
-                hooks
-                    .missing
-                    .push(format!("network namespace of sockets: {why}"));
-                (0, 0)
-            }
-        };
+        let offsets = Offsets::resolve(&mut hooks);
+        let keepalive_timer = kallsyms_address("tcp_keepalive_timer");
         let netns_filter = config.netns.unwrap_or(0);
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
-            .override_global(globals::NETNS_NET_OFFSET, &net_offset, true)
-            .override_global(globals::NETNS_INUM_OFFSET, &inum_offset, true)
+            .override_global(globals::NETNS_NET_OFFSET, &offsets.net, true)
+            .override_global(globals::NETNS_INUM_OFFSET, &offsets.inum, true)
             .override_global(globals::NETNS_FILTER, &netns_filter, true)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
+            .override_global(globals::SK_ERR_OFFSET, &offsets.sk_err, true)
+            .override_global(globals::SRTT_OFFSET, &offsets.srtt, true)
+            .override_global(globals::TOTAL_RETRANS_OFFSET, &offsets.total_retrans, true)
+            .override_global(globals::SK_TIMER_OFFSET, &offsets.sk_timer, true)
+            .override_global(globals::PROBES_OUT_OFFSET, &offsets.probes_out, true)
+            .override_global(globals::SKB_DEV_OFFSET, &offsets.skb_dev, true)
+            .override_global(globals::DEV_NET_OFFSET, &offsets.dev_net, true)
+            .override_global(
+                globals::KEEPALIVE_TIMER_FN,
+                &keepalive_timer.unwrap_or(0),
+                true,
+            )
             .map_max_entries("EVENTS", config.ring_bytes)
             .load(EBPF_OBJECT)?;
 
         // Context first, so the first transitions already know it.
         let mut context_tracked = true;
         for event in ["softirq_entry", "softirq_exit"] {
-            match attach(&mut ebpf, event, "irq", event) {
-                Ok(()) => hooks.attached.push(format!("irq:{event}")),
-                Err(err) => {
-                    context_tracked = false;
-                    hooks.missing.push(format!(
-                        "irq:{event} ({err}): transitions in softirq cannot be told from process context, \
-                         so only connect() and listen() transitions name a process"
-                    ));
-                }
+            if let Err(err) = attach(&mut ebpf, event, "irq", event) {
+                context_tracked = false;
+                hooks.missing.push(format!(
+                    "irq:{event} ({err}): transitions in softirq cannot be told from process context, \
+                     so only connect() and listen() transitions name a process"
+                ));
+            } else {
+                hooks.attached.push(format!("irq:{event}"));
             }
         }
         attach(
@@ -171,6 +175,46 @@ impl Capture {
             source,
         })?;
         hooks.attached.push("sock:inet_sock_set_state".into());
+
+        for (event, lost) in [
+            (
+                "tcp_retransmit_skb",
+                "live retransmit events (counts at close still come from the socket)",
+            ),
+            ("tcp_retransmit_synack", "SYN-ACK retransmit events"),
+            (
+                "tcp_send_reset",
+                "resets sent (close causes fall back to the socket's error)",
+            ),
+            (
+                "tcp_receive_reset",
+                "resets received (close causes fall back to the socket's error)",
+            ),
+        ] {
+            optional(
+                &mut hooks,
+                format!("tcp:{event}"),
+                lost,
+                attach(&mut ebpf, event, "tcp", event),
+            );
+        }
+        let keepalive_lost = "keepalive probes and answers (a dead peer still shows as ETIMEDOUT)";
+        match keepalive_timer {
+            Some(_) if offsets.sk_timer != 0 && offsets.probes_out != 0 => {
+                for event in ["timer_expire_entry", "timer_expire_exit"] {
+                    optional(&mut hooks, format!("timer:{event}"), keepalive_lost, attach(&mut ebpf, event, "timer", event));
+                }
+            }
+            _ => hooks.missing.push(format!(
+                "timer:timer_expire_entry/exit (tcp_keepalive_timer not in /proc/kallsyms, or sock.sk_timer/icsk_probes_out not in BTF): {keepalive_lost}"
+            )),
+        }
+        optional(
+            &mut hooks,
+            "cgroup/setsockopt".into(),
+            "keepalive configuration (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT)",
+            attach_setsockopt(&mut ebpf),
+        );
 
         let ring = ebpf.take_map("EVENTS").expect("the object defines EVENTS");
         let ring = RingBuf::try_from(ring).map_err(|err| CaptureError::Map("EVENTS", err))?;
@@ -215,9 +259,9 @@ impl Capture {
             }
             sink.record(record);
         }
-        if n > 0 {
-            sink.batch_done();
-        }
+        // Also after an empty drain: the table completes the lives of connections that closed
+        // in the drain before.
+        sink.batch_done();
         n
     }
 
@@ -285,17 +329,6 @@ fn attach(
     Ok(())
 }
 
-fn netns_offsets() -> Result<(u32, u32), String> {
-    let btf = btf::Btf::from_sys_fs().map_err(|err| format!("/sys/kernel/btf/vmlinux: {err}"))?;
-    let net = btf
-        .member_offset("sock.__sk_common.skc_net.net")
-        .map_err(|err| err.to_string())?;
-    let inum = btf
-        .member_offset("net.ns.inum")
-        .map_err(|err| err.to_string())?;
-    Ok((net, inum))
-}
-
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON (tracepoint programs need both).
 fn privileged() -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
@@ -313,4 +346,164 @@ fn privileged() -> bool {
     };
     let has = |cap: u32| effective & (1 << cap) != 0;
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+/// Struct member offsets in the running kernel, from its BTF; 0 where unknown (the programs
+/// then skip what needs them).
+#[derive(Default)]
+struct Offsets {
+    net: u32,
+    inum: u32,
+    sk_err: u32,
+    srtt: u32,
+    total_retrans: u32,
+    sk_timer: u32,
+    probes_out: u32,
+    skb_dev: u32,
+    dev_net: u32,
+}
+
+impl Offsets {
+    fn resolve(hooks: &mut Hooks) -> Offsets {
+        let btf = match btf::Btf::from_sys_fs() {
+            Ok(btf) => btf,
+            Err(err) => {
+                hooks.missing.push(format!(
+                    "kernel BTF (/sys/kernel/btf/vmlinux: {err}): no network namespaces, close errors, \
+                     handshake retransmits or keepalive probes"
+                ));
+                return Offsets::default();
+            }
+        };
+        let mut offset = |path: &str, needed_for: &str| match btf.member_offset(path) {
+            Ok(offset) => offset,
+            Err(err) => {
+                hooks.missing.push(format!("{path} ({err}): {needed_for}"));
+                0
+            }
+        };
+        Offsets {
+            net: offset(
+                "sock.__sk_common.skc_net.net",
+                "network namespace of sockets",
+            ),
+            inum: offset("net.ns.inum", "network namespace of sockets"),
+            sk_err: offset("sock.sk_err", "why connections closed"),
+            srtt: offset("tcp_sock.srtt_us", "passive handshake latency"),
+            total_retrans: offset("tcp_sock.total_retrans", "handshake retransmits"),
+            sk_timer: offset("sock.sk_timer", "keepalive probes"),
+            probes_out: offset("inet_connection_sock.icsk_probes_out", "keepalive probes"),
+            skb_dev: offset(
+                "sk_buff.dev",
+                "network namespace of resets sent without a socket",
+            ),
+            dev_net: offset(
+                "net_device.nd_net.net",
+                "network namespace of resets sent without a socket",
+            ),
+        }
+    }
+}
+
+/// Records an optional hook as attached, or as missing with what is lost without it.
+fn optional<E: std::error::Error>(
+    hooks: &mut Hooks,
+    name: String,
+    lost: &str,
+    result: Result<(), E>,
+) {
+    match result {
+        Ok(()) => hooks.attached.push(name),
+        Err(err) => hooks
+            .missing
+            .push(format!("{name} ({}): no {lost}", error_chain(&err))),
+    }
+}
+
+/// An error with its causes, one line ("`bpf_link_create` failed: Invalid argument").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// The address of a kernel function, from /proc/kallsyms (zeros there mean kptr_restrict hides it).
+fn kallsyms_address(symbol: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    text.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let (addr, _kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+        (name == symbol)
+            .then(|| u64::from_str_radix(addr, 16).ok())
+            .flatten()
+            .filter(|&a| a != 0)
+    })
+}
+
+/// The cgroup v2 mount point, from /proc/mounts (hybrid layouts mount it at .../unified).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let (_source, target, fstype) = (parts.next()?, parts.next()?, parts.next()?);
+        (fstype == "cgroup2").then(|| std::path::PathBuf::from(target))
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SockoptAttachError {
+    #[error("no cgroup2 mount in /proc/mounts")]
+    NoCgroup2,
+    #[error("{0}: {1}")]
+    Open(std::path::PathBuf, io::Error),
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+}
+
+/// The setsockopt program on the cgroup v2 root sees every process's setsockopt() (programs
+/// attached to a cgroup apply to all its descendants). It attaches through a bpf_link, which
+/// coexists with other programs on the cgroup and takes no flags (hence `Single`).
+fn attach_setsockopt(ebpf: &mut Ebpf) -> Result<(), SockoptAttachError> {
+    let root = cgroup2_mount().ok_or(SockoptAttachError::NoCgroup2)?;
+    let cgroup =
+        std::fs::File::open(&root).map_err(|err| SockoptAttachError::Open(root.clone(), err))?;
+    let program: &mut aya::programs::CgroupSockopt = ebpf
+        .program_mut("keepalive_setsockopt")
+        .expect("the object defines keepalive_setsockopt")
+        .try_into()?;
+    program.load()?;
+    program.attach(&cgroup, aya::programs::links::CgroupAttachMode::Single)?;
+    Ok(())
+}
+
+/// The keepalive sysctls of the network namespace `pid` lives in, read from inside it (sysctls
+/// under /proc/sys show the reader's namespace). Blocking; None if the process is gone.
+pub fn keepalive_defaults(pid: u32) -> Option<crate::lifecycle::KeepaliveDefaults> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; setns only affects this short-lived thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        let read = |name: &str| -> Option<u32> {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(crate::lifecycle::KeepaliveDefaults {
+            idle_s: read("tcp_keepalive_time")?,
+            interval_s: read("tcp_keepalive_intvl")?,
+            count: read("tcp_keepalive_probes")?,
+        })
+    })
+    .join()
+    .ok()
+    .flatten()
 }

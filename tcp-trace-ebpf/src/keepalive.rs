@@ -1,0 +1,144 @@
+//! Keepalive: configuration from setsockopt() (a cgroup setsockopt program), probes and dead
+//! peers from the keepalive timer.
+//!
+//! fentry and kprobes are not available here (../shared/PLATFORM.md). `timer:timer_expire_entry`
+//! fires for every kernel timer with the timer's function: for `tcp_keepalive_timer` the timer
+//! is `&sk->sk_timer`. Comparing `icsk_probes_out` before (entry) and after (exit) the function
+//! tells whether it sent a probe (it increments the count when it does), and a socket the timer
+//! gives up on is closed inside it with sk_err = ETIMEDOUT, which the state program records.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
+    macros::{cgroup_sockopt, map, tracepoint},
+    maps::PerCpuArray,
+    programs::{SockoptContext, TracePointContext},
+};
+use tcp_trace_common::{Header, Keepalive, SocketOption, kind, sockopt};
+
+use crate::{fields::field, kernel, maps};
+
+/// The keepalive timer running on this CPU, between entry and exit (timer callbacks do not
+/// nest on a CPU).
+#[derive(Clone, Copy)]
+pub struct Running {
+    sock: u64,
+    netns: u32,
+    probes_before: u32,
+}
+
+#[map(name = "KEEPALIVE_RUNNING")]
+static RUNNING: PerCpuArray<Running> = PerCpuArray::with_max_entries(1, 0);
+
+#[tracepoint(category = "timer", name = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
+    let target = maps::keepalive_timer_fn();
+    // Every timer in the kernel comes here: leave at once for all but the keepalive timer.
+    if target == 0 || field::<u64>(&ctx, 24) != target {
+        return 0;
+    }
+    let timer: u64 = field(&ctx, 8);
+    let sock = timer.wrapping_sub(maps::sk_timer_offset() as u64);
+    let Some(slot) = RUNNING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // Namespace now: the socket may be freed by the time the timer function returns.
+    let running = Running {
+        sock,
+        netns: kernel::netns_of_sock(sock),
+        probes_before: u32::from(kernel::probes_out(sock)),
+    };
+    unsafe { *slot = running };
+    0
+}
+
+#[tracepoint(category = "timer", name = "timer_expire_exit")]
+pub fn timer_expire_exit(ctx: TracePointContext) -> u32 {
+    let Some(slot) = RUNNING.get_ptr_mut(0) else {
+        return 0;
+    };
+    let running = unsafe { *slot };
+    if running.sock == 0 {
+        return 0;
+    }
+    unsafe { (*slot).sock = 0 };
+    let timer: u64 = field(&ctx, 8);
+    if timer.wrapping_sub(maps::sk_timer_offset() as u64) != running.sock
+        || !maps::netns_wanted(running.netns)
+    {
+        return 0;
+    }
+    let Some(mut entry) = maps::reserve::<Keepalive>() else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    entry.write(Keepalive {
+        header: Header {
+            kind: kind::KEEPALIVE,
+            cpu: unsafe { bpf_get_smp_processor_id() },
+            ts_ns: now,
+            sock: running.sock,
+        },
+        netns: running.netns,
+        probes_before: running.probes_before as u8,
+        probes_after: kernel::probes_out(running.sock),
+        _reserved: 0,
+    });
+    maps::submit(entry, now);
+    0
+}
+
+/// Runs before the kernel applies a setsockopt(); always lets it through unchanged.
+#[cgroup_sockopt(setsockopt)]
+pub fn keepalive_setsockopt(ctx: SockoptContext) -> i32 {
+    let _ = try_setsockopt(&ctx);
+    1
+}
+
+fn try_setsockopt(ctx: &SockoptContext) -> Option<()> {
+    let opt = unsafe { &*ctx.sockopt };
+    let (level, optname) = (opt.level as u32, opt.optname as u32);
+    let watched = match level {
+        sockopt::SOL_SOCKET => optname == sockopt::SO_KEEPALIVE,
+        sockopt::IPPROTO_TCP => matches!(
+            optname,
+            sockopt::TCP_KEEPIDLE | sockopt::TCP_KEEPINTVL | sockopt::TCP_KEEPCNT
+        ),
+        _ => false,
+    };
+    if !watched {
+        return None;
+    }
+    let optval = unsafe { opt.__bindgen_anon_2.optval } as *const i32;
+    let optval_end = unsafe { opt.__bindgen_anon_3.optval_end } as *const u8;
+    if (optval as *const u8).wrapping_add(4) > optval_end {
+        return None;
+    }
+    let value = unsafe { *optval };
+    // The kernel's struct bpf_sockopt_kern starts with the `struct sock *`: read it as a plain
+    // number (the verifier forbids arithmetic on the socket pointer itself).
+    let sock: u64 = unsafe { bpf_probe_read_kernel(ctx.sockopt as *const u64) }.ok()?;
+    let netns = kernel::netns_of_sock(sock);
+    if !maps::netns_wanted(netns) {
+        return None;
+    }
+    let mut entry = maps::reserve::<SocketOption>()?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    entry.write(SocketOption {
+        header: Header {
+            kind: kind::SOCKET_OPTION,
+            cpu: unsafe { bpf_get_smp_processor_id() },
+            ts_ns: now,
+            sock,
+        },
+        netns,
+        level,
+        optname,
+        value,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    });
+    maps::submit(entry, now);
+    Some(())
+}

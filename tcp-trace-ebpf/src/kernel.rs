@@ -1,0 +1,79 @@
+//! Reads from kernel structs at offsets the agent resolved from the running kernel's BTF (aya's
+//! eBPF side has no CO-RE relocations). Every read goes through bpf_probe_read_kernel, so a
+//! stale pointer yields 0, never a fault.
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+
+use crate::maps;
+
+#[inline(always)]
+fn read<T: Copy + Default>(addr: u64) -> T {
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+}
+
+/// `net->ns.inum`.
+#[inline(always)]
+fn inum_of_net(net: u64) -> u32 {
+    let (_, inum_offset) = maps::netns_offsets();
+    if net == 0 || inum_offset == 0 {
+        return 0;
+    }
+    read(net + inum_offset as u64)
+}
+
+/// The network namespace inode of a socket (`sk->__sk_common.skc_net.net->ns.inum`). Request
+/// sockets share `sock_common`, so this works for them too.
+#[inline(always)]
+pub fn netns_of_sock(sock: u64) -> u32 {
+    let (net_offset, _) = maps::netns_offsets();
+    if sock == 0 || net_offset == 0 {
+        return 0;
+    }
+    inum_of_net(read(sock + net_offset as u64))
+}
+
+/// The network namespace of a received packet, through its device (`skb->dev->nd_net.net`).
+#[inline(always)]
+pub fn netns_of_skb(skb: u64) -> u32 {
+    let (dev_offset, net_offset) = maps::skb_dev_offsets();
+    if skb == 0 || dev_offset == 0 || net_offset == 0 {
+        return 0;
+    }
+    let dev: u64 = read(skb + dev_offset as u64);
+    if dev == 0 {
+        return 0;
+    }
+    inum_of_net(read(dev + net_offset as u64))
+}
+
+/// `sk->sk_err`.
+#[inline(always)]
+pub fn sk_err(sock: u64) -> u32 {
+    let offset = maps::sk_err_offset();
+    if offset == 0 {
+        return 0;
+    }
+    read::<i32>(sock + offset as u64) as u32
+}
+
+/// `inet_csk(sk)->icsk_probes_out`: keepalive probes sent and not answered.
+#[inline(always)]
+pub fn probes_out(sock: u64) -> u8 {
+    let offset = maps::probes_out_offset();
+    if offset == 0 {
+        return 0;
+    }
+    read(sock + offset as u64)
+}
+
+/// `(tcp_sk(sk)->srtt_us >> 3, tcp_sk(sk)->total_retrans)`.
+#[inline(always)]
+pub fn rtt_and_retransmits(sock: u64) -> (u32, u32) {
+    let (srtt, retrans) = maps::tcp_sock_offsets();
+    if srtt == 0 || retrans == 0 {
+        return (0, 0);
+    }
+    (
+        read::<u32>(sock + srtt as u64) >> 3,
+        read(sock + retrans as u64),
+    )
+}

@@ -1,0 +1,740 @@
+//! The connection table: what a socket's transitions mean as one connection's life. Pure and
+//! synchronous; the agent feeds it transitions in the order the kernel reserved their records.
+//!
+//! Per socket that order is the order of the transitions: `tcp_set_state()` runs under the socket
+//! lock, and the record is reserved inside the tracepoint, before the lock is released.
+pub mod peers;
+
+use std::{collections::HashMap, net::SocketAddr};
+
+pub use peers::{PeerKey, PeerStats, Peers};
+
+use crate::model::{
+    Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task, TcpState,
+    Transition,
+};
+
+const ECONNRESET: u32 = 104;
+const ENETUNREACH: u32 = 101;
+const EHOSTUNREACH: u32 = 113;
+const ECONNREFUSED: u32 = 111;
+const ETIMEDOUT: u32 = 110;
+const EPIPE: u32 = 32;
+
+/// How a connection came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// connect(): CLOSE -> SYN_SENT.
+    Active,
+    /// A SYN at a listener: the child socket's LISTEN -> SYN_RECV.
+    Passive,
+    /// listen(): CLOSE -> LISTEN.
+    Listen,
+    /// First seen mid-life (it predates the agent, or its opening record was lost).
+    Unknown,
+}
+
+/// Why a process is named as a connection's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerSource {
+    /// A transition of this socket ran in the process's own system call (connect, listen, close).
+    ProcessContext,
+    /// Inherited from the listening socket the connection was accepted from.
+    Listener,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub task: Task,
+    pub source: OwnerSource,
+}
+
+/// The states a connection went through. Fixed capacity so the table never allocates per
+/// transition; a connection longer than that (rare: a normal life has 4-6 states) keeps its
+/// first states and counts the rest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Path {
+    states: [TcpState; Path::CAPACITY],
+    len: u8,
+    /// States that did not fit.
+    pub truncated: u32,
+}
+
+impl Path {
+    pub const CAPACITY: usize = 12;
+
+    fn starting_at(state: TcpState) -> Path {
+        let mut path = Path {
+            states: [TcpState::Close; Path::CAPACITY],
+            len: 0,
+            truncated: 0,
+        };
+        path.push(state);
+        path
+    }
+
+    fn push(&mut self, state: TcpState) {
+        if usize::from(self.len) < Path::CAPACITY {
+            self.states[usize::from(self.len)] = state;
+            self.len += 1;
+        } else {
+            self.truncated += 1;
+        }
+    }
+
+    pub fn states(&self) -> &[TcpState] {
+        &self.states[..usize::from(self.len)]
+    }
+}
+
+/// Why a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// FINs both ways.
+    Orderly,
+    /// This host aborted it with a reset (SO_LINGER 0, close() with unread data, ...).
+    ResetSent,
+    /// The peer reset it.
+    ResetReceived,
+    /// The peer answered the SYN with a reset: nothing listens there.
+    Refused,
+    /// No answer to the SYNs (ETIMEDOUT in SYN_SENT).
+    ConnectTimeout,
+    /// ICMP unreachable (EHOSTUNREACH, ENETUNREACH).
+    Unreachable,
+    /// Keepalive probes went unanswered: the peer was declared dead.
+    KeepaliveTimeout,
+    /// Data went unacknowledged until the retransmission timer gave up.
+    RetransmitTimeout,
+    /// Closed before it was established, without an error (e.g. a non-blocking connect()
+    /// abandoned).
+    Aborted,
+    /// A listening socket was closed.
+    ListenerClosed,
+    /// First seen mid-life and closed without a telling sign.
+    Unknown,
+}
+
+/// Which side sent the first FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closer {
+    Local,
+    Remote,
+    /// Both FINs crossed (CLOSING).
+    Simultaneous,
+    /// No FIN: never established, or reset.
+    None,
+}
+
+/// What is known of a connection's keepalive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    pub enabled: bool,
+    /// Set on the socket (TCP_KEEPIDLE/INTVL/CNT); None = the namespace's sysctl.
+    pub idle_s: Option<u32>,
+    pub interval_s: Option<u32>,
+    pub count: Option<u32>,
+    /// Probes sent and not (yet) answered.
+    pub unanswered: u32,
+    /// Probes sent over the connection's life.
+    pub probes: u32,
+}
+
+/// The namespace's keepalive defaults (net.ipv4.tcp_keepalive_time/intvl/probes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveDefaults {
+    pub idle_s: u32,
+    pub interval_s: u32,
+    pub count: u32,
+}
+
+impl KeepaliveDefaults {
+    /// Linux's built-in defaults, for namespaces whose sysctls could not be read.
+    pub const LINUX: KeepaliveDefaults = KeepaliveDefaults {
+        idle_s: 7200,
+        interval_s: 75,
+        count: 9,
+    };
+}
+
+/// Effective keepalive settings: the socket's own where set, else the namespace's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveSettings {
+    pub idle_s: u32,
+    pub interval_s: u32,
+    pub count: u32,
+}
+
+impl Keepalive {
+    pub fn effective(&self, defaults: KeepaliveDefaults) -> KeepaliveSettings {
+        KeepaliveSettings {
+            idle_s: self.idle_s.unwrap_or(defaults.idle_s),
+            interval_s: self.interval_s.unwrap_or(defaults.interval_s),
+            count: self.count.unwrap_or(defaults.count),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// Unique for the agent's life.
+    pub id: u64,
+    pub sock: u64,
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+    pub owner: Option<Owner>,
+    pub state: TcpState,
+    /// Kernel time of the first transition seen.
+    pub opened_ns: u64,
+    /// Kernel time of the latest transition.
+    pub last_ns: u64,
+    /// Whether the agent saw the connection open (else path and duration start mid-life).
+    pub seen_open: bool,
+    pub path: Path,
+    /// When connect() sent the first SYN (active opens).
+    pub syn_sent_ns: Option<u64>,
+    /// Handshake latency, once established. Active: connect() (SYN_SENT) to ESTABLISHED.
+    /// Passive: the SYN-ACK's round trip, the kernel's first RTT sample (the child socket only
+    /// exists once the final ACK is in, so its SYN_RECV -> ESTABLISHED takes microseconds).
+    pub handshake_ns: Option<u64>,
+    /// SYNs (active) or SYN-ACKs (passive) retransmitted during the handshake, known once it
+    /// completed or failed.
+    pub handshake_retransmits: u32,
+    /// Segments retransmitted (live count; at close the kernel's own total).
+    pub retransmits: u32,
+    pub resets_sent: u32,
+    pub resets_received: u32,
+    pub keepalive: Keepalive,
+    /// The namespace's keepalive sysctls, once keepalive was configured on the socket.
+    pub keepalive_defaults: Option<KeepaliveDefaults>,
+    /// `sk_err` when it closed (errno), 0 if none.
+    pub error: u32,
+    /// Smoothed RTT at the last sample the agent got (establishment or close), microseconds.
+    pub srtt_us: u32,
+}
+
+impl Connection {
+    pub fn duration_ns(&self) -> u64 {
+        self.last_ns.saturating_sub(self.opened_ns)
+    }
+
+    fn visited(&self, state: TcpState) -> bool {
+        self.path.states().contains(&state)
+    }
+
+    /// Who sent the first FIN, from the states the connection went through.
+    pub fn first_closer(&self) -> Closer {
+        let states = self.path.states();
+        let at = |s| states.iter().position(|&x| x == s);
+        match (
+            at(TcpState::FinWait1),
+            at(TcpState::CloseWait),
+            at(TcpState::Closing),
+        ) {
+            (_, _, Some(_)) => Closer::Simultaneous,
+            (Some(_), None, _) => Closer::Local,
+            (None, Some(_), _) => Closer::Remote,
+            (Some(a), Some(b), _) if a < b => Closer::Local,
+            (Some(_), Some(_), _) => Closer::Remote,
+            (None, None, _) => Closer::None,
+        }
+    }
+
+    /// Why it ended; meaningful once it is closed.
+    pub fn cause(&self) -> Cause {
+        if self.direction == Direction::Listen {
+            return Cause::ListenerClosed;
+        }
+        let established = self.visited(TcpState::Established);
+        match self.error {
+            ECONNREFUSED => return Cause::Refused,
+            EHOSTUNREACH | ENETUNREACH => return Cause::Unreachable,
+            ETIMEDOUT if !established => return Cause::ConnectTimeout,
+            ETIMEDOUT if self.keepalive.unanswered > 0 => return Cause::KeepaliveTimeout,
+            ETIMEDOUT => return Cause::RetransmitTimeout,
+            ECONNRESET | EPIPE => return Cause::ResetReceived,
+            _ => {}
+        }
+        if self.resets_received > 0 {
+            Cause::ResetReceived
+        } else if self.resets_sent > 0 {
+            Cause::ResetSent
+        } else if !established && self.seen_open {
+            Cause::Aborted
+        } else if self.first_closer() != Closer::None {
+            Cause::Orderly
+        } else {
+            Cause::Unknown
+        }
+    }
+}
+
+/// What one transition did to the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The connection after the transition.
+    pub connection: Connection,
+    /// The transition was to CLOSE: the connection's life is over and it left the table.
+    pub closed: bool,
+}
+
+/// What a keepalive record meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepaliveChange {
+    /// SO_KEEPALIVE turned on, or off, or one of its settings changed (by `task`).
+    Configured {
+        option: KeepaliveOption,
+        value: i32,
+        task: Task,
+    },
+    /// Probe number `probe` of the current unanswered series went out.
+    ProbeSent { probe: u32 },
+    /// The peer answered after `probes` probes: it is alive.
+    PeerAnswered { probes: u32 },
+}
+
+#[derive(Debug)]
+pub struct Table {
+    connections: HashMap<u64, Connection>,
+    /// Connections that reached CLOSE, held for one more drain so that what the kernel reports
+    /// right after tcp_done() (the reset a close sends, the keepalive timer's exit) still
+    /// joins them. Keyed by socket.
+    closing: HashMap<u64, (Connection, u64)>,
+    /// Closed lives completed early (their socket was reused), for the next end_batch.
+    finished: Vec<Connection>,
+    batch: u64,
+    /// (netns, port) of listening sockets -> their owner, to name the owner of accepted
+    /// connections: the passive open runs in softirq, where no process is current.
+    listeners: HashMap<(u32, u16), Task>,
+    max_connections: usize,
+    next_id: u64,
+    /// New connections not followed because the table was full.
+    pub table_full: u64,
+    /// Opening transitions for a socket the table still held: its CLOSE was never seen.
+    pub reopened: u64,
+    /// Aggregates per remote peer.
+    pub peers: Peers,
+}
+
+impl Table {
+    pub fn new(max_connections: usize, peers: Peers) -> Table {
+        Table {
+            connections: HashMap::new(),
+            closing: HashMap::new(),
+            finished: Vec::new(),
+            batch: 0,
+            listeners: HashMap::new(),
+            max_connections,
+            next_id: 1,
+            table_full: 0,
+            reopened: 0,
+            peers,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.connections.values()
+    }
+
+    /// Ends a drain: returns (into `out`) the connections that reached CLOSE in an earlier
+    /// drain, whose lives are now complete.
+    pub fn end_batch(&mut self, out: &mut Vec<Connection>) {
+        let batch = self.batch;
+        out.append(&mut self.finished);
+        self.closing.retain(|_, (connection, closed_in)| {
+            let done = *closed_in < batch;
+            if done {
+                out.push(*connection);
+            }
+            !done
+        });
+        for connection in out.iter() {
+            self.peers.closed(connection);
+        }
+        self.batch += 1;
+    }
+
+    /// Every connection still held as closing (at shutdown).
+    pub fn flush_closing(&mut self, out: &mut Vec<Connection>) {
+        out.append(&mut self.finished);
+        out.extend(self.closing.drain().map(|(_, (c, _))| c));
+    }
+
+    /// The live connection of a socket, or the one that just closed.
+    fn connection_mut(&mut self, sock: u64) -> Option<&mut Connection> {
+        match self.connections.get_mut(&sock) {
+            Some(c) => Some(c),
+            None => self.closing.get_mut(&sock).map(|(c, _)| c),
+        }
+    }
+
+    pub fn retransmit(&mut self, r: &Retransmit) -> Option<Connection> {
+        if r.syn_ack {
+            // The request socket is not a connection yet; the child's handshake carries the
+            // kernel's count of SYN-ACK retransmits once it exists.
+            return None;
+        }
+        let c = self.connection_mut(r.sock)?;
+        c.retransmits += 1;
+        Some(*c)
+    }
+
+    pub fn reset(&mut self, r: &Reset) -> Option<Connection> {
+        let c = self.connection_mut(r.sock)?;
+        if r.sent {
+            c.resets_sent += 1;
+        } else {
+            c.resets_received += 1;
+        }
+        Some(*c)
+    }
+
+    pub fn keepalive_timer(&mut self, k: &KeepaliveTimer) -> Option<(Connection, KeepaliveChange)> {
+        let c = self.connection_mut(k.sock)?;
+        let change = if k.probes_after > k.probes_before {
+            c.keepalive.unanswered = u32::from(k.probes_after);
+            c.keepalive.probes += 1;
+            KeepaliveChange::ProbeSent {
+                probe: u32::from(k.probes_after),
+            }
+        } else if k.probes_before == 0 && c.keepalive.unanswered > 0 {
+            // An ACK resets icsk_probes_out to 0: the series was answered.
+            let probes = std::mem::take(&mut c.keepalive.unanswered);
+            KeepaliveChange::PeerAnswered { probes }
+        } else {
+            return None;
+        };
+        Some((*c, change))
+    }
+
+    pub fn socket_option(
+        &mut self,
+        o: &SocketOption,
+        defaults: KeepaliveDefaults,
+    ) -> Option<(Connection, KeepaliveChange)> {
+        let c = self.connection_mut(o.sock)?;
+        c.keepalive_defaults = Some(defaults);
+        let value = u32::try_from(o.value).ok();
+        match o.option {
+            KeepaliveOption::Enabled => c.keepalive.enabled = o.value != 0,
+            KeepaliveOption::Idle => c.keepalive.idle_s = value,
+            KeepaliveOption::Interval => c.keepalive.interval_s = value,
+            KeepaliveOption::Count => c.keepalive.count = value,
+        }
+        Some((
+            *c,
+            KeepaliveChange::Configured {
+                option: o.option,
+                value: o.value,
+                task: o.task,
+            },
+        ))
+    }
+
+    pub fn apply(&mut self, t: &Transition) -> Applied {
+        let opening = opening(t);
+        let known = self.connections.contains_key(&t.sock);
+        if known && opening.is_some() {
+            self.reopened += 1;
+            self.connections.remove(&t.sock);
+        }
+        if opening.is_some() {
+            // A socket reused after CLOSE: the old life is complete now.
+            if let Some((old, _)) = self.closing.remove(&t.sock) {
+                self.finished.push(old);
+            }
+        }
+        let mut connection = match self.connections.get(&t.sock) {
+            Some(existing) => *existing,
+            None => self.open(t, opening),
+        };
+        let entered_from = connection.state;
+        connection.state = t.new;
+        connection.last_ns = t.ts_ns;
+        connection.path.push(t.new);
+        match t.new {
+            TcpState::SynSent => connection.syn_sent_ns = Some(t.ts_ns),
+            TcpState::Established => {
+                connection.srtt_us = t.srtt_us;
+                match entered_from {
+                    TcpState::SynSent => {
+                        connection.handshake_ns = connection
+                            .syn_sent_ns
+                            .map(|start| t.ts_ns.saturating_sub(start));
+                        connection.handshake_retransmits = t.total_retrans;
+                    }
+                    TcpState::SynRecv => {
+                        connection.handshake_ns = Some(u64::from(t.srtt_us) * 1000);
+                        connection.handshake_retransmits = t.total_retrans;
+                    }
+                    _ => {}
+                }
+            }
+            TcpState::Close => {
+                connection.error = t.error;
+                if t.srtt_us != 0 {
+                    connection.srtt_us = t.srtt_us;
+                }
+                // The kernel's own count of retransmitted segments, SYNs included.
+                connection.retransmits = connection.retransmits.max(t.total_retrans);
+                if !connection.visited(TcpState::Established) {
+                    connection.handshake_retransmits = t.total_retrans;
+                }
+            }
+            _ => {}
+        }
+        // Ports and addresses fill in as the kernel assigns them (connect() reports SYN_SENT
+        // before the source port is chosen).
+        connection.local = t.local;
+        connection.remote = t.remote;
+        if connection.owner.is_none()
+            && let Context::Process(task) = t.context
+        {
+            connection.owner = Some(Owner {
+                task,
+                source: OwnerSource::ProcessContext,
+            });
+        }
+        self.track_listener(t, &connection);
+        if opening.is_some() {
+            self.peers.opened(&connection);
+        }
+        if t.new == TcpState::Established {
+            self.peers.established(&connection);
+        }
+        let closed = t.new == TcpState::Close;
+        if closed {
+            self.connections.remove(&t.sock);
+            self.closing.insert(t.sock, (connection, self.batch));
+        } else if let Some(slot) = self.connections.get_mut(&t.sock) {
+            *slot = connection;
+        } else if self.connections.len() < self.max_connections {
+            self.connections.insert(t.sock, connection);
+        } else {
+            self.table_full += 1;
+        }
+        Applied { connection, closed }
+    }
+
+    fn open(&mut self, t: &Transition, opening: Option<Direction>) -> Connection {
+        let id = self.next_id;
+        self.next_id += 1;
+        let direction = opening.unwrap_or(Direction::Unknown);
+        let owner = match direction {
+            Direction::Passive => {
+                self.listeners
+                    .get(&(t.netns, t.local.port()))
+                    .map(|&task| Owner {
+                        task,
+                        source: OwnerSource::Listener,
+                    })
+            }
+            _ => None,
+        };
+        Connection {
+            id,
+            sock: t.sock,
+            netns: t.netns,
+            local: t.local,
+            remote: t.remote,
+            direction,
+            owner,
+            state: t.old,
+            opened_ns: t.ts_ns,
+            last_ns: t.ts_ns,
+            seen_open: opening.is_some(),
+            path: Path::starting_at(t.old),
+            syn_sent_ns: None,
+            handshake_ns: None,
+            handshake_retransmits: 0,
+            retransmits: 0,
+            resets_sent: 0,
+            resets_received: 0,
+            keepalive: Keepalive::default(),
+            keepalive_defaults: None,
+            error: 0,
+            srtt_us: 0,
+        }
+    }
+
+    fn track_listener(&mut self, t: &Transition, connection: &Connection) {
+        let key = (t.netns, t.local.port());
+        match (t.old, t.new) {
+            (_, TcpState::Listen) => {
+                if let Some(owner) = connection.owner {
+                    self.listeners.insert(key, owner.task);
+                }
+            }
+            (TcpState::Listen, TcpState::Close) => {
+                self.listeners.remove(&key);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The transitions that start a socket's life, and what kind of life.
+fn opening(t: &Transition) -> Option<Direction> {
+    match (t.old, t.new) {
+        (TcpState::Close, TcpState::SynSent) => Some(Direction::Active),
+        (TcpState::Close, TcpState::Listen) => Some(Direction::Listen),
+        (TcpState::Listen, TcpState::SynRecv) => Some(Direction::Passive),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use TcpState::*;
+
+    fn task(pid: u32) -> Task {
+        let mut comm = [0u8; 16];
+        comm[..3].copy_from_slice(b"app");
+        Task {
+            pid,
+            tid: pid,
+            comm,
+        }
+    }
+
+    fn t(sock: u64, ts: u64, old: TcpState, new: TcpState, context: Context) -> Transition {
+        Transition {
+            ts_ns: ts,
+            sock,
+            netns: 7,
+            old,
+            new,
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            context,
+            cpu: 0,
+            error: 0,
+            srtt_us: 0,
+            total_retrans: 0,
+        }
+    }
+
+    const NET_RX: Context = Context::Softirq(3);
+
+    #[test]
+    fn an_active_connection_lives_from_syn_sent_to_close() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        let p = Context::Process(task(100));
+        let steps = [
+            (Close, SynSent, p),
+            (SynSent, Established, NET_RX),
+            (Established, FinWait1, p),
+            (FinWait1, FinWait2, NET_RX),
+            (FinWait2, Close, NET_RX),
+        ];
+        let mut last = None;
+        for (i, (old, new, ctx)) in steps.into_iter().enumerate() {
+            last = Some(table.apply(&t(1, 1000 * i as u64, old, new, ctx)));
+        }
+        let last = last.unwrap();
+        assert!(last.closed);
+        let c = last.connection;
+        assert_eq!(c.direction, Direction::Active);
+        assert!(c.seen_open);
+        assert_eq!(
+            c.path.states(),
+            &[Close, SynSent, Established, FinWait1, FinWait2, Close]
+        );
+        assert_eq!(c.duration_ns(), 4000);
+        assert_eq!(c.owner.unwrap().task.pid, 100);
+        assert_eq!(c.owner.unwrap().source, OwnerSource::ProcessContext);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn softirq_transitions_never_name_the_interrupted_task_as_owner() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        let applied = table.apply(&t(1, 0, Listen, SynRecv, NET_RX));
+        assert_eq!(applied.connection.owner, None);
+        assert_eq!(applied.connection.direction, Direction::Passive);
+    }
+
+    #[test]
+    fn accepted_connections_inherit_the_listeners_owner() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 0, Close, Listen, Context::Process(task(42))));
+        let child = table.apply(&t(2, 5, Listen, SynRecv, NET_RX)).connection;
+        let owner = child.owner.unwrap();
+        assert_eq!((owner.task.pid, owner.source), (42, OwnerSource::Listener));
+        // Once the listener closes, new children have no owner to inherit.
+        table.apply(&t(1, 6, Listen, Close, Context::Process(task(42))));
+        assert_eq!(
+            table
+                .apply(&t(3, 7, Listen, SynRecv, NET_RX))
+                .connection
+                .owner,
+            None
+        );
+    }
+
+    #[test]
+    fn a_reused_socket_address_is_a_new_connection() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        let p = Context::Process(task(1));
+        let first = table.apply(&t(1, 0, Close, SynSent, p)).connection.id;
+        table.apply(&t(1, 1, SynSent, Close, NET_RX));
+        let second = table.apply(&t(1, 2, Close, SynSent, p)).connection.id;
+        assert_ne!(first, second);
+        assert_eq!(table.reopened, 0);
+        // An opening transition for a socket still in the table: its CLOSE was lost.
+        let third = table.apply(&t(1, 3, Close, SynSent, p)).connection.id;
+        assert_ne!(second, third);
+        assert_eq!(table.reopened, 1);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn connections_first_seen_mid_life_say_so() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        let c = table
+            .apply(&t(9, 50, Established, FinWait1, NET_RX))
+            .connection;
+        assert_eq!(c.direction, Direction::Unknown);
+        assert!(!c.seen_open);
+        assert_eq!(c.path.states(), &[Established, FinWait1]);
+    }
+
+    #[test]
+    fn a_full_table_counts_what_it_could_not_follow() {
+        let mut table = Table::new(1, Peers::new(10, 1_000));
+        let p = Context::Process(task(1));
+        table.apply(&t(1, 0, Close, SynSent, p));
+        let applied = table.apply(&t(2, 0, Close, SynSent, p));
+        assert_eq!(applied.connection.state, SynSent); // the event itself is still reported
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.table_full, 1);
+    }
+
+    #[test]
+    fn long_paths_keep_their_first_states_and_count_the_rest() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        let mut last = None;
+        for i in 0..20u64 {
+            let (old, new) = if i % 2 == 0 {
+                (Established, CloseWait)
+            } else {
+                (CloseWait, Established)
+            };
+            last = Some(table.apply(&t(1, i, old, new, NET_RX)).connection);
+        }
+        let path = last.unwrap().path;
+        assert_eq!(path.states().len(), Path::CAPACITY);
+        assert_eq!(path.truncated, 21 - Path::CAPACITY as u32);
+    }
+}
