@@ -251,8 +251,14 @@ impl capture::Sink for Pipeline {
                 Some(convert::reset(&r, connection.as_ref(), &clock))
             }
             Record::Keepalive(k) => {
-                let change = self.table().keepalive_timer(&k);
-                change.map(|(c, change)| convert::keepalive(k.ts_ns, &change, &c, &clock))
+                let changes = self.table().keepalive_timer(&k);
+                if let Some((c, changes)) = changes {
+                    for change in changes.iter().flatten() {
+                        self.batch
+                            .push(convert::keepalive(k.ts_ns, change, &c, &clock));
+                    }
+                }
+                None
             }
             Record::SocketOption(o) => {
                 let defaults = self.keepalive_defaults(o.netns, o.task.pid);

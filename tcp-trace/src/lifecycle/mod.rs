@@ -399,22 +399,29 @@ impl Table {
         Some(*c)
     }
 
-    pub fn keepalive_timer(&mut self, k: &KeepaliveTimer) -> Option<(Connection, KeepaliveChange)> {
+    /// What a run of the keepalive timer meant: the peer answering the previous series (its
+    /// ACK reset the kernel's count to 0), a probe going out, or both.
+    pub fn keepalive_timer(
+        &mut self,
+        k: &KeepaliveTimer,
+    ) -> Option<(Connection, [Option<KeepaliveChange>; 2])> {
         let c = self.connection_mut(k.sock)?;
-        let change = if k.probes_after > k.probes_before {
+        let mut changes = [None, None];
+        if k.probes_before == 0 && c.keepalive.unanswered > 0 {
+            let probes = std::mem::take(&mut c.keepalive.unanswered);
+            changes[0] = Some(KeepaliveChange::PeerAnswered { probes });
+        }
+        if k.probes_after > k.probes_before {
             c.keepalive.unanswered = u32::from(k.probes_after);
             c.keepalive.probes += 1;
-            KeepaliveChange::ProbeSent {
+            changes[1] = Some(KeepaliveChange::ProbeSent {
                 probe: u32::from(k.probes_after),
-            }
-        } else if k.probes_before == 0 && c.keepalive.unanswered > 0 {
-            // An ACK resets icsk_probes_out to 0: the series was answered.
-            let probes = std::mem::take(&mut c.keepalive.unanswered);
-            KeepaliveChange::PeerAnswered { probes }
-        } else {
+            });
+        }
+        if changes == [None, None] {
             return None;
-        };
-        Some((*c, change))
+        }
+        Some((*c, changes))
     }
 
     pub fn socket_option(
