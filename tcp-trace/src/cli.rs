@@ -481,6 +481,61 @@ pub fn connections_table(conns: &[proto::Connection], now: std::time::SystemTime
     out
 }
 
+/// Per-peer aggregates: churn, handshake latency, failures.
+pub fn peers_table(peers: &[proto::PeerStats]) -> String {
+    let mut out = format!(
+        "\n{:<48} {:>8} {:>7} {:>9} {:>9} {:>9} {:>7}  {}\n",
+        "PEER", "OPENED", "CONN/S", "HS P50", "HS P99", "SHORT %", "FAILED", "FAILURES"
+    );
+    for p in peers {
+        let address = if p.address.contains(':') {
+            format!("[{}]", p.address)
+        } else {
+            p.address.clone()
+        };
+        let peer = if p.direction == proto::Direction::Active as i32 {
+            format!("-> {address}:{}", p.port)
+        } else {
+            format!("<- {address} on :{}", p.port)
+        };
+        let short = if p.closed > 0 {
+            format!("{:.0}", 100.0 * p.short_lived as f64 / p.closed as f64)
+        } else {
+            "-".into()
+        };
+        let failures: Vec<String> = p
+            .failures
+            .iter()
+            .map(|f| {
+                let cause = proto::CloseCause::try_from(f.cause)
+                    .ok()
+                    .map(|c| c.as_str_name());
+                format!("{} {}", f.count, enum_name(cause, "CLOSE_CAUSE_"))
+            })
+            .collect();
+        let failed: u64 = p.failures.iter().map(|f| f.count).sum();
+        let _ = writeln!(
+            out,
+            "{:<48} {:>8} {:>7.1} {:>9} {:>9} {:>9} {:>7}  {}",
+            format!("{peer} (netns {})", p.netns),
+            p.opened,
+            p.opened_per_second,
+            p.handshake_p50
+                .as_ref()
+                .map(|d| duration(Some(d)))
+                .unwrap_or_else(|| "-".into()),
+            p.handshake_p99
+                .as_ref()
+                .map(|d| duration(Some(d)))
+                .unwrap_or_else(|| "-".into()),
+            short,
+            failed,
+            failures.join(", ")
+        );
+    }
+    out
+}
+
 pub fn stats_text(s: &proto::Stats) -> String {
     let mut out = String::new();
     let mut row = |name: &str, value: String| {
@@ -516,6 +571,9 @@ pub fn stats_text(s: &proto::Stats) -> String {
             s.hooks_missing.join("; ")
         },
     );
+    if !s.peers.is_empty() {
+        out.push_str(&peers_table(&s.peers));
+    }
     out.trim_end().to_owned()
 }
 
@@ -565,6 +623,7 @@ mod tests {
                     attribution: proto::Attribution::ProcessContext as i32,
                 }),
                 context: "process".into(),
+                ..Default::default()
             })),
             ..Default::default()
         };
@@ -580,6 +639,7 @@ mod tests {
                 ..Default::default()
             }),
             context: "softirq:NET_RX".into(),
+            ..Default::default()
         }));
         assert!(
             event_line(&event)
@@ -608,6 +668,18 @@ mod tests {
                         nanos: 2_500_000,
                     }),
                     seen_open: true,
+                    cause: proto::CloseCause::ResetReceived as i32,
+                    error_name: "ECONNRESET".into(),
+                    first_fin: proto::Closer::None as i32,
+                    lifetime: proto::Lifetime::Short as i32,
+                    handshake: Some(proto::Handshake {
+                        latency: Some(prost_types::Duration {
+                            seconds: 1,
+                            nanos: 20_000_000,
+                        }),
+                        retransmits: 1,
+                    }),
+                    ..Default::default()
                 },
             )),
             ..Default::default()
@@ -615,7 +687,9 @@ mod tests {
         let line = event_line(&event);
         assert!(line.contains("127.0.0.1:41000 <- 127.0.0.1:8080"), "{line}");
         assert!(
-            line.contains("closed after 2.5ms: LISTEN > SYN_RECV > ESTABLISHED > CLOSE"),
+            line.contains(
+                "CLOSED reset received (ECONNRESET) after 2.5ms (short-lived), handshake 1.02s with 1 retransmit(s): LISTEN > SYN_RECV > ESTABLISHED > CLOSE"
+            ),
             "{line}"
         );
     }

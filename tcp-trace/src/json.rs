@@ -62,6 +62,7 @@ mod tests {
                 new_state: proto::TcpState::SynRecv as i32,
                 task: None,
                 context: "softirq:NET_RX".into(),
+                ..Default::default()
             })),
         };
         let json: serde_json::Value = serde_json::from_str(&super::event(&event)).unwrap();

@@ -603,6 +603,7 @@ fn opening(t: &Transition) -> Option<Direction> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{KeepaliveOption, KeepaliveTimer, Reset, SocketOption};
     use TcpState::*;
 
     fn task(pid: u32) -> Task {
@@ -743,5 +744,193 @@ mod tests {
         let path = last.unwrap().path;
         assert_eq!(path.states().len(), Path::CAPACITY);
         assert_eq!(path.truncated, 21 - Path::CAPACITY as u32);
+    }
+
+    fn finish(table: &mut Table) -> Vec<Connection> {
+        let mut out = Vec::new();
+        table.end_batch(&mut out);
+        table.end_batch(&mut out);
+        out
+    }
+
+    fn close_with(error: u32, from: TcpState) -> Transition {
+        Transition {
+            error,
+            ..t(1, 10, from, Close, NET_RX)
+        }
+    }
+
+    #[test]
+    fn a_refused_connect_is_a_failure_with_its_reason_not_a_short_connection() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+        table.apply(&close_with(ECONNREFUSED, SynSent));
+        let [c] = finish(&mut table)[..] else {
+            panic!("one life completes")
+        };
+        assert_eq!(c.cause(), Cause::Refused);
+        assert_eq!(c.first_closer(), Closer::None);
+        assert_eq!(c.handshake_ns, None);
+    }
+
+    #[test]
+    fn a_summary_waits_one_drain_so_a_reset_sent_after_close_joins_it() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+        table.apply(&t(1, 1, SynSent, Established, NET_RX));
+        table.apply(&t(1, 2, Established, Close, Context::Process(task(1))));
+        let mut out = Vec::new();
+        table.end_batch(&mut out);
+        assert!(out.is_empty(), "held for one more drain");
+        // tcp_disconnect() moves to CLOSE first and sends the reset after.
+        let reset = Reset {
+            ts_ns: 3,
+            sock: 1,
+            netns: 7,
+            sent: true,
+            reason: 0,
+            tuple: None,
+        };
+        assert!(table.reset(&reset).is_some());
+        table.end_batch(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].cause(), Cause::ResetSent);
+    }
+
+    #[test]
+    fn causes_follow_the_socket_error_and_what_the_connection_went_through() {
+        let established = |table: &mut Table| {
+            table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+            table.apply(&Transition {
+                srtt_us: 50,
+                total_retrans: 1,
+                ..t(1, 1_000_000, SynSent, Established, NET_RX)
+            });
+        };
+        let cases = [
+            (ETIMEDOUT, true, Cause::KeepaliveTimeout),
+            (ETIMEDOUT, false, Cause::RetransmitTimeout),
+            (ECONNRESET, false, Cause::ResetReceived),
+            (0, false, Cause::Unknown),
+        ];
+        for (error, probing, expected) in cases {
+            let mut table = Table::new(10, Peers::new(10, 1_000));
+            established(&mut table);
+            if probing {
+                let timer = KeepaliveTimer {
+                    ts_ns: 2,
+                    sock: 1,
+                    netns: 7,
+                    probes_before: 0,
+                    probes_after: 1,
+                };
+                table.keepalive_timer(&timer).unwrap();
+            }
+            table.apply(&close_with(error, Established));
+            let [c] = finish(&mut table)[..] else {
+                panic!()
+            };
+            assert_eq!(c.cause(), expected, "error {error}, probing {probing}");
+            assert_eq!(
+                (c.handshake_ns, c.handshake_retransmits),
+                (Some(1_000_000), 1)
+            );
+        }
+    }
+
+    #[test]
+    fn keepalive_probes_count_up_and_an_answer_resets_the_series() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+        let timer = |before, after| KeepaliveTimer {
+            ts_ns: 5,
+            sock: 1,
+            netns: 7,
+            probes_before: before,
+            probes_after: after,
+        };
+        let (_, changes) = table.keepalive_timer(&timer(0, 1)).unwrap();
+        assert_eq!(
+            changes,
+            [None, Some(KeepaliveChange::ProbeSent { probe: 1 })]
+        );
+        let (_, changes) = table.keepalive_timer(&timer(1, 2)).unwrap();
+        assert_eq!(
+            changes,
+            [None, Some(KeepaliveChange::ProbeSent { probe: 2 })]
+        );
+        // The peer's ACK zeroed the count; this run sends the next series' first probe.
+        let (c, changes) = table.keepalive_timer(&timer(0, 1)).unwrap();
+        assert_eq!(
+            changes,
+            [
+                Some(KeepaliveChange::PeerAnswered { probes: 2 }),
+                Some(KeepaliveChange::ProbeSent { probe: 1 })
+            ]
+        );
+        assert_eq!((c.keepalive.probes, c.keepalive.unanswered), (3, 1));
+        assert!(
+            table.keepalive_timer(&timer(1, 1)).is_none(),
+            "a run that changes nothing says nothing"
+        );
+    }
+
+    #[test]
+    fn socket_options_set_their_own_settings_over_the_namespace_defaults() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+        let defaults = KeepaliveDefaults {
+            idle_s: 600,
+            interval_s: 30,
+            count: 5,
+        };
+        let set = |option, value| SocketOption {
+            ts_ns: 1,
+            sock: 1,
+            netns: 7,
+            option,
+            value,
+            task: task(1),
+        };
+        table
+            .socket_option(&set(KeepaliveOption::Enabled, 1), defaults)
+            .unwrap();
+        let (c, _) = table
+            .socket_option(&set(KeepaliveOption::Idle, 10), defaults)
+            .unwrap();
+        assert!(c.keepalive.enabled);
+        let effective = c.keepalive.effective(c.keepalive_defaults.unwrap());
+        assert_eq!(
+            effective,
+            KeepaliveSettings {
+                idle_s: 10,
+                interval_s: 30,
+                count: 5
+            }
+        );
+    }
+
+    #[test]
+    fn the_first_fin_names_who_closed() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        for (i, (old, new)) in [
+            (Listen, SynRecv),
+            (SynRecv, Established),
+            (Established, CloseWait),
+            (CloseWait, LastAck),
+            (LastAck, Close),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            table.apply(&t(2, i as u64, old, new, NET_RX));
+        }
+        let [c] = finish(&mut table)[..] else {
+            panic!()
+        };
+        assert_eq!(
+            (c.first_closer(), c.cause()),
+            (Closer::Remote, Cause::Orderly)
+        );
     }
 }
