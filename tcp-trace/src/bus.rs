@@ -15,6 +15,9 @@ use crate::{
     proto,
 };
 
+/// One slot per `proto::EventKind` value (and spare room).
+pub const KINDS: usize = 8;
+
 /// An event as published: built once, shared by every subscriber it matches.
 #[derive(Debug)]
 pub struct Published {
@@ -55,7 +58,8 @@ struct Subscribers {
 pub struct Bus {
     subscribers: Mutex<Subscribers>,
     next_seq: AtomicU64,
-    published: [AtomicU64; 4],
+    /// Events published, indexed by `proto::EventKind` value.
+    published: [AtomicU64; KINDS],
 }
 
 /// A live subscription. Dropping it unsubscribes and frees its queue.
@@ -73,7 +77,7 @@ impl Drop for Subscription {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BusCounters {
-    pub by_kind: [u64; 4],
+    pub by_kind: [u64; KINDS],
     pub subscribers: usize,
     pub dropped: u64,
     pub last_seq: u64,
@@ -132,7 +136,7 @@ impl Bus {
         for (mut event, keys) in batch.drain(..) {
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
             event.seq = seq;
-            self.published[keys.kind as usize % 4].fetch_add(1, Ordering::Relaxed);
+            self.published[(keys.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
             let mut shared: Option<Arc<Published>> = None;
             let mut published = Some(Published { event, keys });
             for sub in subs.list.iter_mut() {

@@ -516,7 +516,7 @@ pub fn peers_table(peers: &[proto::PeerStats]) -> String {
         let failed: u64 = p.failures.iter().map(|f| f.count).sum();
         let _ = writeln!(
             out,
-            "{:<48} {:>8} {:>7.1} {:>9} {:>9} {:>9} {:>7}  {}",
+            "{:<48} {:>8} {:>7.2} {:>9} {:>9} {:>9} {:>7}  {}",
             format!("{peer} (netns {})", p.netns),
             p.opened,
             p.opened_per_second,

@@ -65,6 +65,9 @@ impl AgentStats {
         let kinds = [
             proto::EventKind::StateChange,
             proto::EventKind::ConnectionClosed,
+            proto::EventKind::Retransmit,
+            proto::EventKind::Reset,
+            proto::EventKind::Keepalive,
         ];
         proto::Stats {
             events: kinds
