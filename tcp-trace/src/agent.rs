@@ -78,6 +78,8 @@ impl Agent {
     /// Loads and attaches the programs, binds the listeners and starts serving. Returns once
     /// events are being captured.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
+        // Say what is missing before touching /run or the kernel.
+        capture::check_privileges()?;
         let mut listeners = Listeners::bind(&config.listen).await?;
         let mut capture = Capture::load(&config.capture)?;
         let hooks = capture.hooks().clone();

@@ -41,8 +41,8 @@ const STATE_LAYOUT: &[(&str, usize, usize)] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(
-        "tcp-trace needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF programs \
-         (this process has neither CAP_SYS_ADMIN nor both of those): run it with sudo"
+        "loading eBPF programs needs root, or the capabilities CAP_BPF and CAP_PERFMON (this \
+         process has neither CAP_SYS_ADMIN nor both of those): run it with sudo"
     )]
     NotPrivileged,
     #[error("{0}")]
@@ -120,9 +120,7 @@ impl Capture {
     /// Loads and attaches the programs. Must run inside a tokio runtime (the ring is registered
     /// with its reactor).
     pub fn load(config: &CaptureConfig) -> Result<Capture, CaptureError> {
-        if !privileged() {
-            return Err(CaptureError::NotPrivileged);
-        }
+        check_privileges()?;
         tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
         tracefs::check_layout("sock", "inet_sock_set_state", STATE_LAYOUT)
             .map_err(CaptureError::Layout)?;
@@ -327,6 +325,15 @@ fn attach(
     program.load()?;
     program.attach(category, event)?;
     Ok(())
+}
+
+/// Fails unless this process may load and attach the programs.
+pub fn check_privileges() -> Result<(), CaptureError> {
+    if privileged() {
+        Ok(())
+    } else {
+        Err(CaptureError::NotPrivileged)
+    }
 }
 
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON (tracepoint programs need both).
