@@ -112,6 +112,10 @@ pub struct StateChange {
     /// is the SYNs (active) or SYN-ACKs (passive, copied from the request) retransmitted.
     pub total_retrans: u32,
     pub _reserved: u32,
+    /// On transitions to CLOSE: `tcp_sock.bytes_acked` (payload bytes sent and acknowledged)
+    /// and `tcp_sock.bytes_received`.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
 }
 
 impl StateChange {
@@ -213,6 +217,9 @@ pub mod globals {
     /// Offsets of `tcp_sock.srtt_us` and `tcp_sock.total_retrans`; 0 = unknown.
     pub const SRTT_OFFSET: &str = "SRTT_OFFSET";
     pub const TOTAL_RETRANS_OFFSET: &str = "TOTAL_RETRANS_OFFSET";
+    /// Offsets of `tcp_sock.bytes_acked` and `tcp_sock.bytes_received`; 0 = unknown.
+    pub const BYTES_ACKED_OFFSET: &str = "BYTES_ACKED_OFFSET";
+    pub const BYTES_RECEIVED_OFFSET: &str = "BYTES_RECEIVED_OFFSET";
     /// Offset of `sock.sk_timer` (the keepalive timer); 0 = unknown.
     pub const SK_TIMER_OFFSET: &str = "SK_TIMER_OFFSET";
     /// Offset of `inet_connection_sock.icsk_probes_out`; 0 = unknown.
@@ -249,7 +256,7 @@ mod user {
 
 // No implicit padding: the sizes below are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<Header>() == 24);
-const _: () = assert!(core::mem::size_of::<StateChange>() == 24 + 8 + 8 + 8 + 32 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<StateChange>() == 24 + 8 + 8 + 8 + 32 + 16 + 16 + 16);
 const _: () = assert!(core::mem::size_of::<Retransmit>() == 24 + 8 + 8 + 32);
 const _: () = assert!(core::mem::size_of::<Reset>() == 24 + 8 + 8 + 8 + 32);
 const _: () = assert!(core::mem::size_of::<Keepalive>() == 24 + 8);

@@ -77,3 +77,13 @@ pub fn rtt_and_retransmits(sock: u64) -> (u32, u32) {
         read(sock + retrans as u64),
     )
 }
+
+/// `(tcp_sk(sk)->bytes_acked, tcp_sk(sk)->bytes_received)`.
+#[inline(always)]
+pub fn bytes(sock: u64) -> (u64, u64) {
+    let (acked, received) = maps::bytes_offsets();
+    if acked == 0 || received == 0 {
+        return (0, 0);
+    }
+    (read(sock + acked as u64), read(sock + received as u64))
+}

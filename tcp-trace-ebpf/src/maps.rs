@@ -39,6 +39,10 @@ static SRTT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TOTAL_RETRANS_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
+static BYTES_ACKED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static BYTES_RECEIVED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
 static SK_TIMER_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static PROBES_OUT_OFFSET: u32 = 0;
@@ -70,6 +74,10 @@ pub fn sk_err_offset() -> u32 {
 
 pub fn tcp_sock_offsets() -> (u32, u32) {
     (global!(SRTT_OFFSET), global!(TOTAL_RETRANS_OFFSET))
+}
+
+pub fn bytes_offsets() -> (u32, u32) {
+    (global!(BYTES_ACKED_OFFSET), global!(BYTES_RECEIVED_OFFSET))
 }
 
 pub fn sk_timer_offset() -> u32 {

@@ -53,6 +53,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         tcp_state::ESTABLISHED | tcp_state::CLOSE => kernel::rtt_and_retransmits(sock),
         _ => (0, 0),
     };
+    let (bytes_acked, bytes_received) = if new_state == tcp_state::CLOSE {
+        kernel::bytes(sock)
+    } else {
+        (0, 0)
+    };
     let now = unsafe { bpf_ktime_get_ns() };
     let family: u16 = field(&ctx, FAMILY);
     let (saddr, daddr) = if family == AF_INET {
@@ -88,6 +93,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         srtt_us,
         total_retrans,
         _reserved: 0,
+        bytes_acked,
+        bytes_received,
     });
     maps::submit(entry, now);
     0

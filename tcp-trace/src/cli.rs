@@ -402,6 +402,13 @@ fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
             closed.failed_handshake_retransmits
         );
     }
+    if closed.bytes_sent > 0 || closed.bytes_received > 0 {
+        let _ = write!(
+            line,
+            ", {} B out / {} B in",
+            closed.bytes_sent, closed.bytes_received
+        );
+    }
     if closed.retransmits > 0 {
         let _ = write!(line, ", {} retransmits", closed.retransmits);
     }

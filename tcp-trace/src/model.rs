@@ -158,6 +158,9 @@ pub struct Transition {
     /// retransmitted so far (SYNs or SYN-ACKs during a handshake).
     pub srtt_us: u32,
     pub total_retrans: u32,
+    /// On transitions to CLOSE: payload bytes sent and acknowledged, and received.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
 }
 
 /// A segment retransmitted by a socket, or a SYN-ACK by a listener's request socket.

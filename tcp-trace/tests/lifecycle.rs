@@ -549,6 +549,16 @@ async fn who_closed_first_is_told_for_both_closers_on_both_sides_and_peers_aggre
             [(local, orderly, short)]
         );
     }
+    // Each roundtrip carries one byte each way.
+    for (conn, summary) in &summaries {
+        if conn.direction != proto::Direction::Listen as i32 {
+            assert_eq!(
+                (summary.bytes_sent, summary.bytes_received),
+                (1, 1),
+                "{conn:?}"
+            );
+        }
+    }
     let stats = agent.stats().await;
     let peer = |address: &str, active: bool, port: u16| {
         let direction = if active {

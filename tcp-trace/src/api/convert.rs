@@ -259,6 +259,8 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
         keepalive_probes: c.keepalive.probes,
         keepalive_unanswered: c.keepalive.unanswered,
         srtt_us: c.srtt_us,
+        bytes_sent: c.payload_bytes().0,
+        bytes_received: c.payload_bytes().1,
     };
     let body = proto::event::Body::ConnectionClosed(summary);
     (

@@ -166,6 +166,8 @@ fn transition(raw: &StateChange) -> Result<Transition, DecodeError> {
         error: raw.error,
         srtt_us: raw.srtt_us,
         total_retrans: raw.total_retrans,
+        bytes_acked: raw.bytes_acked,
+        bytes_received: raw.bytes_received,
     })
 }
 
@@ -221,6 +223,8 @@ pub(crate) mod tests {
             srtt_us: 0,
             total_retrans: 0,
             _reserved: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
         }
     }
 

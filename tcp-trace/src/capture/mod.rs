@@ -137,6 +137,12 @@ impl Capture {
             .override_global(globals::SK_ERR_OFFSET, &offsets.sk_err, true)
             .override_global(globals::SRTT_OFFSET, &offsets.srtt, true)
             .override_global(globals::TOTAL_RETRANS_OFFSET, &offsets.total_retrans, true)
+            .override_global(globals::BYTES_ACKED_OFFSET, &offsets.bytes_acked, true)
+            .override_global(
+                globals::BYTES_RECEIVED_OFFSET,
+                &offsets.bytes_received,
+                true,
+            )
             .override_global(globals::SK_TIMER_OFFSET, &offsets.sk_timer, true)
             .override_global(globals::PROBES_OUT_OFFSET, &offsets.probes_out, true)
             .override_global(globals::SKB_DEV_OFFSET, &offsets.skb_dev, true)
@@ -364,6 +370,8 @@ struct Offsets {
     sk_err: u32,
     srtt: u32,
     total_retrans: u32,
+    bytes_acked: u32,
+    bytes_received: u32,
     sk_timer: u32,
     probes_out: u32,
     skb_dev: u32,
@@ -398,6 +406,8 @@ impl Offsets {
             sk_err: offset("sock.sk_err", "why connections closed"),
             srtt: offset("tcp_sock.srtt_us", "passive handshake latency"),
             total_retrans: offset("tcp_sock.total_retrans", "handshake retransmits"),
+            bytes_acked: offset("tcp_sock.bytes_acked", "bytes sent"),
+            bytes_received: offset("tcp_sock.bytes_received", "bytes received"),
             sk_timer: offset("sock.sk_timer", "keepalive probes"),
             probes_out: offset("inet_connection_sock.icsk_probes_out", "keepalive probes"),
             skb_dev: offset(

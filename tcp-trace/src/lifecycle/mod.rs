@@ -213,6 +213,9 @@ pub struct Connection {
     pub error: u32,
     /// Smoothed RTT at the last sample the agent got (establishment or close), microseconds.
     pub srtt_us: u32,
+    /// Payload bytes sent and acknowledged, and received; known at close.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 impl Connection {
@@ -222,6 +225,30 @@ impl Connection {
 
     fn visited(&self, state: TcpState) -> bool {
         self.path.states().contains(&state)
+    }
+
+    /// Payload bytes sent (and acknowledged) and received. The kernel counts sequence space,
+    /// where a SYN and a FIN take one each: `bytes_acked` includes our SYN when we connected
+    /// (the SYN-ACK's ack moves snd_una; an accepted socket starts past it), and each side's
+    /// FIN once acknowledged (we went on from FIN_WAIT1, or LAST_ACK ended orderly) or
+    /// received (CLOSE_WAIT, CLOSING, or an orderly end after FIN_WAIT2).
+    pub fn payload_bytes(&self) -> (u64, u64) {
+        let orderly = self.cause() == Cause::Orderly;
+        let states = self.path.states();
+        let ended_from = |s: TcpState| states.len() >= 2 && states[states.len() - 2] == s;
+        let our_fin_acked = self.visited(TcpState::FinWait2)
+            || (orderly && (ended_from(TcpState::LastAck) || self.visited(TcpState::Closing)));
+        let their_fin_received = self.visited(TcpState::CloseWait)
+            || self.visited(TcpState::Closing)
+            || (orderly && ended_from(TcpState::FinWait2));
+        let our_syn_acked =
+            self.direction == Direction::Active && self.visited(TcpState::Established);
+        (
+            self.bytes_sent
+                .saturating_sub(u64::from(our_fin_acked) + u64::from(our_syn_acked)),
+            self.bytes_received
+                .saturating_sub(u64::from(their_fin_received)),
+        )
     }
 
     /// Who sent the first FIN, from the states the connection went through.
@@ -489,6 +516,8 @@ impl Table {
             }
             TcpState::Close => {
                 connection.error = t.error;
+                connection.bytes_sent = t.bytes_acked;
+                connection.bytes_received = t.bytes_received;
                 if t.srtt_us != 0 {
                     connection.srtt_us = t.srtt_us;
                 }
@@ -571,6 +600,8 @@ impl Table {
             keepalive_defaults: None,
             error: 0,
             srtt_us: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
         }
     }
 
@@ -630,6 +661,8 @@ mod tests {
             error: 0,
             srtt_us: 0,
             total_retrans: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
         }
     }
 
