@@ -15,6 +15,8 @@ pub mod kind {
     pub const KEEPALIVE: u32 = 4;
     /// A [`SocketOption`](super::SocketOption): setsockopt() of a keepalive option.
     pub const SOCKET_OPTION: u32 = 5;
+    /// An [`Accept`](super::Accept): accept() returned a socket to a process.
+    pub const ACCEPT: u32 = 6;
 }
 
 /// Values of [`Retransmit::what`].
@@ -191,6 +193,17 @@ pub struct SocketOption {
     pub comm: [u8; 16],
 }
 
+/// accept()/accept4() returned a socket: the process that took the passive connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    pub header: Header,
+    pub netns: u32,
+    pub _reserved: u32,
+    pub pid_tgid: u64,
+    pub comm: [u8; 16],
+}
+
 /// setsockopt levels and names tcp-trace watches.
 pub mod sockopt {
     pub const SOL_SOCKET: u32 = 1;
@@ -228,6 +241,14 @@ pub mod globals {
     /// without a socket; 0 = unknown.
     pub const SKB_DEV_OFFSET: &str = "SKB_DEV_OFFSET";
     pub const DEV_NET_OFFSET: &str = "DEV_NET_OFFSET";
+    /// Offsets from the current task to an fd's socket: `task_struct.files`, `files_struct.fdt`,
+    /// `fdtable.max_fds`, `fdtable.fd`, `file.private_data`, `socket.sk`; 0 = unknown.
+    pub const TASK_FILES_OFFSET: &str = "TASK_FILES_OFFSET";
+    pub const FILES_FDT_OFFSET: &str = "FILES_FDT_OFFSET";
+    pub const FDT_MAX_FDS_OFFSET: &str = "FDT_MAX_FDS_OFFSET";
+    pub const FDT_FD_OFFSET: &str = "FDT_FD_OFFSET";
+    pub const FILE_PRIVATE_DATA_OFFSET: &str = "FILE_PRIVATE_DATA_OFFSET";
+    pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
     /// Address of `tcp_keepalive_timer` (from /proc/kallsyms); 0 = unknown.
     pub const KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
 }
@@ -252,6 +273,7 @@ mod user {
     unsafe impl aya::Pod for super::Reset {}
     unsafe impl aya::Pod for super::Keepalive {}
     unsafe impl aya::Pod for super::SocketOption {}
+    unsafe impl aya::Pod for super::Accept {}
 }
 
 // No implicit padding: the sizes below are the sums of the fields.
@@ -261,3 +283,4 @@ const _: () = assert!(core::mem::size_of::<Retransmit>() == 24 + 8 + 8 + 32);
 const _: () = assert!(core::mem::size_of::<Reset>() == 24 + 8 + 8 + 8 + 32);
 const _: () = assert!(core::mem::size_of::<Keepalive>() == 24 + 8);
 const _: () = assert!(core::mem::size_of::<SocketOption>() == 24 + 16 + 8 + 16);
+const _: () = assert!(core::mem::size_of::<Accept>() == 24 + 8 + 8 + 16);

@@ -6,7 +6,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use crate::maps;
 
 #[inline(always)]
-fn read<T: Copy + Default>(addr: u64) -> T {
+pub fn read<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
 }
 
@@ -86,4 +86,42 @@ pub fn bytes(sock: u64) -> (u64, u64) {
         return (0, 0);
     }
     (read(sock + acked as u64), read(sock + received as u64))
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task
+/// (`current->files->fdt->fd[fd]->private_data->sk`), or 0. Only meaningful for socket fds:
+/// the agent ignores socks it does not follow.
+#[inline(always)]
+pub fn sock_of_fd(fd: u64) -> u64 {
+    let p = maps::fd_path();
+    if p.task_files == 0
+        || p.files_fdt == 0
+        || p.fdt_fd == 0
+        || p.file_private_data == 0
+        || p.socket_sk == 0
+    {
+        return 0;
+    }
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let files: u64 = read(task + p.task_files as u64);
+    let fdt: u64 = if files == 0 {
+        0
+    } else {
+        read(files + p.files_fdt as u64)
+    };
+    if fdt == 0 || fd >= u64::from(read::<u32>(fdt + p.fdt_max_fds as u64)) {
+        return 0;
+    }
+    let fds: u64 = read(fdt + p.fdt_fd as u64);
+    let file: u64 = if fds == 0 { 0 } else { read(fds + fd * 8) };
+    let socket: u64 = if file == 0 {
+        0
+    } else {
+        read(file + p.file_private_data as u64)
+    };
+    if socket == 0 {
+        0
+    } else {
+        read(socket + p.socket_sk as u64)
+    }
 }

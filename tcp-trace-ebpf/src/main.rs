@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod accept;
 mod context;
 mod fields;
 mod keepalive;

@@ -52,6 +52,18 @@ static SKB_DEV_OFFSET: u32 = 0;
 static DEV_NET_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static KEEPALIVE_TIMER_FN: u64 = 0;
+#[unsafe(no_mangle)]
+static TASK_FILES_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_FDT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FDT_MAX_FDS_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FDT_FD_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static FILE_PRIVATE_DATA_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCKET_SK_OFFSET: u32 = 0;
 
 /// Read a global through a volatile load so the compiler cannot fold in the default.
 macro_rules! global {
@@ -90,6 +102,27 @@ pub fn probes_out_offset() -> u32 {
 
 pub fn skb_dev_offsets() -> (u32, u32) {
     (global!(SKB_DEV_OFFSET), global!(DEV_NET_OFFSET))
+}
+
+/// Offsets from a task to an fd's socket (see `tcp_trace_common::globals`).
+pub struct FdPath {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+}
+
+pub fn fd_path() -> FdPath {
+    FdPath {
+        task_files: global!(TASK_FILES_OFFSET),
+        files_fdt: global!(FILES_FDT_OFFSET),
+        fdt_max_fds: global!(FDT_MAX_FDS_OFFSET),
+        fdt_fd: global!(FDT_FD_OFFSET),
+        file_private_data: global!(FILE_PRIVATE_DATA_OFFSET),
+        socket_sk: global!(SOCKET_SK_OFFSET),
+    }
 }
 
 pub fn keepalive_timer_fn() -> u64 {

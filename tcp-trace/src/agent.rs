@@ -10,8 +10,8 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{self, Limits, ListenAddr, Listeners, convert},
-    bus::Bus,
+    api::{self, Access, Limits, ListenAddr, Listeners, convert},
+    bus::{Bus, BusConfig},
     capture::{self, Capture, CaptureConfig, DecodeError, Record},
     filter::Keys,
     lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
@@ -30,6 +30,10 @@ pub struct AgentConfig {
     /// Most remote peers aggregated in GetStats.
     pub max_peers: usize,
     pub limits: Limits,
+    /// Latest events kept for clients that resume (`since_seq`) or ask for history.
+    pub replay: usize,
+    /// Socket group and TLS.
+    pub access: Access,
 }
 
 impl Default for AgentConfig {
@@ -41,6 +45,8 @@ impl Default for AgentConfig {
             long_lived: Duration::from_secs(60),
             max_peers: 10_000,
             limits: Limits::default(),
+            replay: BusConfig::default().replay,
+            access: Access::default(),
         }
     }
 }
@@ -80,7 +86,11 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
         // Say what is missing before touching /run or the kernel.
         capture::check_privileges()?;
-        let mut listeners = Listeners::bind(&config.listen).await?;
+        let tls = match &config.access.tls {
+            Some(files) => Some(files.server_config()?),
+            None => None,
+        };
+        let mut listeners = Listeners::bind(&config.listen, &config.access).await?;
         let mut capture = Capture::load(&config.capture)?;
         let hooks = capture.hooks().clone();
         let stats = Arc::new(AgentStats::new(capture.kernel_counters(), hooks.clone()));
@@ -91,7 +101,10 @@ impl Agent {
                 u64::try_from(config.long_lived.as_nanos()).unwrap_or(u64::MAX),
             ),
         )));
-        let bus = Bus::new();
+        let bus = Bus::new(BusConfig {
+            replay: config.replay,
+            max_subscribers: config.limits.max_subscribers,
+        });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -111,14 +124,13 @@ impl Agent {
             // `capture` drops here: the programs detach.
         });
 
-        let service = api::Service {
+        let service = Arc::new(api::Service {
             bus,
             table,
             stats,
             limits: config.limits.clone(),
             stop: cancel.clone(),
-        };
-        let service = proto::tcp_trace_server::TcpTraceServer::from_arc(Arc::new(service));
+        });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<proto::tcp_trace_server::TcpTraceServer<api::Service>>()
@@ -127,10 +139,32 @@ impl Agent {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .expect("the embedded descriptor set is valid");
-        let router = tonic::transport::Server::builder()
-            .add_service(service)
-            .add_service(health)
-            .add_service(reflection);
+        let server = || {
+            // Keepalive pings find clients that vanished without closing (a host gone, a
+            // network cut), so their subscriptions are freed.
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        };
+        let routes = |builder: tonic::transport::Server| {
+            let tcptrace = proto::tcp_trace_server::TcpTraceServer::from_arc(Arc::clone(&service))
+                .max_decoding_message_size(config.limits.max_request_bytes);
+            let mut builder = builder;
+            builder
+                .add_service(tcptrace)
+                .add_service(health.clone())
+                .add_service(reflection.clone())
+        };
+        // Unix sockets are guarded by file permissions; TLS is for TCP.
+        let router = routes(server());
+        let tcp_router = match tls {
+            Some(tls) => routes(
+                server()
+                    .tls_config(tls)
+                    .map_err(|err| api::ListenError::Tls(err.to_string()))?,
+            ),
+            None => router.clone(),
+        };
 
         let listening = listeners.bound.clone();
         let socket_files = listeners
@@ -152,7 +186,7 @@ impl Agent {
             });
         }
         for listener in listeners.tcp.drain(..) {
-            let router = router.clone();
+            let router = tcp_router.clone();
             let stop = cancel.clone();
             tasks.spawn(async move {
                 let incoming = TcpListenerStream::new(listener);
@@ -262,6 +296,11 @@ impl capture::Sink for Pipeline {
                 }
                 None
             }
+            Record::Accept(a) => {
+                // Changes the owner that later events carry; not an event of its own.
+                self.table().accepted(&a);
+                None
+            }
             Record::SocketOption(o) => {
                 let defaults = self.keepalive_defaults(o.netns, o.task.pid);
                 let change = self.table().socket_option(&o, defaults);
@@ -285,6 +324,7 @@ impl capture::Sink for Pipeline {
                 .push(convert::closed(&connection, &self.clock, long_lived_ns));
         }
         self.closed = closed;
+        self.stats.observe(&self.batch);
         self.bus.publish(&mut self.batch);
         // Re-read the clock offset now and then: NTP slews CLOCK_REALTIME.
         self.clock = convert::Clock::now();

@@ -1,11 +1,21 @@
-//! The sequenced event bus: numbers every event and fans it out to subscribers.
+//! The sequenced event bus: numbers every event, keeps the latest ones for replay, and fans each
+//! out to the subscribers whose filter it matches.
 //!
 //! Each subscriber has its own bounded queue. The producer (the ring drain) never waits: it
-//! `try_send`s, and when a queue is full it counts what the subscriber lost and tells it in-band
-//! with one `Lost{count}` as soon as there is room again (the linkerd tap model).
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicU64, Ordering},
+//! `try_send`s, and when a queue is full it counts what that subscriber lost and tells it in-band
+//! with one `Lost{count}` at the place of the gap (the linkerd tap model).
+//!
+//! The replay buffer holds the latest events, so a client that reconnects with the last seq it
+//! saw gets exactly what it missed. Publishing, subscribing and snapshotting the buffer all take
+//! the one bus lock, so a new subscriber's replay ends exactly where its live events begin.
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::SystemTime,
 };
 
 use tokio::sync::mpsc;
@@ -15,57 +25,172 @@ use crate::{
     proto,
 };
 
-/// One slot per `proto::EventKind` value (and spare room).
-pub const KINDS: usize = 8;
-
-/// An event as published: built once, shared by every subscriber it matches.
+/// An event as published: built once, shared by every subscriber it matches and by the replay
+/// buffer.
 #[derive(Debug)]
 pub struct Published {
     pub event: proto::Event,
     pub keys: Keys,
 }
 
-/// What a subscriber receives.
+/// What a subscriber receives, in order.
 #[derive(Debug, Clone)]
 pub enum Delivery {
     Event(Arc<Published>),
-    /// `count` events for this subscriber were dropped; `last_seq` is the last one's seq.
+    /// `count` events that matched were dropped because the queue was full; `last_seq` is the
+    /// last one's seq.
     Lost {
+        count: u64,
+        last_seq: u64,
+    },
+    /// A resumed subscription asked for events that had left the replay buffer: `count` events
+    /// of every kind and filter, seqs up to `last_seq`.
+    Expired {
         count: u64,
         last_seq: u64,
     },
 }
 
+/// Where a subscription starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// With the next event published.
+    Live,
+    /// With the events numbered after this seq (the last one the client saw).
+    After(u64),
+    /// With the latest N matching events held.
+    Last(usize),
+}
+
+pub struct SubscribeRequest {
+    pub filter: Filter,
+    /// Queue capacity, in events.
+    pub queue: usize,
+    pub start: Start,
+    /// Who subscribes, for GetStats.
+    pub peer: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubscribeError {
+    #[error("{0} subscribers are connected, the most this agent takes (--max-subscribers)")]
+    TooMany(usize),
+    #[error(
+        "since_seq {since} is beyond the latest event ({latest}): the agent restarted since that \
+         event (seqs start again at 1); subscribe without since_seq"
+    )]
+    Future { since: u64, latest: u64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BusConfig {
+    /// Events the replay buffer holds; 0 = no replay.
+    pub replay: usize,
+    pub max_subscribers: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            replay: 16_384,
+            max_subscribers: 1024,
+        }
+    }
+}
+
+/// What the producer puts in a subscriber's queue: an event, and the drops just before it.
+/// Carrying the drops on the next event (instead of a marker of its own) keeps the queue's
+/// length a count of events and the Lost exactly at the place of the gap.
+struct Queued {
+    lost_before: u64,
+    last_lost_seq: u64,
+    event: Arc<Published>,
+}
+
+/// Drops not yet reported, because no event could carry them yet.
+#[derive(Default)]
+struct Pending {
+    count: u64,
+    last_seq: u64,
+}
+
+/// One subscriber's accounting, written by the producer and by the subscription's stream.
+#[derive(Default)]
+struct Account {
+    matched: AtomicU64,
+    replayed: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    /// Events the stream holds outside the queue: replay not yet sent, an event behind a Lost.
+    held: AtomicU64,
+    replay_expired: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Taken by the producer around each send, and by the stream when it finds the queue empty:
+    /// so drops are reported after every event queued before them and before every one after.
+    pending: Mutex<Pending>,
+    account: Account,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 struct Subscriber {
     id: u64,
     filter: Filter,
-    tx: mpsc::Sender<Delivery>,
-    /// Dropped since the last Lost was queued.
-    pending_lost: u64,
-    last_lost_seq: u64,
-    dropped_total: u64,
+    tx: mpsc::Sender<Queued>,
+    shared: Arc<Shared>,
+    filter_text: String,
+    peer: String,
+    since: SystemTime,
 }
 
-#[derive(Default)]
-struct Subscribers {
-    list: Vec<Subscriber>,
+/// The subscribers' accounting; see `Stats` in the proto for the identities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub matched: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub queued: u64,
+    pub abandoned: u64,
+}
+
+struct State {
+    subscribers: Vec<Subscriber>,
     next_id: u64,
-    /// Drops of subscribers that have gone, so the total never goes down.
-    dropped_by_gone: u64,
+    next_seq: u64,
+    replay: VecDeque<Arc<Published>>,
+    /// The accounting of subscribers that have gone, so totals never go down.
+    gone: Totals,
 }
 
-#[derive(Default)]
 pub struct Bus {
-    subscribers: Mutex<Subscribers>,
-    next_seq: AtomicU64,
-    /// Events published, indexed by `proto::EventKind` value.
+    state: Mutex<State>,
+    config: BusConfig,
+    /// Events published by kind (indexed by `EventKind` value).
     published: [AtomicU64; KINDS],
 }
 
-/// A live subscription. Dropping it unsubscribes and frees its queue.
+const KINDS: usize = 32;
+
+fn kind_index(kind: proto::EventKind) -> usize {
+    (kind as usize).min(KINDS - 1)
+}
+
+/// A live subscription: replay first, then live events. Dropping it unsubscribes and frees its
+/// queue and whatever replay it still held.
 pub struct Subscription {
     pub id: u64,
-    pub rx: mpsc::Receiver<Delivery>,
+    rx: mpsc::Receiver<Queued>,
+    replay: VecDeque<Delivery>,
+    /// The event that came behind a Lost, sent next.
+    behind_lost: Option<Arc<Published>>,
+    shared: Arc<Shared>,
     bus: Arc<Bus>,
 }
 
@@ -75,115 +200,341 @@ impl Drop for Subscription {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BusCounters {
-    pub by_kind: [u64; KINDS],
-    pub subscribers: usize,
+/// One subscriber now, for GetStats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriberSnapshot {
+    pub id: u64,
+    pub filter: String,
+    pub peer: String,
+    pub since: SystemTime,
+    pub queue_capacity: usize,
+    pub matched: u64,
+    pub replayed: u64,
+    pub delivered: u64,
     pub dropped: u64,
+    pub queued: u64,
+    pub replay_expired: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BusSnapshot {
+    /// Events published, by kind value.
+    pub by_kind: Vec<(proto::EventKind, u64)>,
+    /// The latest seq.
     pub last_seq: u64,
+    pub subscribers: Vec<SubscriberSnapshot>,
+    /// Over every subscriber since the start, gone ones included.
+    pub totals: Totals,
+    pub replay_capacity: usize,
+    pub replay_held: usize,
+    /// 0 when the buffer is empty.
+    pub replay_oldest_seq: u64,
 }
 
 impl Bus {
-    pub fn new() -> Arc<Bus> {
+    pub fn new(config: BusConfig) -> Arc<Bus> {
         Arc::new(Bus {
-            next_seq: AtomicU64::new(1),
-            ..Default::default()
+            state: Mutex::new(State {
+                subscribers: Vec::new(),
+                next_id: 0,
+                next_seq: 1,
+                replay: VecDeque::new(),
+                gone: Totals::default(),
+            }),
+            config,
+            published: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
 
-    pub fn subscribe(self: &Arc<Self>, filter: Filter, queue: usize) -> Subscription {
-        let (tx, rx) = mpsc::channel(queue.max(2));
-        let mut subs = self.lock();
-        subs.next_id += 1;
-        let id = subs.next_id;
-        subs.list.push(Subscriber {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain counters behind: still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(
+        self: &Arc<Self>,
+        request: SubscribeRequest,
+    ) -> Result<Subscription, SubscribeError> {
+        let (tx, rx) = mpsc::channel(request.queue.max(1));
+        let shared = Arc::new(Shared::default());
+        let mut state = self.lock();
+        if state.subscribers.len() >= self.config.max_subscribers {
+            return Err(SubscribeError::TooMany(state.subscribers.len()));
+        }
+        let replay = state.replay_for(&request.filter, request.start)?;
+        let replayed = replay
+            .iter()
+            .filter(|d| matches!(d, Delivery::Event(_)))
+            .count() as u64;
+        if let Some(Delivery::Expired { count, .. }) = replay.front() {
+            shared.account.replay_expired.store(*count, Relaxed);
+        }
+        shared.account.matched.store(replayed, Relaxed);
+        shared.account.replayed.store(replayed, Relaxed);
+        shared.account.held.store(replayed, Relaxed);
+        state.next_id += 1;
+        let id = state.next_id;
+        state.subscribers.push(Subscriber {
             id,
-            filter,
+            filter_text: request.filter.to_string(),
+            filter: request.filter,
             tx,
-            pending_lost: 0,
-            last_lost_seq: 0,
-            dropped_total: 0,
+            shared: Arc::clone(&shared),
+            peer: request.peer,
+            since: SystemTime::now(),
         });
-        Subscription {
+        Ok(Subscription {
             id,
             rx,
+            replay,
+            behind_lost: None,
+            shared,
             bus: Arc::clone(self),
-        }
+        })
     }
 
     fn unsubscribe(&self, id: u64) {
-        let mut subs = self.lock();
-        if let Some(at) = subs.list.iter().position(|s| s.id == id) {
-            let gone = subs.list.swap_remove(at);
-            subs.dropped_by_gone += gone.dropped_total;
+        let mut state = self.lock();
+        if let Some(at) = state.subscribers.iter().position(|s| s.id == id) {
+            let gone = state.subscribers.swap_remove(at).snapshot();
+            state.gone.matched += gone.matched;
+            state.gone.delivered += gone.delivered;
+            state.gone.dropped += gone.dropped;
+            state.gone.abandoned += gone.queued;
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Subscribers> {
-        // A panic while holding the lock leaves plain counters behind: still usable.
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Numbers the events in order and offers each to every subscriber whose filter matches.
-    /// Drains `batch`.
+    /// Numbers the events in order, offers each to every subscriber whose filter matches and
+    /// keeps it for replay. Drains `batch`.
     pub fn publish(&self, batch: &mut Vec<(proto::Event, Keys)>) {
         if batch.is_empty() {
             return;
         }
-        let mut subs = self.lock();
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut closed = false;
         for (mut event, keys) in batch.drain(..) {
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let seq = state.next_seq;
+            state.next_seq += 1;
             event.seq = seq;
-            self.published[(keys.kind as usize).min(KINDS - 1)].fetch_add(1, Ordering::Relaxed);
-            let mut shared: Option<Arc<Published>> = None;
-            let mut published = Some(Published { event, keys });
-            for sub in subs.list.iter_mut() {
-                if !sub.filter.matches(&keys) {
-                    continue;
+            self.published[kind_index(keys.kind)].fetch_add(1, Relaxed);
+            let published = Arc::new(Published { event, keys });
+            for sub in state.subscribers.iter_mut() {
+                if sub.filter.matches(&published.keys) {
+                    closed |= !sub.offer(&published, seq);
                 }
-                let item = shared
-                    .get_or_insert_with(|| Arc::new(published.take().expect("taken once")))
-                    .clone();
-                sub.offer(item, seq);
+            }
+            if self.config.replay > 0 {
+                if state.replay.len() >= self.config.replay {
+                    state.replay.pop_front();
+                }
+                state.replay.push_back(published);
             }
         }
-        subs.list.retain(|s| !s.tx.is_closed());
+        if closed {
+            // Only a dropped Subscription closes a queue, and it unsubscribes itself; this is
+            // for a stream that was leaked rather than dropped.
+            let dead: Vec<u64> = state
+                .subscribers
+                .iter()
+                .filter(|s| s.tx.is_closed())
+                .map(|s| s.id)
+                .collect();
+            for sub in state.subscribers.iter().filter(|s| dead.contains(&s.id)) {
+                let gone = sub.snapshot();
+                state.gone.matched += gone.matched;
+                state.gone.delivered += gone.delivered;
+                state.gone.dropped += gone.dropped;
+            }
+            state.subscribers.retain(|s| !dead.contains(&s.id));
+        }
     }
 
-    pub fn counters(&self) -> BusCounters {
-        let subs = self.lock();
-        BusCounters {
-            by_kind: std::array::from_fn(|k| self.published[k].load(Ordering::Relaxed)),
-            subscribers: subs.list.len(),
-            dropped: subs.dropped_by_gone + subs.list.iter().map(|s| s.dropped_total).sum::<u64>(),
-            last_seq: self.next_seq.load(Ordering::Relaxed) - 1,
+    pub fn subscriber_count(&self) -> usize {
+        self.lock().subscribers.len()
+    }
+
+    pub fn snapshot(&self) -> BusSnapshot {
+        let state = self.lock();
+        let subscribers: Vec<SubscriberSnapshot> =
+            state.subscribers.iter().map(Subscriber::snapshot).collect();
+        let mut totals = state.gone;
+        for s in &subscribers {
+            totals.matched += s.matched;
+            totals.delivered += s.delivered;
+            totals.dropped += s.dropped;
+            totals.queued += s.queued;
+        }
+        let by_kind = (0..KINDS)
+            .filter_map(|k| {
+                let kind = proto::EventKind::try_from(k as i32).ok()?;
+                Some((kind, self.published[k].load(Relaxed)))
+            })
+            .collect();
+        BusSnapshot {
+            by_kind,
+            last_seq: state.next_seq - 1,
+            subscribers,
+            totals,
+            replay_capacity: self.config.replay,
+            replay_held: state.replay.len(),
+            replay_oldest_seq: state.replay.front().map_or(0, |p| p.event.seq),
         }
     }
 }
 
+impl State {
+    /// What a new subscriber gets before live events. Called under the bus lock, so the next
+    /// event published is the first live one.
+    fn replay_for(
+        &self,
+        filter: &Filter,
+        start: Start,
+    ) -> Result<VecDeque<Delivery>, SubscribeError> {
+        let latest = self.next_seq - 1;
+        let matching = |p: &&Arc<Published>| filter.matches(&p.keys);
+        let event = |p: &Arc<Published>| Delivery::Event(Arc::clone(p));
+        let mut replay = VecDeque::new();
+        match start {
+            Start::Live => {}
+            Start::After(since) => {
+                if since > latest {
+                    return Err(SubscribeError::Future { since, latest });
+                }
+                // The buffer holds consecutive seqs, oldest first.
+                let oldest = self.replay.front().map_or(latest + 1, |p| p.event.seq);
+                if since + 1 < oldest {
+                    replay.push_back(Delivery::Expired {
+                        count: oldest - 1 - since,
+                        last_seq: oldest - 1,
+                    });
+                }
+                let skip =
+                    usize::try_from((since + 1).saturating_sub(oldest)).unwrap_or(usize::MAX);
+                replay.extend(self.replay.iter().skip(skip).filter(matching).map(event));
+            }
+            Start::Last(n) => {
+                let mut last: Vec<Delivery> = self
+                    .replay
+                    .iter()
+                    .rev()
+                    .filter(matching)
+                    .take(n)
+                    .map(event)
+                    .collect();
+                last.reverse();
+                replay.extend(last);
+            }
+        }
+        Ok(replay)
+    }
+}
+
 impl Subscriber {
-    fn offer(&mut self, item: Arc<Published>, seq: u64) {
-        // A pending Lost goes first, and only together with the event, so the subscriber sees
-        // the gap where it happened.
-        let needed = if self.pending_lost > 0 { 2 } else { 1 };
-        if self.tx.capacity() < needed {
-            self.pending_lost += 1;
-            self.dropped_total += 1;
-            self.last_lost_seq = seq;
-            return;
+    /// Returns false when the subscription is gone.
+    fn offer(&mut self, event: &Arc<Published>, seq: u64) -> bool {
+        let account = &self.shared.account;
+        account.matched.fetch_add(1, Relaxed);
+        let mut pending = self.shared.pending();
+        let item = Queued {
+            lost_before: pending.count,
+            last_lost_seq: pending.last_seq,
+            event: Arc::clone(event),
+        };
+        match self.tx.try_send(item) {
+            Ok(()) => {
+                pending.count = 0;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                pending.count += 1;
+                pending.last_seq = seq;
+                account.dropped.fetch_add(1, Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
-        if self.pending_lost > 0 {
-            let lost = Delivery::Lost {
-                count: self.pending_lost,
-                last_seq: self.last_lost_seq,
-            };
-            // Capacity was checked under the bus lock, and only this producer sends.
-            let _ = self.tx.try_send(lost);
-            self.pending_lost = 0;
+    }
+
+    fn snapshot(&self) -> SubscriberSnapshot {
+        let a = &self.shared.account;
+        let in_queue = (self.tx.max_capacity() - self.tx.capacity()) as u64;
+        SubscriberSnapshot {
+            id: self.id,
+            filter: self.filter_text.clone(),
+            peer: self.peer.clone(),
+            since: self.since,
+            queue_capacity: self.tx.max_capacity(),
+            matched: a.matched.load(Relaxed),
+            replayed: a.replayed.load(Relaxed),
+            delivered: a.delivered.load(Relaxed),
+            dropped: a.dropped.load(Relaxed),
+            queued: in_queue + a.held.load(Relaxed),
+            replay_expired: a.replay_expired.load(Relaxed),
         }
-        let _ = self.tx.try_send(Delivery::Event(item));
+    }
+}
+
+impl Subscription {
+    /// The next delivery: replay first, then the queue, with each Lost where its gap is.
+    /// `None` once the bus is gone.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let account = &self.shared.account;
+        if let Some(event) = self.behind_lost.take() {
+            account.held.fetch_sub(1, Relaxed);
+            account.delivered.fetch_add(1, Relaxed);
+            return Poll::Ready(Some(Delivery::Event(event)));
+        }
+        if let Some(delivery) = self.replay.pop_front() {
+            if let Delivery::Event(_) = delivery {
+                account.held.fetch_sub(1, Relaxed);
+                account.delivered.fetch_add(1, Relaxed);
+            }
+            return Poll::Ready(Some(delivery));
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(queued)) => Poll::Ready(Some(self.unpack(queued))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                // The queue is empty: report drops that no later event has carried yet (none
+                // may come for a long time). Under the producer's lock, so nothing is queued
+                // between the check and the report.
+                let shared = Arc::clone(&self.shared);
+                let mut pending = shared.pending();
+                if let Ok(queued) = self.rx.try_recv() {
+                    drop(pending);
+                    return Poll::Ready(Some(self.unpack(queued)));
+                }
+                if pending.count == 0 {
+                    return Poll::Pending;
+                }
+                let lost = Delivery::Lost {
+                    count: pending.count,
+                    last_seq: pending.last_seq,
+                };
+                pending.count = 0;
+                Poll::Ready(Some(lost))
+            }
+        }
+    }
+
+    fn unpack(&mut self, queued: Queued) -> Delivery {
+        let account = &self.shared.account;
+        if queued.lost_before == 0 {
+            account.delivered.fetch_add(1, Relaxed);
+            return Delivery::Event(queued.event);
+        }
+        account.held.fetch_add(1, Relaxed);
+        self.behind_lost = Some(queued.event);
+        Delivery::Lost {
+            count: queued.lost_before,
+            last_seq: queued.last_lost_seq,
+        }
+    }
+
+    /// The next delivery, waiting for it.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 }
 
@@ -198,30 +549,68 @@ mod tests {
             remote: "127.0.0.1:9".parse().unwrap(),
             pid: None,
             netns: 1,
+            comm: [0; 16],
+            direction: proto::Direction::Active,
+            state: proto::TcpState::Established,
         };
         (proto::Event::default(), keys)
     }
 
+    fn events(n: usize) -> Vec<(proto::Event, Keys)> {
+        (0..n)
+            .map(|_| event(proto::EventKind::StateChange, 1))
+            .collect()
+    }
+
+    fn bus(replay: usize) -> Arc<Bus> {
+        Bus::new(BusConfig {
+            replay,
+            max_subscribers: 10,
+        })
+    }
+
+    fn subscribe(bus: &Arc<Bus>, filter: Filter, queue: usize, start: Start) -> Subscription {
+        bus.subscribe(SubscribeRequest {
+            filter,
+            queue,
+            start,
+            peer: "test".into(),
+        })
+        .unwrap()
+    }
+
+    /// Everything deliverable now, as text.
     fn seqs(sub: &mut Subscription) -> Vec<String> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
         let mut out = Vec::new();
-        while let Ok(d) = sub.rx.try_recv() {
+        while let Poll::Ready(Some(d)) = sub.poll_next(&mut cx) {
             out.push(match d {
                 Delivery::Event(p) => p.event.seq.to_string(),
                 Delivery::Lost { count, last_seq } => format!("lost{count}@{last_seq}"),
+                Delivery::Expired { count, last_seq } => format!("expired{count}@{last_seq}"),
             });
         }
         out
     }
 
+    fn account(bus: &Bus, id: u64) -> SubscriberSnapshot {
+        bus.snapshot()
+            .subscribers
+            .into_iter()
+            .find(|s| s.id == id)
+            .unwrap()
+    }
+
     #[test]
     fn events_are_numbered_from_one_and_filtered_per_subscriber() {
-        let bus = Bus::new();
-        let mut all = bus.subscribe(Filter::default(), 100);
+        let bus = bus(0);
+        let mut all = subscribe(&bus, Filter::default(), 100, Start::Live);
         let only_80 = Filter {
             ports: vec![80],
             ..Default::default()
         };
-        let mut some = bus.subscribe(only_80, 100);
+        let mut some = subscribe(&bus, only_80, 100, Start::Live);
         let mut batch = vec![
             event(proto::EventKind::StateChange, 80),
             event(proto::EventKind::StateChange, 81),
@@ -231,41 +620,151 @@ mod tests {
         assert!(batch.is_empty());
         assert_eq!(seqs(&mut all), ["1", "2", "3"]);
         assert_eq!(seqs(&mut some), ["1", "3"]);
-        let c = bus.counters();
-        assert_eq!(c.by_kind[proto::EventKind::StateChange as usize], 2);
-        assert_eq!((c.subscribers, c.last_seq, c.dropped), (2, 3, 0));
+        let s = bus.snapshot();
+        assert!(s.by_kind.contains(&(proto::EventKind::StateChange, 2)));
+        assert_eq!(
+            (s.subscribers.len(), s.last_seq, s.totals.dropped),
+            (2, 3, 0)
+        );
+        assert_eq!(s.subscribers[1].filter, "port=80");
     }
 
     #[test]
-    fn a_full_queue_loses_events_and_says_exactly_how_many_in_band() {
-        let bus = Bus::new();
-        let mut slow = bus.subscribe(Filter::default(), 2);
-        let mut fast = bus.subscribe(Filter::default(), 100);
-        let mut batch: Vec<_> = (0..5)
-            .map(|_| event(proto::EventKind::StateChange, 1))
-            .collect();
-        bus.publish(&mut batch);
-        assert_eq!(seqs(&mut slow), ["1", "2"]);
-        assert_eq!(bus.counters().dropped, 3);
-        bus.publish(&mut vec![event(proto::EventKind::StateChange, 1)]);
-        assert_eq!(seqs(&mut slow), ["lost3@5", "6"]);
+    fn a_full_queue_loses_events_and_says_exactly_how_many_where_the_gap_is() {
+        let bus = bus(0);
+        let mut slow = subscribe(&bus, Filter::default(), 2, Start::Live);
+        let mut fast = subscribe(&bus, Filter::default(), 100, Start::Live);
+        bus.publish(&mut events(5));
+        let a = account(&bus, slow.id);
+        assert_eq!((a.matched, a.dropped, a.queued, a.delivered), (5, 3, 2, 0));
+        assert_eq!(
+            seqs(&mut slow),
+            ["1", "2", "lost3@5"],
+            "reported once the queue is read"
+        );
+        bus.publish(&mut events(1));
+        assert_eq!(seqs(&mut slow), ["6"]);
         assert_eq!(
             seqs(&mut fast),
             ["1", "2", "3", "4", "5", "6"],
             "others lose nothing"
         );
+        let a = account(&bus, slow.id);
+        assert_eq!((a.matched, a.delivered, a.dropped, a.queued), (6, 3, 3, 0));
     }
 
     #[test]
-    fn dropping_a_subscription_frees_it_and_keeps_its_drop_count() {
-        let bus = Bus::new();
-        let slow = bus.subscribe(Filter::default(), 2);
-        let mut batch: Vec<_> = (0..3)
-            .map(|_| event(proto::EventKind::StateChange, 1))
+    fn drops_ride_on_the_next_event_when_one_comes_before_the_queue_is_read() {
+        let bus = bus(0);
+        let mut slow = subscribe(&bus, Filter::default(), 2, Start::Live);
+        bus.publish(&mut events(4));
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(matches!(
+            slow.poll_next(&mut cx),
+            Poll::Ready(Some(Delivery::Event(_)))
+        ));
+        bus.publish(&mut events(1));
+        assert_eq!(seqs(&mut slow), ["2", "lost2@4", "5"]);
+    }
+
+    #[test]
+    fn a_resumed_subscription_gets_exactly_what_it_missed_then_live() {
+        let bus = bus(100);
+        let mut first = subscribe(&bus, Filter::default(), 100, Start::Live);
+        bus.publish(&mut events(3));
+        assert_eq!(seqs(&mut first), ["1", "2", "3"]);
+        drop(first);
+        bus.publish(&mut events(2));
+        let mut again = subscribe(&bus, Filter::default(), 100, Start::After(3));
+        bus.publish(&mut events(1));
+        assert_eq!(seqs(&mut again), ["4", "5", "6"]);
+        let a = account(&bus, again.id);
+        assert_eq!((a.matched, a.replayed, a.delivered, a.queued), (3, 2, 3, 0));
+        let mut latest = subscribe(&bus, Filter::default(), 100, Start::Last(2));
+        assert_eq!(seqs(&mut latest), ["5", "6"]);
+        assert_eq!(
+            bus.subscribe(SubscribeRequest {
+                filter: Filter::default(),
+                queue: 1,
+                start: Start::After(7),
+                peer: String::new(),
+            })
+            .err(),
+            Some(SubscribeError::Future {
+                since: 7,
+                latest: 6
+            })
+        );
+    }
+
+    #[test]
+    fn events_gone_from_the_replay_buffer_are_counted_over_all_kinds() {
+        let bus3 = bus(3);
+        let closed_only = Filter {
+            kinds: vec![proto::EventKind::ConnectionClosed],
+            ..Default::default()
+        };
+        let mut batch = events(5);
+        batch.push(event(proto::EventKind::ConnectionClosed, 1));
+        bus3.publish(&mut batch); // seqs 1-6; the buffer holds 4-6
+        let mut resumed = subscribe(&bus3, closed_only.clone(), 10, Start::After(1));
+        assert_eq!(seqs(&mut resumed), ["expired2@3", "6"]);
+        assert_eq!(account(&bus3, resumed.id).replay_expired, 2);
+        let mut everything = subscribe(&bus3, closed_only, 10, Start::After(0));
+        assert_eq!(seqs(&mut everything), ["expired3@3", "6"]);
+        let none = bus(0);
+        none.publish(&mut events(2));
+        let mut resumed = subscribe(&none, Filter::default(), 10, Start::After(1));
+        assert_eq!(seqs(&mut resumed), ["expired1@2"]);
+    }
+
+    #[test]
+    fn replay_longer_than_the_queue_is_delivered_whole_and_live_events_queue_behind_it() {
+        let bus = bus(100);
+        bus.publish(&mut events(10));
+        let mut sub = subscribe(&bus, Filter::default(), 2, Start::After(0));
+        bus.publish(&mut events(3));
+        let expected: Vec<String> = (1..=12)
+            .map(|s| s.to_string())
+            .chain(["lost1@13".to_string()])
             .collect();
-        bus.publish(&mut batch);
+        assert_eq!(seqs(&mut sub), expected);
+    }
+
+    #[test]
+    fn subscribers_beyond_the_limit_are_refused() {
+        let bus = Bus::new(BusConfig {
+            replay: 0,
+            max_subscribers: 1,
+        });
+        let _one = subscribe(&bus, Filter::default(), 1, Start::Live);
+        let refused = bus.subscribe(SubscribeRequest {
+            filter: Filter::default(),
+            queue: 1,
+            start: Start::Live,
+            peer: String::new(),
+        });
+        assert_eq!(refused.err(), Some(SubscribeError::TooMany(1)));
+    }
+
+    #[test]
+    fn dropping_a_subscription_frees_it_and_its_accounting_stays_in_the_totals() {
+        let bus = bus(0);
+        let slow = subscribe(&bus, Filter::default(), 2, Start::Live);
+        bus.publish(&mut events(3));
         drop(slow);
-        let c = bus.counters();
-        assert_eq!((c.subscribers, c.dropped), (0, 1));
+        let s = bus.snapshot();
+        assert!(s.subscribers.is_empty());
+        assert_eq!(
+            s.totals,
+            Totals {
+                matched: 3,
+                delivered: 0,
+                dropped: 1,
+                queued: 0,
+                abandoned: 2
+            }
+        );
     }
 }

@@ -1,13 +1,17 @@
 //! The command line: one binary that is the agent and its clients.
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     agent::AgentConfig,
-    api::{Limits, ListenAddr},
+    api::{Access, Limits, ListenAddr, TlsFiles},
     capture::CaptureConfig,
+    client::{ClientTls, ConnectOptions},
+    filter::Cidr,
+    model::TcpState,
     proto,
+    top::PeerFilter,
 };
 
 #[derive(Debug, Parser)]
@@ -29,8 +33,10 @@ pub enum Command {
     Watch(WatchArgs),
     /// List the connections an agent is following now.
     Conns(ConnsArgs),
-    /// Show an agent's counters.
+    /// Show an agent's counters, and each subscriber's.
     Stats(StatsArgs),
+    /// A live view of the busiest peers: connection rate, failures, handshake time.
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +76,23 @@ pub struct AgentArgs {
     /// Most subscribers at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_subscribers: usize,
+    /// Latest events kept for clients that reconnect (`watch --since-seq`) or ask for history
+    /// (`--replay-last`); 0 turns replay off. Each held event costs about 700 bytes.
+    #[arg(long, value_name = "EVENTS", default_value_t = 16_384)]
+    pub replay: usize,
+    /// Give the Unix sockets to this group (name or number): its members may connect. The
+    /// mode stays 0660.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Serve TCP with TLS, with this certificate (PEM). Needed for addresses other than loopback.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS clients to present a certificate signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -88,6 +111,18 @@ impl AgentArgs {
                 subscriber_queue: self.subscriber_queue as usize,
                 max_subscribers: self.max_subscribers,
                 ..Limits::default()
+            },
+            replay: self.replay,
+            access: Access {
+                socket_group: self.socket_group.clone(),
+                tls: match (&self.tls_cert, &self.tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: self.tls_client_ca.clone(),
+                    }),
+                    _ => None,
+                },
             },
         }
     }
@@ -114,6 +149,32 @@ pub struct ClientArgs {
         default_value = "unix:/run/tcp-trace/tcp-trace.sock"
     )]
     pub connect: ListenAddr,
+    /// Connect with TLS, trusting this CA (PEM) for the agent's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for agents that require one (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Check the agent's certificate against this name instead of the address's host.
+    #[arg(long, value_name = "NAME")]
+    pub tls_domain: Option<String>,
+}
+
+impl ClientArgs {
+    pub fn options(&self) -> ConnectOptions {
+        let tls = self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some();
+        ConnectOptions {
+            tls: tls.then(|| ClientTls {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                domain: self.tls_domain.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,6 +182,9 @@ pub enum KindArg {
     StateChange,
     ConnectionClosed,
     Lost,
+    Retransmit,
+    Reset,
+    Keepalive,
 }
 
 impl From<KindArg> for proto::EventKind {
@@ -129,8 +193,42 @@ impl From<KindArg> for proto::EventKind {
             KindArg::StateChange => proto::EventKind::StateChange,
             KindArg::ConnectionClosed => proto::EventKind::ConnectionClosed,
             KindArg::Lost => proto::EventKind::Lost,
+            KindArg::Retransmit => proto::EventKind::Retransmit,
+            KindArg::Reset => proto::EventKind::Reset,
+            KindArg::Keepalive => proto::EventKind::Keepalive,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DirectionArg {
+    /// connect(): this host sent the SYN.
+    Active,
+    /// accept(): a SYN arrived at a listener here.
+    Passive,
+    /// Listening sockets.
+    Listen,
+    /// First seen mid-life.
+    Unknown,
+}
+
+impl From<DirectionArg> for proto::Direction {
+    fn from(d: DirectionArg) -> proto::Direction {
+        match d {
+            DirectionArg::Active => proto::Direction::Active,
+            DirectionArg::Passive => proto::Direction::Passive,
+            DirectionArg::Listen => proto::Direction::Listen,
+            DirectionArg::Unknown => proto::Direction::Unknown,
+        }
+    }
+}
+
+fn parse_state(s: &str) -> Result<proto::TcpState, String> {
+    let state = TcpState::from_name(&s.replace('-', "_")).ok_or_else(|| {
+        let names: Vec<_> = TcpState::ALL.iter().map(|s| s.name()).collect();
+        format!("{s:?} is not a TCP state ({})", names.join(", "))
+    })?;
+    Ok(crate::api::convert::state(state))
 }
 
 /// The server-side filter, as flags. Each flag is repeatable; all given flags must match.
@@ -151,6 +249,16 @@ pub struct FilterArgs {
     /// Event kind.
     #[arg(long = "kind", value_name = "KIND")]
     pub kinds: Vec<KindArg>,
+    /// The connection owner's task name, exactly (as `ps -o comm` shows it, up to 15 bytes).
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+    /// How the connection opened.
+    #[arg(long = "direction", value_name = "DIRECTION")]
+    pub directions: Vec<DirectionArg>,
+    /// The connection's state after the event (ESTABLISHED, SYN_SENT, close-wait, ...); for
+    /// `conns`, its current state.
+    #[arg(long = "state", value_name = "STATE", value_parser = parse_state)]
+    pub states: Vec<proto::TcpState>,
 }
 
 impl FilterArgs {
@@ -165,6 +273,13 @@ impl FilterArgs {
                 .iter()
                 .map(|&k| proto::EventKind::from(k) as i32)
                 .collect(),
+            comms: self.comms.clone(),
+            directions: self
+                .directions
+                .iter()
+                .map(|&d| proto::Direction::from(d) as i32)
+                .collect(),
+            states: self.states.iter().map(|&s| s as i32).collect(),
         }
     }
 }
@@ -181,6 +296,37 @@ pub struct WatchArgs {
     /// Stop after this many events.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
+    /// Resume: start after this seq (the last one a previous watch printed), with what was
+    /// missed from the agent's replay buffer. A LOST line says how much was no longer held.
+    #[arg(long, value_name = "SEQ", conflicts_with = "replay_last")]
+    pub since_seq: Option<u64>,
+    /// Start with the latest N matching events the agent holds, then go on live.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub replay_last: u32,
+    /// Events the agent may queue for this client before it drops some (and says how many);
+    /// 0 = the agent's default.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub queue: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortArg {
+    /// The order the agent first saw them.
+    Id,
+    /// Oldest first.
+    Age,
+    /// Slowest handshake first.
+    Handshake,
+}
+
+impl From<SortArg> for proto::ConnectionOrder {
+    fn from(s: SortArg) -> proto::ConnectionOrder {
+        match s {
+            SortArg::Id => proto::ConnectionOrder::Id,
+            SortArg::Age => proto::ConnectionOrder::Age,
+            SortArg::Handshake => proto::ConnectionOrder::HandshakeLatency,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +338,60 @@ pub struct ConnsArgs {
     /// JSON (the proto3 JSON mapping of ListConnectionsResponse).
     #[arg(long)]
     pub json: bool,
+    /// Order of the list.
+    #[arg(long, value_name = "ORDER", default_value = "id")]
+    pub sort: SortArg,
+    /// Show at most this many (the first in --sort order); 0 = all.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only peers in this network namespace (inode). Repeatable, as the peer flags below.
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u64>,
+    /// Only peers of connections opened this way (active: services this host connects to;
+    /// passive: clients of its listeners).
+    #[arg(long = "direction", value_name = "DIRECTION")]
+    pub directions: Vec<DirectionArg>,
+    /// Only peers on this port (the remote service's port, or the local listener's).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u32>,
+    /// Only peers in this address or CIDR.
+    #[arg(long = "addr", value_name = "IP[/PREFIX]", value_parser = Cidr::parse)]
+    pub addresses: Vec<Cidr>,
+    /// Seconds between frames.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+    /// Print one frame, after one interval, and exit (no screen control codes).
+    #[arg(long)]
+    pub once: bool,
+    /// Peers shown.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub rows: usize,
+}
+
+impl TopArgs {
+    pub fn peer_filter(&self) -> PeerFilter {
+        PeerFilter {
+            netns: self.netns.clone(),
+            directions: self.directions.iter().map(|&d| d.into()).collect(),
+            ports: self.ports.clone(),
+            addresses: self.addresses.clone(),
+        }
+    }
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.05..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds from 0.05 to 3600"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -461,7 +661,11 @@ fn keepalive_text(line: &mut String, k: &proto::Keepalive) {
 }
 
 /// The live connections as a table.
-pub fn connections_table(conns: &[proto::Connection], now: std::time::SystemTime) -> String {
+pub fn connections_table(
+    conns: &[proto::Connection],
+    matched: u64,
+    now: std::time::SystemTime,
+) -> String {
     let mut out = format!(
         "{:>8}  {:<8} {:<12} {:<46} {:<11} {:<22} {:>9}\n",
         "ID", "DIR", "STATE", "LOCAL / REMOTE", "NETNS", "OWNER", "AGE"
@@ -484,7 +688,11 @@ pub fn connections_table(conns: &[proto::Connection], now: std::time::SystemTime
             duration(age.as_ref()),
         );
     }
-    let _ = write!(out, "{} connections", conns.len());
+    if matched > conns.len() as u64 {
+        let _ = write!(out, "{} of {matched} connections", conns.len());
+    } else {
+        let _ = write!(out, "{} connections", conns.len());
+    }
     out
 }
 
@@ -560,6 +768,10 @@ pub fn stats_text(s: &proto::Stats) -> String {
             k.count.to_string(),
         );
     }
+    row(
+        "events published (last seq)",
+        s.events_published.to_string(),
+    );
     row("kernel records", s.kernel_records.to_string());
     row("kernel ring full (lost)", s.kernel_ring_full.to_string());
     row("kernel filtered (--netns)", s.kernel_filtered.to_string());
@@ -567,8 +779,27 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("records malformed", s.records_malformed.to_string());
     row("live connections", s.live_connections.to_string());
     row("not followed (table full)", s.table_full.to_string());
+    if let Some(r) = &s.replay {
+        let held = match r.oldest_seq {
+            0 => format!("{} of {} events", r.held, r.capacity),
+            oldest => format!(
+                "{} of {} events (seq {oldest} to {})",
+                r.held, r.capacity, s.events_published
+            ),
+        };
+        row("replay buffer", held);
+    }
     row("subscribers", s.subscribers.to_string());
     row("subscriber drops", s.subscriber_drops.to_string());
+    if let Some(t) = &s.subscriber_totals {
+        row(
+            "subscriber events",
+            format!(
+                "{} matched = {} delivered + {} dropped + {} queued + {} abandoned",
+                t.matched, t.delivered, t.dropped, t.queued, t.abandoned
+            ),
+        );
+    }
     row("hooks attached", s.hooks_attached.join(", "));
     row(
         "hooks missing",
@@ -578,10 +809,84 @@ pub fn stats_text(s: &proto::Stats) -> String {
             s.hooks_missing.join("; ")
         },
     );
+    if let Some(h) = s.handshake_latency.as_ref().filter(|h| h.count > 0) {
+        out.push_str("\nhandshake latency\n");
+        out.push_str(&histogram_text(h));
+    }
+    if let Some(h) = s.connection_duration.as_ref().filter(|h| h.count > 0) {
+        out.push_str("\nconnection duration (closed connections seen open)\n");
+        out.push_str(&histogram_text(h));
+    }
     if !s.peers.is_empty() {
         out.push_str(&peers_table(&s.peers));
     }
+    if !s.subscriptions.is_empty() {
+        out.push('\n');
+        out.push_str(&subscribers_table(&s.subscriptions));
+    }
     out.trim_end().to_owned()
+}
+
+/// One line per bucket up to the last non-empty one, with a bar scaled to the largest.
+pub fn histogram_text(h: &proto::Histogram) -> String {
+    let mut out = String::new();
+    let largest = h.buckets.iter().map(|b| b.count).max().unwrap_or(0).max(1);
+    let last = h.buckets.iter().rposition(|b| b.count > 0).unwrap_or(0);
+    let mut lower = "0".to_string();
+    for b in &h.buckets[..=last] {
+        let upper = b
+            .upper_bound
+            .as_ref()
+            .map_or_else(|| "inf".to_string(), |d| duration(Some(d)));
+        let bar = "#".repeat(((b.count * 40).div_ceil(largest)) as usize);
+        let line = format!(
+            "  {:>18} {:>10}  {bar}",
+            format!("{lower} - {upper}"),
+            b.count
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+        lower = upper;
+    }
+    let mean = h.sum.as_ref().map(|sum| {
+        let ns = sum.seconds as f64 * 1e9 + f64::from(sum.nanos);
+        let mean_ns = ns / h.count.max(1) as f64;
+        duration(Some(&prost_types::Duration {
+            seconds: (mean_ns / 1e9) as i64,
+            nanos: (mean_ns % 1e9) as i32,
+        }))
+    });
+    let _ = writeln!(
+        out,
+        "  {} connections, mean {}",
+        h.count,
+        mean.unwrap_or_else(|| "?".into())
+    );
+    out
+}
+
+/// Each subscriber's accounting: matched = delivered + dropped + queued.
+pub fn subscribers_table(subs: &[proto::SubscriberStats]) -> String {
+    let mut out = format!(
+        "{:>5}  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}\n",
+        "SUB", "PEER", "QUEUE", "QUEUED", "MATCHED", "DELIVERED", "DROPPED", "REPLAYED", "FILTER"
+    );
+    for s in subs {
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<24} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+            s.id,
+            s.peer,
+            s.queue_capacity,
+            s.queued,
+            s.matched,
+            s.delivered,
+            s.dropped,
+            s.replayed,
+            s.filter
+        );
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,34 +1,91 @@
-//! Connecting to an agent, over its Unix socket or TCP.
-use std::path::PathBuf;
+//! Connecting to an agent, over its Unix socket or TCP (with TLS when asked).
+use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{api::ListenAddr, proto::tcp_trace_client::TcpTraceClient};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error(
-        "cannot reach the agent at {addr}: {source} (is `tcp-trace agent` running, and may you open its socket?)"
+        "cannot reach the agent at {addr}: {source} (is `tcp-trace agent` running, and may you open its socket?{hint})"
     )]
     Unreachable {
         addr: String,
         source: tonic::transport::Error,
+        hint: &'static str,
     },
+    #[error("cannot read {flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS needs --tls-ca (the CA that signed the agent's certificate)")]
+    NoCa,
+    #[error("--tls-cert and --tls-key go together (a client certificate and its key)")]
+    HalfIdentity,
+    #[error("TLS is for TCP addresses; a Unix socket is guarded by its file permissions")]
+    TlsOverUnix,
+    #[error("the TLS configuration does not work: {0}")]
+    Tls(tonic::transport::Error),
+}
+
+/// How a client proves who the agent is, and optionally who it is itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The CA that signed the agent's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key (PEM), for agents that require them (mutual TLS).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to check the agent's certificate against, when not the host in the address.
+    pub domain: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// None: plain text (Unix sockets, loopback TCP).
+    pub tls: Option<ClientTls>,
 }
 
 pub async fn connect(addr: &ListenAddr) -> Result<TcpTraceClient<Channel>, ConnectError> {
-    Ok(TcpTraceClient::new(channel(addr).await?).max_decoding_message_size(64 << 20))
+    connect_with(addr, &ConnectOptions::default()).await
+}
+
+pub async fn connect_with(
+    addr: &ListenAddr,
+    options: &ConnectOptions,
+) -> Result<TcpTraceClient<Channel>, ConnectError> {
+    Ok(TcpTraceClient::new(channel_with(addr, options).await?).max_decoding_message_size(64 << 20))
 }
 
 /// A gRPC channel to the agent, for its other services (health, reflection) too.
 pub async fn channel(addr: &ListenAddr) -> Result<Channel, ConnectError> {
+    channel_with(addr, &ConnectOptions::default()).await
+}
+
+pub async fn channel_with(
+    addr: &ListenAddr,
+    options: &ConnectOptions,
+) -> Result<Channel, ConnectError> {
     let unreachable = |source| ConnectError::Unreachable {
         addr: addr.to_string(),
         source,
+        hint: match (addr, &options.tls) {
+            (ListenAddr::Tcp(_), None) => " Does it require TLS (--tls-ca)?",
+            (ListenAddr::Tcp(_), Some(_)) => {
+                " Does it serve TLS, and does it require a client certificate (--tls-cert, --tls-key)?"
+            }
+            _ => "",
+        },
     };
     let channel = match addr {
         ListenAddr::Unix(path) => {
+            if options.tls.is_some() {
+                return Err(ConnectError::TlsOverUnix);
+            }
             let path: PathBuf = path.clone();
             // The URI is required by the API but unused: the connector below decides.
             Endpoint::from_static("http://localhost")
@@ -43,11 +100,50 @@ pub async fn channel(addr: &ListenAddr) -> Result<Channel, ConnectError> {
                 .await
                 .map_err(unreachable)?
         }
-        ListenAddr::Tcp(sock) => Endpoint::from_shared(format!("http://{sock}"))
-            .expect("a socket address makes a valid URI")
-            .connect()
-            .await
-            .map_err(unreachable)?,
+        ListenAddr::Tcp(sock) => {
+            let scheme = if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{sock}"))
+                .expect("a socket address makes a valid URI");
+            if let Some(tls) = &options.tls {
+                endpoint = endpoint
+                    .tls_config(tls.config()?)
+                    .map_err(ConnectError::Tls)?;
+            }
+            endpoint.connect().await.map_err(unreachable)?
+        }
     };
     Ok(channel)
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<ClientTlsConfig, ConnectError> {
+        let read = |flag, path: &Path| {
+            std::fs::read(path).map_err(|source| ConnectError::TlsFile {
+                flag,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let ca = self.ca.as_deref().ok_or(ConnectError::NoCa)?;
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("--tls-cert", cert)?,
+                    read("--tls-key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err(ConnectError::HalfIdentity),
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
 }

@@ -1,8 +1,18 @@
 //! Server-side filters: validated once when a client asks, then matched against each event's
 //! keys without allocating.
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::proto;
+
+/// Most values a filter may hold in all its parts together: matching costs a scan of each part
+/// for every event, so a client must not make the producer slow for everyone.
+pub const MAX_FILTER_VALUES: usize = 256;
+
+/// Longest task name the kernel keeps (TASK_COMM_LEN - 1).
+pub const MAX_COMM: usize = 15;
 
 /// What a filter looks at, extracted once per event (or per connection for ListConnections).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,6 +23,11 @@ pub struct Keys {
     /// The connection owner's pid, if known.
     pub pid: Option<u32>,
     pub netns: u32,
+    /// The connection owner's task name, NUL padded; all zero when the owner is unknown.
+    pub comm: [u8; 16],
+    pub direction: proto::Direction,
+    /// The connection's state as the event leaves it.
+    pub state: proto::TcpState,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +46,20 @@ pub enum FilterError {
     Kind { index: usize, value: i32 },
     #[error("filter.pids[{index}]: 0 is not a process id")]
     Pid { index: usize },
+    #[error(
+        "filter.comms[{index}]: {value:?} can never match: a task name is 1-{MAX_COMM} bytes \
+         (the kernel truncates longer names)"
+    )]
+    Comm { index: usize, value: String },
+    #[error("filter.directions[{index}]: {value} is not a direction")]
+    Direction { index: usize, value: i32 },
+    #[error("filter.states[{index}]: {value} is not a TCP state")]
+    State { index: usize, value: i32 },
+    #[error(
+        "filter has {values} values, more than the {limit} a filter may have: match ranges with \
+         CIDRs, or split it over several subscriptions"
+    )]
+    TooComplex { values: usize, limit: usize },
 }
 
 /// An IP network: an address and a prefix length.
@@ -49,13 +78,13 @@ impl Cidr {
         let addr: IpAddr = addr
             .trim()
             .parse()
-            .map_err(|_| format!("bad address {addr:?}"))?;
+            .map_err(|_| format!("bad address {:?}", shown(addr)))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
             Some(p) => match p.parse::<u8>() {
                 Ok(p) if p <= max => p,
-                _ => return Err(format!("prefix {p:?} is not 0-{max}")),
+                _ => return Err(format!("prefix {:?} is not 0-{max}", shown(p))),
             },
         };
         Ok(Cidr { addr, prefix })
@@ -75,6 +104,17 @@ impl Cidr {
                 prefix_eq(&net.octets(), &ip.octets(), self.prefix)
             }
             _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let max = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == max {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
         }
     }
 }
@@ -99,60 +139,109 @@ pub struct Filter {
     pub pids: Vec<u32>,
     pub netns: Vec<u32>,
     pub kinds: Vec<proto::EventKind>,
+    /// NUL padded, as [`Keys::comm`].
+    pub comms: Vec<[u8; 16]>,
+    pub directions: Vec<proto::Direction>,
+    pub states: Vec<proto::TcpState>,
+}
+
+/// A client's text in an error message, cut short: the request may be large.
+fn shown(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Validates each value of one part, naming the first bad one.
+fn each<T, U>(
+    values: &[T],
+    check: impl Fn(usize, &T) -> Result<U, FilterError>,
+) -> Result<Vec<U>, FilterError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(index, value)| check(index, value))
+        .collect()
 }
 
 impl TryFrom<proto::Filter> for Filter {
     type Error = FilterError;
 
     fn try_from(f: proto::Filter) -> Result<Filter, FilterError> {
-        let ports = f
-            .ports
-            .iter()
-            .enumerate()
-            .map(|(index, &value)| match u16::try_from(value) {
-                Ok(port) if port != 0 => Ok(port),
-                _ => Err(FilterError::Port { index, value }),
+        let values = f.ports.len()
+            + f.addresses.len()
+            + f.pids.len()
+            + f.netns.len()
+            + f.kinds.len()
+            + f.comms.len()
+            + f.directions.len()
+            + f.states.len();
+        if values > MAX_FILTER_VALUES {
+            return Err(FilterError::TooComplex {
+                values,
+                limit: MAX_FILTER_VALUES,
+            });
+        }
+        let ports = each(&f.ports, |index, &value| match u16::try_from(value) {
+            Ok(port) if port != 0 => Ok(port),
+            _ => Err(FilterError::Port { index, value }),
+        })?;
+        let addresses = each(&f.addresses, |index, value| {
+            Cidr::parse(value).map_err(|why| FilterError::Address {
+                index,
+                value: shown(value),
+                why,
             })
-            .collect::<Result<_, _>>()?;
-        let addresses = f
-            .addresses
-            .iter()
-            .enumerate()
-            .map(|(index, value)| {
-                Cidr::parse(value).map_err(|why| FilterError::Address {
-                    index,
-                    value: value.clone(),
-                    why,
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let netns = f
-            .netns
-            .iter()
-            .enumerate()
-            .map(|(index, &value)| match u32::try_from(value) {
-                Ok(inode) if inode != 0 => Ok(inode),
-                _ => Err(FilterError::Netns { index, value }),
-            })
-            .collect::<Result<_, _>>()?;
-        let kinds = f
-            .kinds
-            .iter()
-            .enumerate()
-            .map(|(index, &value)| match proto::EventKind::try_from(value) {
+        })?;
+        let netns = each(&f.netns, |index, &value| match u32::try_from(value) {
+            Ok(inode) if inode != 0 => Ok(inode),
+            _ => Err(FilterError::Netns { index, value }),
+        })?;
+        let kinds = each(&f.kinds, |index, &value| {
+            match proto::EventKind::try_from(value) {
                 Ok(kind) if kind != proto::EventKind::Unspecified => Ok(kind),
                 _ => Err(FilterError::Kind { index, value }),
-            })
-            .collect::<Result<_, _>>()?;
+            }
+        })?;
         if let Some(index) = f.pids.iter().position(|&pid| pid == 0) {
             return Err(FilterError::Pid { index });
         }
+        let comms = each(&f.comms, |index, value| {
+            let bytes = value.as_bytes();
+            if bytes.is_empty() || bytes.len() > MAX_COMM || bytes.contains(&0) {
+                return Err(FilterError::Comm {
+                    index,
+                    value: shown(value),
+                });
+            }
+            let mut comm = [0u8; 16];
+            comm[..bytes.len()].copy_from_slice(bytes);
+            Ok(comm)
+        })?;
+        let directions = each(
+            &f.directions,
+            |index, &value| match proto::Direction::try_from(value) {
+                Ok(d) if d != proto::Direction::Unspecified => Ok(d),
+                _ => Err(FilterError::Direction { index, value }),
+            },
+        )?;
+        let states = each(&f.states, |index, &value| {
+            match proto::TcpState::try_from(value) {
+                Ok(s) if s != proto::TcpState::Unspecified => Ok(s),
+                _ => Err(FilterError::State { index, value }),
+            }
+        })?;
         Ok(Filter {
             ports,
             addresses,
             pids: f.pids,
             netns,
             kinds,
+            comms,
+            directions,
+            states,
         })
     }
 }
@@ -172,6 +261,60 @@ impl Filter {
                     .iter()
                     .any(|c| c.contains(keys.local.ip()) || c.contains(keys.remote.ip())))
             && (self.pids.is_empty() || keys.pid.is_some_and(|pid| self.pids.contains(&pid)))
+            && (self.comms.is_empty() || (keys.comm[0] != 0 && self.comms.contains(&keys.comm)))
+            && (self.directions.is_empty() || self.directions.contains(&keys.direction))
+            && (self.states.is_empty() || self.states.contains(&keys.state))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Filter::default()
+    }
+}
+
+/// The filter in the CLI's words, for GetStats: `netns=4026532000 port=80,443`, or `all`.
+impl fmt::Display for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn part<T>(
+            f: &mut fmt::Formatter<'_>,
+            first: &mut bool,
+            name: &str,
+            values: &[T],
+            show: impl Fn(&T) -> String,
+        ) -> fmt::Result {
+            if values.is_empty() {
+                return Ok(());
+            }
+            let shown: Vec<String> = values.iter().map(show).collect();
+            let sep = if *first { "" } else { " " };
+            *first = false;
+            write!(f, "{sep}{name}={}", shown.join(","))
+        }
+        if self.is_empty() {
+            return f.write_str("all");
+        }
+        let first = &mut true;
+        part(f, first, "netns", &self.netns, u32::to_string)?;
+        part(f, first, "port", &self.ports, u16::to_string)?;
+        part(f, first, "addr", &self.addresses, Cidr::to_string)?;
+        part(f, first, "pid", &self.pids, u32::to_string)?;
+        part(f, first, "comm", &self.comms, |c| {
+            let end = c.iter().position(|&b| b == 0).unwrap_or(c.len());
+            String::from_utf8_lossy(&c[..end]).into_owned()
+        })?;
+        part(f, first, "direction", &self.directions, |d| {
+            d.as_str_name()
+                .trim_start_matches("DIRECTION_")
+                .to_lowercase()
+        })?;
+        part(f, first, "state", &self.states, |s| {
+            s.as_str_name().trim_start_matches("TCP_STATE_").to_owned()
+        })?;
+        part(f, first, "kind", &self.kinds, |k| {
+            k.as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_lowercase()
+                .replace('_', "-")
+        })
     }
 }
 
@@ -186,6 +329,9 @@ mod tests {
             remote: "198.51.100.2:443".parse().unwrap(),
             pid: Some(77),
             netns: 4026532000,
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            direction: proto::Direction::Active,
+            state: proto::TcpState::Established,
         }
     }
 
@@ -301,6 +447,121 @@ mod tests {
                 ..Default::default()
             })
             .contains("pids[0]")
+        );
+    }
+    #[test]
+    fn comm_direction_and_state_match_the_connection() {
+        let f = filter(proto::Filter {
+            comms: vec!["curl".into(), "wget".into()],
+            directions: vec![proto::Direction::Active as i32],
+            states: vec![
+                proto::TcpState::Established as i32,
+                proto::TcpState::Close as i32,
+            ],
+            ..Default::default()
+        });
+        assert!(f.matches(&keys()));
+        let curly = *b"curly\0\0\0\0\0\0\0\0\0\0\0";
+        assert!(
+            !f.matches(&Keys {
+                comm: curly,
+                ..keys()
+            }),
+            "exact names only"
+        );
+        assert!(
+            !f.matches(&Keys {
+                comm: [0; 16],
+                ..keys()
+            }),
+            "an unknown owner matches no comm"
+        );
+        assert!(!f.matches(&Keys {
+            direction: proto::Direction::Passive,
+            ..keys()
+        }));
+        assert!(!f.matches(&Keys {
+            state: proto::TcpState::SynSent,
+            ..keys()
+        }));
+    }
+
+    #[test]
+    fn a_filter_may_hold_at_most_256_values_in_all() {
+        let at_limit = proto::Filter {
+            ports: (1..=200).collect(),
+            pids: (1..=56).collect(),
+            ..Default::default()
+        };
+        assert!(Filter::try_from(at_limit.clone()).is_ok());
+        let over = proto::Filter {
+            comms: vec!["x".into()],
+            ..at_limit
+        };
+        assert_eq!(
+            Filter::try_from(over).unwrap_err(),
+            FilterError::TooComplex {
+                values: 257,
+                limit: 256
+            }
+        );
+    }
+
+    #[test]
+    fn new_parts_are_validated_and_long_values_cut_short_in_messages() {
+        let err = |f: proto::Filter| Filter::try_from(f).unwrap_err().to_string();
+        assert!(
+            err(proto::Filter {
+                comms: vec!["a-very-long-task-name".into()],
+                ..Default::default()
+            })
+            .starts_with("filter.comms[0]: \"a-very-long-task-name\" can never match")
+        );
+        assert!(
+            err(proto::Filter {
+                comms: vec![String::new()],
+                ..Default::default()
+            })
+            .starts_with("filter.comms[0]")
+        );
+        assert!(
+            err(proto::Filter {
+                directions: vec![0],
+                ..Default::default()
+            })
+            .starts_with("filter.directions[0]: 0")
+        );
+        assert!(
+            err(proto::Filter {
+                states: vec![1, 99],
+                ..Default::default()
+            })
+            .starts_with("filter.states[1]: 99")
+        );
+        let huge = err(proto::Filter {
+            addresses: vec!["x".repeat(10_000)],
+            ..Default::default()
+        });
+        assert!(huge.len() < 300, "{huge}");
+    }
+
+    #[test]
+    fn a_filter_reads_back_in_the_clis_words() {
+        assert_eq!(Filter::default().to_string(), "all");
+        let f = filter(proto::Filter {
+            ports: vec![80, 443],
+            addresses: vec!["10.0.0.0/8".into(), "::1".into()],
+            netns: vec![7],
+            comms: vec!["nginx".into()],
+            directions: vec![proto::Direction::Passive as i32],
+            states: vec![proto::TcpState::SynRecv as i32],
+            kinds: vec![proto::EventKind::ConnectionClosed as i32],
+            ..Default::default()
+        });
+        assert_eq!(
+            f.to_string(),
+            "netns=7 port=80,443 addr=10.0.0.0/8,::1 comm=nginx direction=passive \
+             state=SYN_RECV kind=connection-closed"
         );
     }
 }

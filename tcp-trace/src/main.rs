@@ -4,6 +4,7 @@ use tcp_trace::{
     agent::Agent,
     cli::{self, Cli, Command},
     client, json, proto,
+    top::Top,
 };
 use tokio_stream::StreamExt as _;
 
@@ -38,6 +39,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Watch(args) => watch(args).await,
         Command::Conns(args) => conns(args).await,
         Command::Stats(args) => stats(args).await,
+        Command::Top(args) => top(args).await,
     }
 }
 
@@ -62,10 +64,12 @@ async fn agent(args: cli::AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
-    let mut client = client::connect(&args.client.connect).await?;
+    let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let request = proto::SubscribeRequest {
         filter: Some(args.filter.to_proto()),
-        queue: 0,
+        queue: args.queue,
+        since_seq: args.since_seq,
+        replay_last: args.replay_last,
     };
     let mut stream = client
         .subscribe(request)
@@ -89,9 +93,11 @@ async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
 }
 
 async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
-    let mut client = client::connect(&args.client.connect).await?;
+    let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let request = proto::ListConnectionsRequest {
         filter: Some(args.filter.to_proto()),
+        order: proto::ConnectionOrder::from(args.sort) as i32,
+        limit: args.limit,
     };
     let response = client
         .list_connections(request)
@@ -106,14 +112,18 @@ async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "{}",
-            cli::connections_table(&response.connections, std::time::SystemTime::now())
+            cli::connections_table(
+                &response.connections,
+                response.matched,
+                std::time::SystemTime::now()
+            )
         );
     }
     Ok(())
 }
 
 async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
-    let mut client = client::connect(&args.client.connect).await?;
+    let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let stats = client
         .get_stats(proto::GetStatsRequest {})
         .await
@@ -125,6 +135,40 @@ async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
         println!("{}", cli::stats_text(&stats));
     }
     Ok(())
+}
+
+/// Redraws the busiest peers every interval (or prints one frame with --once).
+async fn top(args: cli::TopArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
+    let interval = std::time::Duration::from_secs_f64(args.interval);
+    let filter = args.peer_filter();
+    let mut top = Top::new();
+    let mut ticker = tokio::time::interval(interval);
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        let now = ticker.tick().await;
+        let stats = client
+            .get_stats(proto::GetStatsRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        let elapsed = last.map_or(interval, |last| now - last);
+        let frame = top.frame(&stats, elapsed, &filter, args.rows);
+        if args.once {
+            // One frame with rates over one interval: the first sample only sets the baseline.
+            if last.is_some() {
+                println!("{frame}");
+                return Ok(());
+            }
+        } else {
+            // Clear the screen and home the cursor: a plain redraw, no terminal library.
+            let mut out = std::io::stdout().lock();
+            write!(out, "\x1b[2J\x1b[H{frame}")?;
+            out.flush()?;
+        }
+        last = Some(now);
+    }
 }
 
 /// The agent's answer, in its own words.

@@ -225,3 +225,12 @@ pub struct SocketOption {
     pub value: i32,
     pub task: Task,
 }
+
+/// accept() handed a socket to a process: the process that took the passive connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    pub ts_ns: u64,
+    pub sock: u64,
+    pub netns: u32,
+    pub task: Task,
+}

@@ -4,15 +4,16 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use aya::maps::{MapData, PerCpuArray};
 use tcp_trace_common::counter;
 
 use crate::{
-    bus::BusCounters,
+    bus::{BusSnapshot, SubscriberSnapshot},
     capture::{Hooks, KernelCounters},
+    filter::Keys,
     proto,
 };
 
@@ -42,6 +43,10 @@ pub struct AgentStats {
     pub kernel: KernelCounterReader,
     pub hooks: Hooks,
     pub started_at: SystemTime,
+    /// Lifetimes of closed connections the agent saw open.
+    pub connection_duration: Histogram,
+    /// Handshake latencies, as each connection is established.
+    pub handshake_latency: Histogram,
 }
 
 impl AgentStats {
@@ -52,45 +57,195 @@ impl AgentStats {
             kernel,
             hooks,
             started_at: SystemTime::now(),
+            connection_duration: Histogram::new(DURATION_BOUNDS_NS),
+            handshake_latency: Histogram::new(DURATION_BOUNDS_NS),
+        }
+    }
+
+    /// Takes what GetStats reports from a batch about to be published.
+    pub fn observe(&self, batch: &[(proto::Event, Keys)]) {
+        use proto::event::Body;
+        for (event, keys) in batch {
+            match &event.body {
+                Some(Body::ConnectionClosed(closed))
+                    if closed.seen_open && keys.direction != proto::Direction::Listen =>
+                {
+                    if let Some(d) = &closed.duration {
+                        self.connection_duration.record(nanos(d));
+                    }
+                }
+                Some(Body::StateChange(change)) => {
+                    if let Some(latency) =
+                        change.handshake.as_ref().and_then(|h| h.latency.as_ref())
+                    {
+                        self.handshake_latency.record(nanos(latency));
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
     pub fn snapshot(
         &self,
-        bus: &BusCounters,
+        bus: &BusSnapshot,
         live_connections: u64,
         table_full: u64,
     ) -> proto::Stats {
         let kernel = self.kernel.read();
-        let kinds = [
-            proto::EventKind::StateChange,
-            proto::EventKind::ConnectionClosed,
-            proto::EventKind::Retransmit,
-            proto::EventKind::Reset,
-            proto::EventKind::Keepalive,
-        ];
+        // Every kind an event can have, seen or not; Lost is per subscriber (subscriber_drops).
+        let events = bus
+            .by_kind
+            .iter()
+            .filter(|(kind, _)| {
+                !matches!(kind, proto::EventKind::Unspecified | proto::EventKind::Lost)
+            })
+            .map(|&(kind, count)| proto::KindCount {
+                kind: kind as i32,
+                count,
+            })
+            .collect();
         proto::Stats {
-            events: kinds
-                .iter()
-                .map(|&kind| proto::KindCount {
-                    kind: kind as i32,
-                    count: bus.by_kind[kind as usize],
-                })
-                .collect(),
+            events,
             kernel_records: kernel.submitted,
             kernel_ring_full: kernel.ring_full,
             kernel_filtered: kernel.filtered,
             records_decoded: self.records_decoded.load(Ordering::Relaxed),
             records_malformed: self.records_malformed.load(Ordering::Relaxed),
-            subscribers: u32::try_from(bus.subscribers).unwrap_or(u32::MAX),
+            subscribers: u32::try_from(bus.subscribers.len()).unwrap_or(u32::MAX),
             live_connections,
             table_full,
-            subscriber_drops: bus.dropped,
+            subscriber_drops: bus.totals.dropped,
             hooks_attached: self.hooks.attached.clone(),
             hooks_missing: self.hooks.missing.clone(),
             started_at: Some(self.started_at.into()),
+            events_published: bus.last_seq,
+            subscriptions: bus.subscribers.iter().map(subscriber).collect(),
+            subscriber_totals: Some(proto::SubscriberTotals {
+                matched: bus.totals.matched,
+                delivered: bus.totals.delivered,
+                dropped: bus.totals.dropped,
+                queued: bus.totals.queued,
+                abandoned: bus.totals.abandoned,
+            }),
+            replay: Some(proto::ReplayStats {
+                capacity: bus.replay_capacity as u64,
+                held: bus.replay_held as u64,
+                oldest_seq: bus.replay_oldest_seq,
+            }),
+            connection_duration: Some(self.connection_duration.to_proto()),
+            handshake_latency: Some(self.handshake_latency.to_proto()),
             // The lifecycle aggregates are added by the caller, which holds the table.
             ..Default::default()
         }
+    }
+}
+
+fn subscriber(s: &SubscriberSnapshot) -> proto::SubscriberStats {
+    proto::SubscriberStats {
+        id: s.id,
+        filter: s.filter.clone(),
+        peer: s.peer.clone(),
+        subscribed_at: Some(s.since.into()),
+        queue_capacity: u32::try_from(s.queue_capacity).unwrap_or(u32::MAX),
+        matched: s.matched,
+        replayed: s.replayed,
+        delivered: s.delivered,
+        dropped: s.dropped,
+        queued: s.queued,
+        replay_expired: s.replay_expired,
+    }
+}
+
+fn nanos(d: &prost_types::Duration) -> u64 {
+    u64::try_from(d.seconds)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(d.nanos).unwrap_or(0))
+}
+
+/// Upper bounds of the connection-duration and handshake-latency buckets: 10us to 30 min in steps of about 3x, which
+/// separates loopback, LAN, WAN, request/response and long-lived connections.
+pub const DURATION_BOUNDS_NS: &[u64] = &[
+    10_000,
+    30_000,
+    100_000,
+    300_000,
+    1_000_000,
+    3_000_000,
+    10_000_000,
+    30_000_000,
+    100_000_000,
+    300_000_000,
+    1_000_000_000,
+    3_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+    300_000_000_000,
+    1_800_000_000_000,
+];
+
+/// Fixed buckets of nanosecond values, updated without a lock.
+pub struct Histogram {
+    bounds: &'static [u64],
+    /// One per bound, and one for everything above the last.
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [u64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, ns: u64) {
+        let bucket = self.bounds.partition_point(|&bound| bound < ns);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub fn to_proto(&self) -> proto::Histogram {
+        let duration = |ns: u64| prost_types::Duration::try_from(Duration::from_nanos(ns)).ok();
+        let buckets: Vec<proto::HistogramBucket> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, count)| proto::HistogramBucket {
+                upper_bound: self.bounds.get(i).and_then(|&ns| duration(ns)),
+                count: count.load(Ordering::Relaxed),
+            })
+            .collect();
+        proto::Histogram {
+            count: buckets.iter().map(|b| b.count).sum(),
+            buckets,
+            sum: duration(self.sum_ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_fall_in_the_first_bucket_whose_bound_they_do_not_exceed() {
+        let h = Histogram::new(&[10, 100]);
+        for ns in [0, 10, 11, 100, 101, 5000] {
+            h.record(ns);
+        }
+        let p = h.to_proto();
+        let counts: Vec<u64> = p.buckets.iter().map(|b| b.count).collect();
+        assert_eq!(counts, [2, 2, 2]);
+        assert_eq!(p.count, 6);
+        assert!(
+            p.buckets[2].upper_bound.is_none(),
+            "the last bucket is open"
+        );
+        assert_eq!(p.sum.unwrap().nanos, 5222);
     }
 }

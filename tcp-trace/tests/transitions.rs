@@ -153,12 +153,19 @@ async fn softirq_transitions_are_never_attributed_to_the_interrupted_process() {
     let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
     let server_ns = Arc::clone(&ns);
     let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let accept_tid = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let tid = Arc::clone(&accept_tid);
     let server = std::thread::spawn(move || {
         server_ns.run(move || {
             use std::io::{Read, Write};
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             port_tx.send(listener.local_addr().unwrap().port()).unwrap();
             let (mut conn, _) = listener.accept().unwrap();
+            // SAFETY: gettid has no preconditions.
+            tid.store(
+                unsafe { libc::gettid() } as u32,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let mut byte = [0u8; 1];
             conn.read_exact(&mut byte).unwrap();
             conn.write_all(b"y").unwrap();
@@ -228,6 +235,24 @@ async fn softirq_transitions_are_never_attributed_to_the_interrupted_process() {
             _ => {}
         }
     }
+    // Once accept() returned the socket, the accepting thread owns the connection.
+    let server_owner = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            Some(Body::ConnectionClosed(_)) => e.connection.as_ref(),
+            _ => None,
+        })
+        .find(|c| c.direction == proto::Direction::Passive as i32)
+        .and_then(|c| c.owner.clone())
+        .unwrap();
+    assert_eq!(
+        (server_owner.pid, server_owner.tid, server_owner.attribution),
+        (
+            me,
+            accept_tid.load(std::sync::atomic::Ordering::Relaxed),
+            proto::Attribution::Accepted as i32
+        )
+    );
     let client_owner = events
         .iter()
         .filter_map(|e| e.connection.as_ref())

@@ -89,6 +89,7 @@ pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
             let attribution = match owner.source {
                 OwnerSource::ProcessContext => proto::Attribution::ProcessContext,
                 OwnerSource::Listener => proto::Attribution::SocketOwner,
+                OwnerSource::Accepted => proto::Attribution::Accepted,
             };
             process(&owner.task, attribution)
         }
@@ -117,6 +118,9 @@ pub fn keys(c: &Connection, kind: proto::EventKind) -> Keys {
         remote: c.remote,
         pid: c.owner.map(|o| o.task.pid),
         netns: c.netns,
+        comm: c.owner.map_or([0; 16], |o| o.task.comm),
+        direction: direction(c.direction),
+        state: state(c.state),
     }
 }
 
@@ -308,6 +312,9 @@ pub fn reset(r: &Reset, c: Option<&Connection>, clock: &Clock) -> (proto::Event,
                 remote,
                 pid: None,
                 netns: r.netns,
+                comm: [0; 16],
+                direction: proto::Direction::Unknown,
+                state: proto::TcpState::Unspecified,
             };
             (conn, keys)
         }

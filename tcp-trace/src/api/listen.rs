@@ -1,5 +1,7 @@
-//! Where the agent listens: a Unix socket by default, TCP on loopback when asked.
+//! Where the agent listens: a Unix socket by default (owner and group only), TCP on loopback
+//! when asked, and TCP on other addresses only with TLS.
 use std::{
+    ffi::CString,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::fs::PermissionsExt,
@@ -8,6 +10,7 @@ use std::{
 };
 
 use tokio::net::{TcpListener, UnixListener};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 pub const DEFAULT_SOCKET: &str = "/run/tcp-trace/tcp-trace.sock";
 
@@ -68,9 +71,104 @@ pub enum ListenError {
     },
     #[error(
         "refusing to serve {0} without TLS: only loopback addresses may be used in plain text \
-         (the stream shows every connection on this host)"
+         (the stream shows every connection on this host); give --tls-cert and --tls-key, \
+         and --tls-client-ca to require client certificates"
     )]
     NotLoopback(SocketAddr),
+    #[error("--socket-group {0:?}: no such group on this host (see `getent group`)")]
+    NoGroup(String),
+    #[error("cannot give {path} to group {group}: {source}")]
+    Chown {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read {flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the TLS configuration does not work: {0} (are --tls-cert and --tls-key PEM files of one key pair?)"
+    )]
+    Tls(String),
+}
+
+/// Who may connect, besides where.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Group (name or number) given the Unix socket files; its members may connect.
+    pub socket_group: Option<String>,
+    /// TLS for the TCP listeners; required for addresses other than loopback.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for serving TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate signed by one of these (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Reads the files. The key pair itself is checked when the server is built with it.
+    pub fn server_config(&self) -> Result<ServerTlsConfig, ListenError> {
+        let read = |flag, path: &Path| {
+            std::fs::read(path).map_err(|source| ListenError::TlsFile {
+                flag,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let identity = Identity::from_pem(
+            read("--tls-cert", &self.cert)?,
+            read("--tls-key", &self.key)?,
+        );
+        let mut config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            // Without client_auth_optional, a client without a certificate from this CA is
+            // refused in the handshake.
+            config = config.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+        }
+        Ok(config)
+    }
+}
+
+/// A group name (or number) as a gid.
+pub fn group_id(group: &str) -> Result<u32, ListenError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let missing = || ListenError::NoGroup(group.to_owned());
+    let name = CString::new(group).map_err(|_| missing())?;
+    let mut buf = vec![0 as libc::c_char; 4096];
+    loop {
+        // SAFETY: all-zero is a valid `group` (null pointers, zero ids) for getgrnam_r to fill.
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, and buf's length is passed with it.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        return if rc == 0 && !found.is_null() {
+            Ok(entry.gr_gid)
+        } else {
+            Err(missing())
+        };
+    }
 }
 
 /// Bound listeners; Unix socket files are removed when dropped.
@@ -91,7 +189,8 @@ impl Drop for Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(addrs: &[ListenAddr]) -> Result<Listeners, ListenError> {
+    pub async fn bind(addrs: &[ListenAddr], access: &Access) -> Result<Listeners, ListenError> {
+        let gid = access.socket_group.as_deref().map(group_id).transpose()?;
         let mut listeners = Listeners {
             unix: vec![],
             tcp: vec![],
@@ -101,13 +200,13 @@ impl Listeners {
         for addr in addrs {
             match addr {
                 ListenAddr::Unix(path) => {
-                    let listener = bind_unix(path).await?;
+                    let listener = bind_unix(path, gid, access.socket_group.as_deref()).await?;
                     listeners.socket_files.push(path.clone());
                     listeners.unix.push((path.clone(), listener));
                     listeners.bound.push(addr.clone());
                 }
                 ListenAddr::Tcp(sock) => {
-                    if !sock.ip().is_loopback() {
+                    if !sock.ip().is_loopback() && access.tls.is_none() {
                         return Err(ListenError::NotLoopback(*sock));
                     }
                     let io = |source| ListenError::Io {
@@ -126,7 +225,11 @@ impl Listeners {
     }
 }
 
-async fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
+async fn bind_unix(
+    path: &Path,
+    gid: Option<u32>,
+    group: Option<&str>,
+) -> Result<UnixListener, ListenError> {
     let io = |source| ListenError::Io {
         addr: format!("unix:{}", path.display()),
         source,
@@ -144,6 +247,13 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ListenError> {
     let listener = UnixListener::bind(path).map_err(io)?;
     // Owner and group only: the stream shows every connection on the host.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    if let (Some(gid), Some(group)) = (gid, group) {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ListenError::Chown {
+            path: path.to_owned(),
+            group: group.to_owned(),
+            source,
+        })?;
+    }
     Ok(listener)
 }
 
@@ -186,7 +296,7 @@ mod tests {
     async fn plain_text_tcp_is_refused_off_loopback() {
         let addr = ListenAddr::Tcp("0.0.0.0:0".parse().unwrap());
         assert!(matches!(
-            Listeners::bind(&[addr]).await,
+            Listeners::bind(&[addr], &Access::default()).await,
             Err(ListenError::NotLoopback(_))
         ));
     }
@@ -197,12 +307,21 @@ mod tests {
         let path = dir.join("a.sock");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(&path, b"stale").unwrap();
-        let listeners = Listeners::bind(&[ListenAddr::Unix(path.clone())])
+        let access = Access {
+            socket_group: Some("4242".into()),
+            tls: None,
+        };
+        let listeners = Listeners::bind(&[ListenAddr::Unix(path.clone())], &access)
             .await
             .unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        let second = Listeners::bind(&[ListenAddr::Unix(path.clone())]).await;
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::gid(&meta),
+            4242,
+            "--socket-group"
+        );
+        let second = Listeners::bind(&[ListenAddr::Unix(path.clone())], &Access::default()).await;
         assert!(
             matches!(second, Err(ListenError::InUse(_))),
             "a live agent's socket is not taken over"
@@ -210,5 +329,17 @@ mod tests {
         drop(listeners);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_groups_resolve_by_name_or_number() {
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert_eq!(group_id("1234").unwrap(), 1234);
+        assert!(
+            group_id("no-such-group-here")
+                .unwrap_err()
+                .to_string()
+                .contains("no such group")
+        );
     }
 }

@@ -15,12 +15,12 @@ use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
-pub use listen::{ListenAddr, ListenError, Listeners};
+pub use listen::{Access, ListenAddr, ListenError, Listeners, TlsFiles};
 
 use crate::{
-    bus::{Bus, Delivery, Subscription},
+    bus::{self, Bus, Delivery, Start, SubscribeError, Subscription},
     filter::{Filter, FilterError},
-    lifecycle::Table,
+    lifecycle::{Connection, Table},
     proto::{self, tcp_trace_server::TcpTrace},
     stats::AgentStats,
 };
@@ -32,15 +32,29 @@ pub enum ApiError {
     Filter(#[from] FilterError),
     #[error("queue {0} is larger than the limit {1}")]
     Queue(u32, usize),
-    #[error("{0} subscribers are connected, the most this agent takes (--max-subscribers)")]
-    TooManySubscribers(usize),
+    #[error(transparent)]
+    Subscribe(#[from] SubscribeError),
+    #[error(
+        "since_seq and replay_last cannot be used together: since_seq resumes, replay_last starts fresh"
+    )]
+    SinceAndLast,
+    #[error("order {0} is not a ConnectionOrder")]
+    Order(i32),
 }
 
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         match err {
-            ApiError::Filter(_) | ApiError::Queue(..) => Status::invalid_argument(err.to_string()),
-            ApiError::TooManySubscribers(_) => Status::resource_exhausted(err.to_string()),
+            ApiError::Filter(_)
+            | ApiError::Queue(..)
+            | ApiError::SinceAndLast
+            | ApiError::Order(_) => Status::invalid_argument(err.to_string()),
+            ApiError::Subscribe(SubscribeError::TooMany(_)) => {
+                Status::resource_exhausted(err.to_string())
+            }
+            ApiError::Subscribe(SubscribeError::Future { .. }) => {
+                Status::out_of_range(err.to_string())
+            }
         }
     }
 }
@@ -52,6 +66,8 @@ pub struct Limits {
     pub subscriber_queue: usize,
     pub max_queue: usize,
     pub max_subscribers: usize,
+    /// Largest request accepted, in bytes: a filter at its value limit fits many times over.
+    pub max_request_bytes: usize,
 }
 
 impl Default for Limits {
@@ -60,6 +76,7 @@ impl Default for Limits {
             subscriber_queue: 16_384,
             max_queue: 1 << 20,
             max_subscribers: 1024,
+            max_request_bytes: 64 << 10,
         }
     }
 }
@@ -87,14 +104,34 @@ impl Stream for EventStream {
         if self.stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        self.subscription.rx.poll_recv(cx).map(|delivery| {
+        self.subscription.poll_next(cx).map(|delivery| {
             delivery.map(|d| {
                 Ok(match d {
                     Delivery::Event(published) => published.event.clone(),
-                    Delivery::Lost { count, last_seq } => convert::lost(count, last_seq),
+                    Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
+                        convert::lost(count, last_seq)
+                    }
                 })
             })
         })
+    }
+}
+
+/// Who is asking, for GetStats: the Unix socket's peer credentials, or the TCP peer.
+fn peer<T>(request: &Request<T>) -> String {
+    if let Some(addr) = request.remote_addr() {
+        return addr.to_string();
+    }
+    match request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+    {
+        Some(cred) => match cred.pid() {
+            Some(pid) => format!("unix pid={pid} uid={}", cred.uid()),
+            None => format!("unix uid={}", cred.uid()),
+        },
+        None => "unix".into(),
     }
 }
 
@@ -106,6 +143,7 @@ impl TcpTrace for Service {
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let peer = peer(&request);
         let request = request.into_inner();
         let filter =
             Filter::try_from(request.filter.unwrap_or_default()).map_err(ApiError::from)?;
@@ -116,11 +154,21 @@ impl TcpTrace for Service {
             }
             n => n,
         };
-        let subscribers = self.bus.counters().subscribers;
-        if subscribers >= self.limits.max_subscribers {
-            return Err(ApiError::TooManySubscribers(subscribers).into());
-        }
-        let subscription = self.bus.subscribe(filter, queue);
+        let start = match (request.since_seq, request.replay_last) {
+            (Some(_), 1..) => return Err(ApiError::SinceAndLast.into()),
+            (Some(since), 0) => Start::After(since),
+            (None, 0) => Start::Live,
+            (None, last) => Start::Last(last as usize),
+        };
+        let subscription = self
+            .bus
+            .subscribe(bus::SubscribeRequest {
+                filter,
+                queue,
+                start,
+                peer,
+            })
+            .map_err(ApiError::from)?;
         let stop = Box::pin(self.stop.clone().cancelled_owned());
         Ok(Response::new(EventStream { subscription, stop }))
     }
@@ -129,24 +177,49 @@ impl TcpTrace for Service {
         &self,
         request: Request<proto::ListConnectionsRequest>,
     ) -> Result<Response<proto::ListConnectionsResponse>, Status> {
-        let filter = Filter::try_from(request.into_inner().filter.unwrap_or_default())
-            .map_err(ApiError::from)?;
+        let request = request.into_inner();
+        let filter =
+            Filter::try_from(request.filter.unwrap_or_default()).map_err(ApiError::from)?;
         // A connection is not an event: the kind part of a filter does not apply.
         let filter = Filter {
             kinds: Vec::new(),
             ..filter
         };
+        let order = proto::ConnectionOrder::try_from(request.order)
+            .map_err(|_| ApiError::Order(request.order))?;
+        let limit = match request.limit {
+            0 => usize::MAX,
+            n => n as usize,
+        };
         let clock = convert::Clock::now();
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut connections: Vec<proto::Connection> = table
+        let mut matching: Vec<&Connection> = table
             .connections()
             .filter(|c| filter.matches(&convert::keys(c, proto::EventKind::Unspecified)))
+            .collect();
+        let matched = matching.len() as u64;
+        let key = |c: &&Connection| match order {
+            proto::ConnectionOrder::Unspecified | proto::ConnectionOrder::Id => (0, c.id),
+            proto::ConnectionOrder::Age => (c.opened_ns, c.id),
+            // Slowest first; no handshake measured sorts last.
+            proto::ConnectionOrder::HandshakeLatency => {
+                (u64::MAX - c.handshake_ns.unwrap_or(0), c.id)
+            }
+        };
+        if limit < matching.len() {
+            // Only the first `limit` need sorting.
+            matching.select_nth_unstable_by_key(limit, key);
+            matching.truncate(limit);
+        }
+        matching.sort_unstable_by_key(key);
+        let connections = matching
+            .into_iter()
             .map(|c| convert::connection(c, &clock))
             .collect();
         drop(table);
-        connections.sort_by_key(|c| c.id);
         Ok(Response::new(proto::ListConnectionsResponse {
             connections,
+            matched,
         }))
     }
 
@@ -160,7 +233,7 @@ impl TcpTrace for Service {
         let peers_full = table.peers.peers_full;
         let long_lived = table.peers.long_lived_ns();
         drop(table);
-        let mut stats = self.stats.snapshot(&self.bus.counters(), live, table_full);
+        let mut stats = self.stats.snapshot(&self.bus.snapshot(), live, table_full);
         stats.peers = peers;
         stats.peers_full = peers_full;
         stats.long_lived_threshold =

@@ -2,13 +2,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tcp_trace_common::{
-    AF_INET, AF_INET6, Header, Keepalive, Reset as RawReset, Retransmit as RawRetransmit,
-    SocketOption as RawSocketOption, StateChange, flags, kind, reset, retransmit, sockopt,
+    AF_INET, AF_INET6, Accept as RawAccept, Header, Keepalive, Reset as RawReset,
+    Retransmit as RawRetransmit, SocketOption as RawSocketOption, StateChange, flags, kind, reset,
+    retransmit, sockopt,
 };
 
 use crate::model::{
-    Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task, TcpState,
-    Transition,
+    Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
+    TcpState, Transition,
 };
 
 /// Why a record could not be decoded: the kernel and agent disagree about the wire format.
@@ -40,6 +41,7 @@ pub enum Record {
     Reset(Reset),
     Keepalive(KeepaliveTimer),
     SocketOption(SocketOption),
+    Accept(Accept),
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
@@ -60,6 +62,15 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         }
         kind::SOCKET_OPTION => {
             socket_option(&record(bytes, header.kind)?).map(Record::SocketOption)
+        }
+        kind::ACCEPT => {
+            let raw: RawAccept = record(bytes, header.kind)?;
+            Ok(Record::Accept(Accept {
+                ts_ns: raw.header.ts_ns,
+                sock: raw.header.sock,
+                netns: raw.netns,
+                task: task(raw.pid_tgid, raw.comm),
+            }))
         }
         other => Err(DecodeError::UnknownKind(other)),
     }

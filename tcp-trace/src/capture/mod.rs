@@ -147,6 +147,16 @@ impl Capture {
             .override_global(globals::PROBES_OUT_OFFSET, &offsets.probes_out, true)
             .override_global(globals::SKB_DEV_OFFSET, &offsets.skb_dev, true)
             .override_global(globals::DEV_NET_OFFSET, &offsets.dev_net, true)
+            .override_global(globals::TASK_FILES_OFFSET, &offsets.task_files, true)
+            .override_global(globals::FILES_FDT_OFFSET, &offsets.files_fdt, true)
+            .override_global(globals::FDT_MAX_FDS_OFFSET, &offsets.fdt_max_fds, true)
+            .override_global(globals::FDT_FD_OFFSET, &offsets.fdt_fd, true)
+            .override_global(
+                globals::FILE_PRIVATE_DATA_OFFSET,
+                &offsets.file_private_data,
+                true,
+            )
+            .override_global(globals::SOCKET_SK_OFFSET, &offsets.socket_sk, true)
             .override_global(
                 globals::KEEPALIVE_TIMER_FN,
                 &keepalive_timer.unwrap_or(0),
@@ -200,6 +210,15 @@ impl Capture {
                 format!("tcp:{event}"),
                 lost,
                 attach(&mut ebpf, event, "tcp", event),
+            );
+        }
+        for event in ["sys_exit_accept4", "sys_exit_accept"] {
+            let lost = "accepting process (accepted connections name their listener's owner)";
+            optional(
+                &mut hooks,
+                format!("syscalls:{event}"),
+                lost,
+                attach(&mut ebpf, event, "syscalls", event),
             );
         }
         let keepalive_lost = "keepalive probes and answers (a dead peer still shows as ETIMEDOUT)";
@@ -376,7 +395,15 @@ struct Offsets {
     probes_out: u32,
     skb_dev: u32,
     dev_net: u32,
+    task_files: u32,
+    files_fdt: u32,
+    fdt_max_fds: u32,
+    fdt_fd: u32,
+    file_private_data: u32,
+    socket_sk: u32,
 }
+
+const ACCEPTOR: &str = "the process that accepted a connection";
 
 impl Offsets {
     fn resolve(hooks: &mut Hooks) -> Offsets {
@@ -418,6 +445,12 @@ impl Offsets {
                 "net_device.nd_net.net",
                 "network namespace of resets sent without a socket",
             ),
+            task_files: offset("task_struct.files", ACCEPTOR),
+            files_fdt: offset("files_struct.fdt", ACCEPTOR),
+            fdt_max_fds: offset("fdtable.max_fds", ACCEPTOR),
+            fdt_fd: offset("fdtable.fd", ACCEPTOR),
+            file_private_data: offset("file.private_data", ACCEPTOR),
+            socket_sk: offset("socket.sk", ACCEPTOR),
         }
     }
 }

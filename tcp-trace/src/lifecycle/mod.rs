@@ -10,8 +10,8 @@ use std::{collections::HashMap, net::SocketAddr};
 pub use peers::{PeerKey, PeerStats, Peers};
 
 use crate::model::{
-    Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task, TcpState,
-    Transition,
+    Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
+    TcpState, Transition,
 };
 
 const ECONNRESET: u32 = 104;
@@ -41,6 +41,8 @@ pub enum OwnerSource {
     ProcessContext,
     /// Inherited from the listening socket the connection was accepted from.
     Listener,
+    /// The process whose accept() returned the socket.
+    Accepted,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -413,6 +415,16 @@ impl Table {
         }
         let c = self.connection_mut(r.sock)?;
         c.retransmits += 1;
+        Some(*c)
+    }
+
+    /// accept() returned the socket to a process: that process owns the connection now.
+    pub fn accepted(&mut self, a: &Accept) -> Option<Connection> {
+        let c = self.connection_mut(a.sock)?;
+        c.owner = Some(Owner {
+            task: a.task,
+            source: OwnerSource::Accepted,
+        });
         Some(*c)
     }
 
