@@ -53,12 +53,14 @@ async fn invalid_filters_get_invalid_argument_naming_the_bad_part_and_the_agent_
         let request = proto::SubscribeRequest {
             filter: Some(filter.clone()),
             queue: 0,
+            ..Default::default()
         };
         let status = agent.client.subscribe(request).await.expect_err("rejected");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().starts_with(names), "{}", status.message());
         let request = proto::ListConnectionsRequest {
             filter: Some(filter),
+            ..Default::default()
         };
         let status = agent
             .client
@@ -146,6 +148,7 @@ async fn list_connections_shows_a_live_connection_with_its_owner_and_stats_add_u
     .await;
     let request = proto::ListConnectionsRequest {
         filter: Some(netns_filter(ns.inode())),
+        ..Default::default()
     };
     let conns = agent
         .client
@@ -182,6 +185,7 @@ async fn list_connections_shows_a_live_connection_with_its_owner_and_stats_add_u
     };
     let request = proto::ListConnectionsRequest {
         filter: Some(by_port),
+        ..Default::default()
     };
     assert_eq!(
         agent

@@ -25,7 +25,12 @@ impl TestAgent {
         Self::start_with(AgentConfig::default()).await
     }
 
-    pub async fn start_with(mut config: AgentConfig) -> TestAgent {
+    pub async fn start_with(config: AgentConfig) -> TestAgent {
+        Self::start_serving(config, Vec::new()).await
+    }
+
+    /// Also listens on `tcp` (TCP addresses; port 0 picks one, see [`TestAgent::tcp_addr`]).
+    pub async fn start_serving(mut config: AgentConfig, tcp: Vec<ListenAddr>) -> TestAgent {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path = PathBuf::from(format!(
             "/tmp/tcp-trace-test-{}-{}.sock",
@@ -34,6 +39,7 @@ impl TestAgent {
         ));
         let addr = ListenAddr::Unix(path);
         config.listen = vec![addr.clone()];
+        config.listen.extend(tcp);
         let agent = Agent::start(config)
             .await
             .expect("the agent starts (run the tests as root)");
@@ -51,12 +57,55 @@ impl TestAgent {
         let request = proto::SubscribeRequest {
             filter: Some(filter),
             queue: 0,
+            ..Default::default()
         };
         self.client
             .subscribe(request)
             .await
             .expect("subscribe")
             .into_inner()
+    }
+
+    /// The first TCP address it listens on, port resolved.
+    pub fn tcp_addr(&self) -> std::net::SocketAddr {
+        let agent = self.agent.as_ref().expect("running");
+        agent
+            .listening
+            .iter()
+            .find_map(|a| match a {
+                ListenAddr::Tcp(sock) => Some(*sock),
+                ListenAddr::Unix(_) => None,
+            })
+            .expect("the agent listens on TCP")
+    }
+
+    pub async fn subscribe_with(
+        &mut self,
+        request: proto::SubscribeRequest,
+    ) -> tonic::Streaming<proto::Event> {
+        self.client
+            .subscribe(request)
+            .await
+            .expect("subscribe")
+            .into_inner()
+    }
+
+    /// Waits until the agent counts exactly `n` subscribers (a dropped stream is noticed by the
+    /// server a moment later).
+    pub async fn wait_for_subscribers(&mut self, n: u32) -> proto::Stats {
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = self.stats().await;
+            if stats.subscribers == n {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "{} subscribers, expected {n}",
+                stats.subscribers
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn stats(&mut self) -> proto::Stats {
@@ -72,6 +121,27 @@ impl TestAgent {
             agent.shutdown().await;
         }
     }
+}
+
+/// A client that reads slowly on the wire too: its HTTP/2 stream window is small, so once its
+/// application stops reading, the agent can send it only a few events before they queue.
+pub async fn stalling_client(addr: &ListenAddr) -> TcpTraceClient<Channel> {
+    let ListenAddr::Unix(path) = addr.clone() else {
+        panic!("a Unix socket address")
+    };
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_stream_window_size(Some(8 << 10))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("the agent accepts clients");
+    TcpTraceClient::new(channel)
 }
 
 pub fn netns_filter(inode: u64) -> proto::Filter {

@@ -1,0 +1,707 @@
+//! The figures: one table (median and min–max over rounds, target, whether it holds), written
+//! as target/bench/report.md with a plot (report.svg) and every run's raw numbers (runs.csv).
+use std::{fmt::Write as _, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    AGENT_EVENTS_PER_CONNECTION, AGENT_EVENTS_PER_LISTENER, Options, Phase, PopulationResult,
+    Results, RunResult, Tracer, stats::Spread,
+};
+
+/// The measures every report has a row for (the smoke test checks them).
+pub const MEASURES: &[&str] = &[
+    RATE,
+    RATIO,
+    LOSS,
+    PER_CONNECTION,
+    P50_CHURN,
+    P99_CHURN,
+    P50_TRICKLE,
+    P99_TRICKLE,
+    BPF_RUN,
+    BPF_TRANSITION,
+    AGENT_CPU,
+    CONSUMER_CPU,
+    PEAK_RSS,
+    POPULATION_RSS,
+];
+pub const RATE: &str = "connections/s";
+pub const RATIO: &str = "overhead ratio (traced / untraced)";
+pub const LOSS: &str = "events lost, worst consumer";
+pub const PER_CONNECTION: &str = "events delivered per connection";
+pub const P50_CHURN: &str = "latency p50, full churn (ms)";
+pub const P99_CHURN: &str = "latency p99, full churn (ms)";
+pub const P50_TRICKLE: &str = "latency p50, trickle (ms)";
+pub const P99_TRICKLE: &str = "latency p99, trickle (ms)";
+pub const BPF_RUN: &str = "BPF ns per program run";
+pub const BPF_TRANSITION: &str = "BPF ns per transition, all programs";
+pub const AGENT_CPU: &str = "tracer CPU-s per million transitions";
+pub const CONSUMER_CPU: &str = "consumer CPU-s per million events";
+pub const PEAK_RSS: &str = "agent peak RSS, churn (MiB)";
+pub const POPULATION_RSS: &str = "agent RSS, idle population (MiB)";
+
+pub struct Report {
+    /// The markdown table alone (what the bench prints).
+    pub table: String,
+    pub markdown: String,
+    pub rows: Vec<Row>,
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub figure: u8,
+    pub measure: &'static str,
+    pub setup: String,
+    pub value: Option<Spread>,
+    pub format: Format,
+    pub target: &'static str,
+    pub holds: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Format {
+    Integer,
+    Ratio,
+    Decimal2,
+}
+
+impl Format {
+    fn show(self, v: f64) -> String {
+        match self {
+            Format::Integer => thousands(v.round() as i64),
+            Format::Ratio => format!("{v:.3}"),
+            Format::Decimal2 => format!("{v:.2}"),
+        }
+    }
+}
+
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+struct Rows<'a> {
+    results: &'a Results,
+    rows: Vec<Row>,
+}
+
+impl<'a> Rows<'a> {
+    fn runs(&self, phase: Phase, tracer: Tracer) -> Vec<&'a RunResult> {
+        self.results
+            .runs
+            .iter()
+            .filter(|r| r.phase == phase && r.tracer == tracer)
+            .collect()
+    }
+
+    fn tracers(&self, phase: Phase) -> Vec<Tracer> {
+        let mut out: Vec<Tracer> = Vec::new();
+        for r in self.results.runs.iter().filter(|r| r.phase == phase) {
+            if !out.contains(&r.tracer) {
+                out.push(r.tracer);
+            }
+        }
+        out
+    }
+
+    fn push(
+        &mut self,
+        figure: u8,
+        measure: &'static str,
+        setup: impl Into<String>,
+        value: Option<Spread>,
+        format: Format,
+    ) -> &mut Row {
+        self.rows.push(Row {
+            figure,
+            measure,
+            setup: setup.into(),
+            value,
+            format,
+            target: "",
+            holds: None,
+        });
+        self.rows.last_mut().expect("just pushed")
+    }
+}
+
+impl Row {
+    fn target(&mut self, text: &'static str, holds: impl FnOnce(&Spread) -> bool) {
+        self.target = text;
+        self.holds = self.value.as_ref().map(holds);
+    }
+}
+
+fn spread_of<'r>(
+    runs: &[&'r RunResult],
+    f: impl Fn(&'r RunResult) -> Option<f64>,
+) -> Option<Spread> {
+    Spread::of(runs.iter().filter_map(|r| f(r)))
+}
+
+fn ms(d: Option<std::time::Duration>) -> Option<f64> {
+    d.map(|d| d.as_secs_f64() * 1e3)
+}
+
+/// The program on sock:inet_sock_set_state: tcp-trace's (named after its function, cut to 15
+/// bytes by the kernel) or bpftrace's (named after the probe).
+fn state_prog(run: &RunResult) -> Option<&super::tracer::ProgStats> {
+    run.progs
+        .iter()
+        .filter(|p| p.name.starts_with("inet_sock_set") || p.name.starts_with("tracepoint_sock"))
+        .max_by_key(|p| p.run_cnt)
+}
+
+fn per_million(cost: f64, count: u64) -> Option<f64> {
+    (count > 0).then(|| cost / (count as f64 / 1e6))
+}
+
+fn rows(results: &Results, opts: &Options) -> Vec<Row> {
+    let mut t = Rows {
+        results,
+        rows: Vec::new(),
+    };
+    let one = Tracer::agent(1);
+    let workers = |phase: Phase| match phase {
+        Phase::Spare => opts.spare_concurrency,
+        _ => opts.concurrency,
+    };
+    let setup = |tracer: Tracer, phase: Phase| {
+        let n = workers(phase);
+        format!(
+            "{}, {n} worker{}",
+            tracer.label(),
+            if n == 1 { "" } else { "s" }
+        )
+    };
+
+    for phase in [Phase::Churn, Phase::Spare] {
+        let tracers = t.tracers(phase);
+        let traced: Vec<Tracer> = tracers
+            .iter()
+            .copied()
+            .filter(|t| *t != Tracer::None)
+            .collect();
+
+        // 1. Connection rate and overhead ratio (per round: traced / untraced of that round).
+        for &tracer in &tracers {
+            let v = spread_of(&t.runs(phase, tracer), |r| Some(r.rate()));
+            t.push(1, RATE, setup(tracer, phase), v, Format::Integer);
+        }
+        let untraced = t.runs(phase, Tracer::None);
+        let ratio = |runs: Vec<&RunResult>| {
+            spread_of(&runs, |r| {
+                let base = untraced.iter().find(|b| b.round == r.round)?;
+                Some(r.rate() / base.rate())
+            })
+        };
+        let bpftrace_ratio = ratio(t.runs(phase, Tracer::Bpftrace));
+        for &tracer in &traced {
+            let v = ratio(t.runs(phase, tracer));
+            let row = t.push(1, RATIO, setup(tracer, phase), v, Format::Ratio);
+            if tracer == one {
+                row.target("≥ 0.97 and > bpftrace", |s| {
+                    s.median >= 0.97 && bpftrace_ratio.is_none_or(|b| s.median > b.median)
+                });
+            }
+        }
+
+        // 2. Loss against the kernel's counters.
+        for &tracer in &traced {
+            let v = spread_of(&t.runs(phase, tracer), |r| Some(r.worst_loss() as f64));
+            let row = t.push(2, LOSS, setup(tracer, phase), v, Format::Integer);
+            if matches!(tracer, Tracer::Agent { .. }) {
+                row.target("0", |s| s.max == 0.0);
+            }
+        }
+
+        // 3. Kernel-to-client latency.
+        for &tracer in &traced {
+            let runs = t.runs(phase, tracer);
+            let v = spread_of(&runs, |r| ms(r.latency.quantile(0.5)));
+            t.push(3, P50_CHURN, setup(tracer, phase), v, Format::Decimal2);
+            let v = spread_of(&runs, |r| ms(r.latency.quantile(0.99)));
+            let row = t.push(3, P99_CHURN, setup(tracer, phase), v, Format::Decimal2);
+            if matches!(tracer, Tracer::Agent { .. }) {
+                row.target("≤ 10", |s| s.median <= 10.0);
+            }
+        }
+    }
+
+    // 2. The measured events per connection, at full churn and when quiet.
+    for (phase, tracer) in [(Phase::Churn, one), (Phase::Trickle, one)] {
+        let v = spread_of(&t.runs(phase, tracer), |r| {
+            let worst = *r.delivered.iter().min()?;
+            let listeners = AGENT_EVENTS_PER_LISTENER * r.churn.listeners;
+            (r.kernel.active_opens > 0)
+                .then(|| worst.saturating_sub(listeners) as f64 / r.kernel.active_opens as f64)
+        });
+        let setup = format!("{}, {}", tracer.label(), phase_name(phase, opts));
+        t.push(2, PER_CONNECTION, setup, v, Format::Decimal2)
+            .target("12 (5 transitions + 1 summary per side)", |s| {
+                s.min == AGENT_EVENTS_PER_CONNECTION as f64
+            });
+    }
+
+    let trickle = t.runs(Phase::Trickle, one);
+    let setup = format!("{}, {}", one.label(), phase_name(Phase::Trickle, opts));
+    t.push(
+        3,
+        P50_TRICKLE,
+        setup.clone(),
+        spread_of(&trickle, |r| ms(r.latency.quantile(0.5))),
+        Format::Decimal2,
+    );
+    t.push(
+        3,
+        P99_TRICKLE,
+        setup,
+        spread_of(&trickle, |r| ms(r.latency.quantile(0.99))),
+        Format::Decimal2,
+    )
+    .target("≤ 2", |s| s.median <= 2.0);
+
+    // 4. BPF cost, from the kernel's run-time stats.
+    for tracer in t.tracers(Phase::BpfStats) {
+        let runs = t.runs(Phase::BpfStats, tracer);
+        let mut names: Vec<String> = runs
+            .iter()
+            .flat_map(|r| r.progs.iter().map(|p| p.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let v = spread_of(&runs, |r| {
+                let p = r.progs.iter().find(|p| p.name == name)?;
+                (p.run_cnt > 0).then(|| p.run_time_ns as f64 / p.run_cnt as f64)
+            });
+            if v.is_none() {
+                continue; // bpftrace's BEGIN probe, run before the window
+            }
+            let row = t.push(
+                4,
+                BPF_RUN,
+                format!("{}: {name}", tracer.label()),
+                v,
+                Format::Integer,
+            );
+            let is_state = runs
+                .first()
+                .and_then(|r| state_prog(r))
+                .is_some_and(|p| p.name == name);
+            if tracer == one && is_state {
+                row.target("≤ 150", |s| s.median <= 150.0);
+            }
+        }
+        if !matches!(tracer, Tracer::Agent { .. }) {
+            continue;
+        }
+        let v = spread_of(&runs, |r| {
+            let runs = state_prog(r)?.run_cnt;
+            let total: u64 = r.progs.iter().map(|p| p.run_time_ns).sum();
+            (runs > 0).then(|| total as f64 / runs as f64)
+        });
+        t.push(4, BPF_TRANSITION, tracer.label(), v, Format::Integer);
+    }
+
+    // 5. Tracer CPU and memory.
+    let churn = t.tracers(Phase::Churn);
+    for &tracer in churn.iter().filter(|t| **t != Tracer::None) {
+        let v = spread_of(&t.runs(Phase::Churn, tracer), |r| {
+            per_million(r.tracer_proc?.cpu_s, r.tracer_records)
+        });
+        let setup = format!("{}, {}", tracer.label(), phase_name(Phase::Churn, opts));
+        let row = t.push(5, AGENT_CPU, setup, v, Format::Decimal2);
+        if tracer == one {
+            row.target("≤ 1", |s| s.median <= 1.0);
+        }
+    }
+    for &tracer in churn.iter().filter(|t| **t != Tracer::None) {
+        let v = spread_of(&t.runs(Phase::Churn, tracer), |r| {
+            per_million(r.consumer_cpu_s, r.delivered.iter().sum())
+        });
+        t.push(
+            5,
+            CONSUMER_CPU,
+            format!("bench's consumers of {}", tracer.label()),
+            v,
+            Format::Decimal2,
+        );
+    }
+    let agents: Vec<&RunResult> = results
+        .runs
+        .iter()
+        .filter(|r| r.phase == Phase::Churn && matches!(r.tracer, Tracer::Agent { .. }))
+        .collect();
+    let v = spread_of(&agents, |r| Some(r.tracer_proc?.hwm_kib as f64 / 1024.0));
+    t.push(
+        5,
+        PEAK_RSS,
+        "tcp-trace, 1 and 10 subscribers",
+        v,
+        Format::Decimal2,
+    );
+    for p in &results.population {
+        let setup = format!(
+            "{} tracked sockets ({} connections, both ends), {} subscriber{}",
+            thousands(p.tracked as i64),
+            thousands(p.connections as i64),
+            p.subscribers,
+            if p.subscribers == 1 { "" } else { "s" }
+        );
+        let v = Spread::of([p.rss_kib as f64 / 1024.0]);
+        let row = t.push(5, POPULATION_RSS, setup, v, Format::Decimal2);
+        if p.tracked >= 100_000 {
+            row.target("≤ 64 at 100,000", |s| s.median <= 64.0);
+        } else {
+            row.target = "≤ 64 at 100,000 (not evaluated: smaller population)";
+        }
+    }
+    if results.population.is_empty() {
+        t.push(5, POPULATION_RSS, "not run", None, Format::Decimal2);
+    }
+
+    // 6. Agent cost per event as subscribers are added (fixed rate, so the same events).
+    for tracer in t.tracers(Phase::Scaling) {
+        let runs = t.runs(Phase::Scaling, tracer);
+        let setup = format!("{}, {}", tracer.label(), phase_name(Phase::Scaling, opts));
+        let v = spread_of(&runs, |r| {
+            per_million(r.tracer_proc?.cpu_s, r.tracer_records)
+        });
+        t.push(6, AGENT_CPU, setup.clone(), v, Format::Decimal2);
+        let v = spread_of(&runs, |r| Some(r.worst_loss() as f64));
+        t.push(6, LOSS, setup, v, Format::Integer);
+    }
+    t.rows
+}
+
+fn phase_name(phase: Phase, opts: &Options) -> String {
+    match phase {
+        Phase::Churn | Phase::BpfStats => format!("full churn, {} workers", opts.concurrency),
+        Phase::Spare => format!("full churn, {} worker", opts.spare_concurrency),
+        Phase::Trickle => format!("trickle {} conn/s", opts.trickle_rate),
+        Phase::Scaling => format!("{} conn/s", opts.scaling_rate),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| # | Measure | Setup | Median | Spread (min–max, n) | Target | Holds |\n\
+         |---|---|---|---:|---|---|---|\n",
+    );
+    for r in rows {
+        let (median, spread) = match &r.value {
+            Some(s) => (
+                r.format.show(s.median),
+                format!(
+                    "{}–{} (n={})",
+                    r.format.show(s.min),
+                    r.format.show(s.max),
+                    s.n
+                ),
+            ),
+            None => ("n/a".into(), "not measured".into()),
+        };
+        let holds = match r.holds {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {median} | {spread} | {} | {holds} |",
+            r.figure, r.measure, r.setup, r.target
+        );
+    }
+    out
+}
+
+fn runs_csv(results: &Results) -> String {
+    let mut out = String::from(
+        "phase,round,tracer,connections,errors,seconds,rate,active_opens,passive_opens,\
+         attempt_fails,estab_resets,expected,delivered_min,delivered_max,reported_lost,foreign,\
+         p50_us,p99_us,tracer_cpu_s,tracer_hwm_kib,tracer_records,agent_published,\
+         agent_ring_full,agent_subscriber_drops,consumer_cpu_s,bpf_programs\n",
+    );
+    for r in &results.runs {
+        let us = |q| {
+            r.latency
+                .quantile(q)
+                .map_or(String::new(), |d| d.as_micros().to_string())
+        };
+        let proc = r.tracer_proc.unwrap_or_default();
+        let agent = r.agent.map(|a| a.counters).unwrap_or_default();
+        let progs: Vec<String> = r
+            .progs
+            .iter()
+            .map(|p| format!("{}:{}ns/{}", p.name, p.run_time_ns, p.run_cnt))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:?},{},\"{}\",{},{},{:.3},{:.1},{},{},{},{},{},{},{},{},{},{},{},{:.2},{},{},{},{},{},{:.2},{}",
+            r.phase,
+            r.round,
+            r.tracer.label(),
+            r.churn.connections,
+            r.churn.errors,
+            r.churn.elapsed.as_secs_f64(),
+            r.rate(),
+            r.kernel.active_opens,
+            r.kernel.passive_opens,
+            r.kernel.attempt_fails,
+            r.kernel.estab_resets,
+            r.expected,
+            r.delivered.iter().min().copied().unwrap_or(0),
+            r.delivered.iter().max().copied().unwrap_or(0),
+            r.reported_lost,
+            r.foreign,
+            us(0.5),
+            us(0.99),
+            proc.cpu_s,
+            proc.hwm_kib,
+            r.tracer_records,
+            agent.published,
+            agent.ring_full,
+            agent.subscriber_drops,
+            r.consumer_cpu_s,
+            progs.join(" ")
+        );
+    }
+    out
+}
+
+/// Facts that qualify the numbers: anything that makes a run's count unexact.
+fn caveats(results: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    let m = &results.machine;
+    out.push(format!(
+        "Load average (1, 5, 15 min) {} when the bench started, {} when it ended: the bench \
+         shares the machine, and pairing runs within a round is what cancels drift.",
+        m.loadavg_before, m.loadavg_after
+    ));
+    for (when, holders) in [("started", &m.holders_before), ("ended", &m.holders_after)] {
+        if holders.is_empty() {
+            continue;
+        }
+        let list: Vec<String> = holders
+            .iter()
+            .map(|h| format!("pid {} `{}` ({} programs)", h.pid, h.command, h.programs))
+            .collect();
+        out.push(format!(
+            "**Other processes held BPF programs when the bench {when}**: {}. An attached \
+             tracer runs in every run, the untraced ones included, and takes CPU from all of \
+             them: the figures are then not those of a quiet machine.",
+            list.join("; ")
+        ));
+    }
+    let sum = |f: &dyn Fn(&RunResult) -> u64| results.runs.iter().map(f).sum::<u64>();
+    let errors = sum(&|r| r.churn.errors + r.kernel.attempt_fails + r.kernel.estab_resets);
+    if errors > 0 {
+        out.push(format!(
+            "{errors} connections failed or were reset (workload errors, AttemptFails, EstabResets): \
+             those do not make 12 events, so their runs' loss figures are approximate."
+        ));
+    }
+    let mismatched = results
+        .runs
+        .iter()
+        .filter(|r| r.kernel.active_opens != r.churn.connections)
+        .count();
+    if mismatched > 0 {
+        out.push(format!(
+            "{mismatched} runs where the kernel's ActiveOpens differs from the connections the workload completed."
+        ));
+    }
+    let ring_full = sum(&|r| r.agent.map_or(0, |a| a.counters.ring_full));
+    let drops = sum(&|r| r.agent.map_or(0, |a| a.counters.subscriber_drops));
+    let foreign = sum(&|r| r.foreign);
+    out.push(format!(
+        "Over all agent runs the agent counted {ring_full} records lost to a full kernel ring and \
+         {drops} events dropped for slow subscribers; subscribers received {foreign} events of \
+         other namespaces (the filter should make that 0)."
+    ));
+    out
+}
+
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let virt = if cpuinfo.contains(" hypervisor") {
+        ", virtualised"
+    } else {
+        ""
+    };
+    format!(
+        "{model}, {cpus} CPUs{virt}, {mem_gib:.0} GiB; Linux {}",
+        kernel.trim()
+    )
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn population_line(p: &PopulationResult) -> String {
+    format!(
+        "Idle population, {} subscriber(s): {} connections opened in {:.1} s; the agent's table held {} of their \
+         sockets (ListConnections); agent RSS {:.1} MiB before, {:.1} MiB with them open, peak \
+         {:.1} MiB; meanwhile it decoded {} records, lost {} to a full kernel ring and dropped {} \
+         events for its subscriber.",
+        p.subscribers,
+        thousands(p.connections as i64),
+        p.open_secs,
+        thousands(p.tracked as i64),
+        p.rss_before_kib as f64 / 1024.0,
+        p.rss_kib as f64 / 1024.0,
+        p.hwm_kib as f64 / 1024.0,
+        thousands(p.agent.records as i64),
+        thousands(p.agent.ring_full as i64),
+        thousands(p.agent.subscriber_drops as i64),
+    )
+}
+
+/// Writes report.md, report.svg and runs.csv into `opts.out_dir`.
+pub fn write(opts: &Options, results: &Results) -> Result<Report> {
+    let rows = rows(results, opts);
+    let table = table(&rows);
+    let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty = !command_output("git", &["status", "--porcelain"]).is_empty();
+    let bpftrace = opts
+        .bpftrace
+        .as_ref()
+        .map(|p| command_output(&p.to_string_lossy(), &["--version"]))
+        .unwrap_or_else(|| "not installed: its rows are missing".into());
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let mut md = String::new();
+    let _ = writeln!(md, "# tcp-trace benchmarks\n");
+    if opts.quick {
+        let _ = writeln!(
+            md,
+            "**Quick mode: a smoke run of every phase, far too short for its numbers to mean anything.**\n"
+        );
+    }
+    let _ = writeln!(md, "- Command: `{}`", opts.command);
+    let _ = writeln!(
+        md,
+        "- Date: {date}; wall time {:.0} s",
+        results.wall.as_secs_f64()
+    );
+    let _ = writeln!(md, "- Machine: {}", machine());
+    let _ = writeln!(
+        md,
+        "- tcp-trace: {commit}{} (agent binary {})",
+        if dirty {
+            " with uncommitted changes"
+        } else {
+            ""
+        },
+        opts.agent.display()
+    );
+    let _ = writeln!(md, "- Peer: {bpftrace}");
+    let _ = writeln!(
+        md,
+        "- Workload: {} threads in a fresh network namespace per run, on loopback, each doing \
+         connect, 1-byte request, 1-byte response, client close, server close, one connection \
+         at a time on its own listener; {} s per run at full churn, {} paired rounds interleaved \
+         (round r starts with the r-th variant); trickle {} conn/s for {} s × {}; \
+         {} idle keepalive connections held during runs.",
+        opts.concurrency,
+        opts.duration.as_secs_f64(),
+        opts.rounds,
+        opts.trickle_rate,
+        opts.trickle_duration.as_secs_f64(),
+        opts.trickle_rounds,
+        opts.idle
+    );
+    let _ = writeln!(
+        md,
+        "- Tracers: `tcp-trace agent` as a child process (all namespaces, unless `--netns`), its \
+         subscribers gRPC clients in the bench process, each on its own connection, decoding every \
+         event; bpftrace printing every TCP transition (`-B line`) into a pipe the bench reads."
+    );
+    let _ = writeln!(md, "\n## Figures\n");
+    md.push_str(&table);
+    let _ = writeln!(md, "\n![figures](report.svg)\n");
+    let _ = writeln!(md, "## How each figure is measured\n");
+    for line in METHOD {
+        let _ = writeln!(md, "- {line}");
+    }
+    let _ = writeln!(md, "\n## Run notes\n");
+    for p in &results.population {
+        let _ = writeln!(md, "- {}", population_line(p));
+    }
+    for c in caveats(results) {
+        let _ = writeln!(md, "- {c}");
+    }
+    let _ = writeln!(
+        md,
+        "- Every run's raw numbers: `runs.csv` next to this report."
+    );
+
+    let dir = &opts.out_dir;
+    let path = dir.join("report.md");
+    std::fs::write(&path, &md).with_context(|| format!("write {}", path.display()))?;
+    std::fs::write(
+        dir.join("report.svg"),
+        super::report_svg::svg(&rows, opts.quick),
+    )?;
+    std::fs::write(dir.join("runs.csv"), runs_csv(results))?;
+    Ok(Report {
+        table,
+        markdown: md,
+        rows,
+        path,
+    })
+}
+
+const METHOD: &[&str] = &[
+    "1 — connection rate: connections the workload completed / run length; the ratio is taken per \
+     round against the untraced run of the same round, then median and range over rounds.",
+    "2 — loss: expected events = 12 × the namespace's Tcp ActiveOpens + 3 per listener \
+     (/proc/net/snmp read in the namespace; AttemptFails and EstabResets must stay 0); each \
+     subscriber counts what it reads until it has them all or 2 s (at least the run length) pass. \
+     bpftrace: 10 × ActiveOpens + 2 per listener lines. Events per connection = (delivered − \
+     listener events) / ActiveOpens.",
+    "3 — latency: CLOCK_MONOTONIC when the consumer has decoded the event minus the event's \
+     kernel_time_ns (bpf_ktime_get_ns, the same clock), over every event of every subscriber; \
+     p50/p99 per run (5 µs buckets), then median and range over rounds.",
+    "4 — BPF cost: run_time_ns / run_cnt of each program the tracer process holds \
+     (/proc/PID/fdinfo), over the run, with kernel BPF stats on (BPF_ENABLE_STATS, the switch \
+     behind kernel.bpf_stats_enabled, held only during this phase and released by the kernel \
+     when the bench exits). \"All programs\" divides the time of every program, the softirq \
+     hooks included, by the runs of the per-transition program.",
+    "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \
+     million transitions it handled in all namespaces (the agent's records_decoded; bpftrace's \
+     event lines). Consumer CPU is the bench's own subscriber threads. RSS: VmHWM of the agent \
+     after each churn run; VmRSS with the idle population open (server ends left unaccepted in \
+     the listeners' queues, so each connection is two tracked sockets).",
+    "6 — the same agent CPU figure at a fixed rate with 1, 10 and 100 subscribers.",
+];
