@@ -775,6 +775,7 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("kernel records", s.kernel_records.to_string());
     row("kernel ring full (lost)", s.kernel_ring_full.to_string());
     row("kernel filtered (--netns)", s.kernel_filtered.to_string());
+    row("kernel missed (nested BPF)", s.kernel_missed.to_string());
     row("records decoded", s.records_decoded.to_string());
     row("records malformed", s.records_malformed.to_string());
     row("live connections", s.live_connections.to_string());

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
 use aya::maps::{MapData, PerCpuArray};
 use tcp_trace_common::counter;
 
@@ -17,24 +19,50 @@ use crate::{
     proto,
 };
 
-/// Reads the programs' per-CPU counters; shared between the drain task and the API.
+/// Reads the programs' per-CPU counters and the kernel's own per-program miss counts; shared
+/// between the drain task and the API.
 #[derive(Clone)]
-pub struct KernelCounterReader(Arc<Mutex<PerCpuArray<MapData, u64>>>);
+pub struct KernelCounterReader {
+    map: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    /// Duplicates of the attached programs' fds, for their fdinfo.
+    programs: Arc<Vec<OwnedFd>>,
+}
 
 impl KernelCounterReader {
-    pub fn new(map: PerCpuArray<MapData, u64>) -> Self {
-        KernelCounterReader(Arc::new(Mutex::new(map)))
+    pub fn new(map: PerCpuArray<MapData, u64>, programs: Vec<OwnedFd>) -> Self {
+        KernelCounterReader {
+            map: Arc::new(Mutex::new(map)),
+            programs: Arc::new(programs),
+        }
     }
 
     pub fn read(&self) -> KernelCounters {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
         KernelCounters {
             submitted: sum(counter::SUBMITTED),
             ring_full: sum(counter::RING_FULL),
             filtered: sum(counter::FILTERED),
+            missed: self
+                .programs
+                .iter()
+                .map(|fd| recursion_misses(fd.as_raw_fd()))
+                .sum(),
         }
     }
+}
+
+/// How often the kernel skipped a program because another BPF tracing program was already
+/// running on that CPU (`recursion_misses` in the program fd's fdinfo; the kernel does not nest
+/// tracing programs). Each skip of the state program is a transition lost.
+fn recursion_misses(fd: RawFd) -> u64 {
+    let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+        return 0;
+    };
+    info.lines()
+        .find_map(|line| line.strip_prefix("recursion_misses:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 pub struct AgentStats {
@@ -110,6 +138,7 @@ impl AgentStats {
             kernel_records: kernel.submitted,
             kernel_ring_full: kernel.ring_full,
             kernel_filtered: kernel.filtered,
+            kernel_missed: kernel.missed,
             records_decoded: self.records_decoded.load(Ordering::Relaxed),
             records_malformed: self.records_malformed.load(Ordering::Relaxed),
             subscribers: u32::try_from(bus.subscribers.len()).unwrap_or(u32::MAX),

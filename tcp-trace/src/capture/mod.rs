@@ -4,7 +4,7 @@ mod btf;
 pub mod decode;
 pub mod tracefs;
 
-use std::{io, time::Duration};
+use std::{io, os::fd::AsFd as _, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -95,6 +95,9 @@ pub struct KernelCounters {
     pub submitted: u64,
     pub ring_full: u64,
     pub filtered: u64,
+    /// Program runs the kernel skipped because another BPF tracing program was running on that
+    /// CPU (summed over our programs).
+    pub missed: u64,
 }
 
 /// Receives what [`Capture::run`] drains.
@@ -249,7 +252,11 @@ impl Capture {
             .expect("the object defines COUNTERS");
         let counters =
             PerCpuArray::try_from(counters).map_err(|err| CaptureError::Map("COUNTERS", err))?;
-        let counters = KernelCounterReader::new(counters);
+        let programs = ebpf
+            .programs()
+            .filter_map(|(_, program)| program.fd().ok()?.as_fd().try_clone_to_owned().ok())
+            .collect();
+        let counters = KernelCounterReader::new(counters, programs);
         Ok(Capture {
             _ebpf: ebpf,
             ring,
