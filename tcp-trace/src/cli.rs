@@ -696,6 +696,21 @@ pub fn connections_table(
     out
 }
 
+/// A peer as a user reads it: `-> ADDRESS:PORT` for a service this host connects to,
+/// `<- ADDRESS on :PORT` for clients of a local port.
+pub fn peer_label(p: &proto::PeerStats) -> String {
+    let address = if p.address.contains(':') {
+        format!("[{}]", p.address)
+    } else {
+        p.address.clone()
+    };
+    if p.direction == proto::Direction::Active as i32 {
+        format!("-> {address}:{}", p.port)
+    } else {
+        format!("<- {address} on :{}", p.port)
+    }
+}
+
 /// Per-peer aggregates: churn, handshake latency, failures.
 pub fn peers_table(peers: &[proto::PeerStats]) -> String {
     let mut out = format!(
@@ -703,16 +718,7 @@ pub fn peers_table(peers: &[proto::PeerStats]) -> String {
         "PEER", "OPENED", "CONN/S", "HS P50", "HS P99", "SHORT %", "FAILED", "FAILURES"
     );
     for p in peers {
-        let address = if p.address.contains(':') {
-            format!("[{}]", p.address)
-        } else {
-            p.address.clone()
-        };
-        let peer = if p.direction == proto::Direction::Active as i32 {
-            format!("-> {address}:{}", p.port)
-        } else {
-            format!("<- {address} on :{}", p.port)
-        };
+        let peer = peer_label(p);
         let short = if p.closed > 0 {
             format!("{:.0}", 100.0 * p.short_lived as f64 / p.closed as f64)
         } else {

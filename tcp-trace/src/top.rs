@@ -104,16 +104,7 @@ impl Top {
 }
 
 fn row(rate: f64, p: &proto::PeerStats) -> String {
-    let address = if p.address.contains(':') {
-        format!("[{}]", p.address)
-    } else {
-        p.address.clone()
-    };
-    let peer = if p.direction == proto::Direction::Active as i32 {
-        format!("-> {address}:{}", p.port)
-    } else {
-        format!("<- {address} :{}", p.port)
-    };
+    let peer = crate::cli::peer_label(p);
     let latency = |d: &Option<prost_types::Duration>| match d {
         Some(d) => short(u64::try_from(d.seconds).unwrap_or(0) * 1_000_000_000 + d.nanos as u64),
         None => "-".into(),
@@ -244,7 +235,10 @@ mod tests {
             "new peers count from 0: {second}"
         );
         assert!(lines[3].ends_with("3  3 refused"), "{second}");
-        assert!(lines[4].starts_with("<- [2001:db8::7] :8080"), "{second}");
+        assert!(
+            lines[4].starts_with("<- [2001:db8::7] on :8080"),
+            "{second}"
+        );
         let passive = PeerFilter {
             directions: vec![proto::Direction::Passive],
             ..Default::default()
