@@ -257,8 +257,8 @@ pub mod globals {
 pub mod counter {
     /// Records that could not be reserved because the ring was full: lost in the kernel.
     pub const RING_FULL: u32 = 0;
-    /// Records written.
-    pub const SUBMITTED: u32 = 1;
+    /// Unused: successes are not counted in the kernel (the agent counts what it reads).
+    pub const UNUSED: u32 = 1;
     /// Transitions skipped by the kernel-side netns filter.
     pub const FILTERED: u32 = 2;
     pub const COUNT: u32 = 3;

@@ -1,7 +1,7 @@
 //! Reads from kernel structs at offsets the agent resolved from the running kernel's BTF (aya's
 //! eBPF side has no CO-RE relocations). Every read goes through bpf_probe_read_kernel, so a
 //! stale pointer yields 0, never a fault.
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 
 use crate::maps;
 
@@ -28,8 +28,30 @@ pub fn netns_of_sock(sock: u64) -> u32 {
     if sock == 0 || net_offset == 0 {
         return 0;
     }
-    inum_of_net(read(sock + net_offset as u64))
+    let net: u64 = read(sock + net_offset as u64);
+    // Namespaces are few and long-lived: remember the last one per CPU and skip the second
+    // read when the socket's is the same.
+    let Some(cached) = NETNS_CACHE.get_ptr_mut(0) else {
+        return inum_of_net(net);
+    };
+    unsafe {
+        if (*cached).net == net && net != 0 {
+            return (*cached).inum;
+        }
+        let inum = inum_of_net(net);
+        *cached = NetCache { net, inum };
+        inum
+    }
 }
+
+#[derive(Clone, Copy)]
+pub struct NetCache {
+    net: u64,
+    inum: u32,
+}
+
+#[map(name = "NETNS_CACHE")]
+static NETNS_CACHE: PerCpuArray<NetCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// The network namespace of a received packet, through its device (`skb->dev->nd_net.net`).
 #[inline(always)]

@@ -85,10 +85,19 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         sport: field(&ctx, SPORT),
         dport: field(&ctx, DPORT),
         flags: context_flags,
-        pid_tgid: bpf_get_current_pid_tgid(),
+        // The current task only means something in process context.
+        pid_tgid: if softirq == 0 {
+            bpf_get_current_pid_tgid()
+        } else {
+            0
+        },
         saddr,
         daddr,
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm: if softirq == 0 {
+            bpf_get_current_comm().unwrap_or_default()
+        } else {
+            [0; 16]
+        },
         error,
         srtt_us,
         total_retrans,

@@ -92,6 +92,12 @@ impl Agent {
         };
         let mut listeners = Listeners::bind(&config.listen, &config.access).await?;
         let mut capture = Capture::load(&config.capture)?;
+        // Loading parsed the kernel's BTF (megabytes, now freed): give the heap back.
+        // SAFETY: malloc_trim only releases free memory.
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0);
+        }
         let hooks = capture.hooks().clone();
         let stats = Arc::new(AgentStats::new(capture.kernel_counters(), hooks.clone()));
         let table = Arc::new(Mutex::new(Table::new(

@@ -50,7 +50,7 @@ pub struct AgentArgs {
     pub listen: Vec<ListenAddr>,
     /// Kernel ring buffer size in bytes (a power of two, at least 4096). Records that find it
     /// full are lost in the kernel and counted (`stats`: kernel ring full).
-    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_bytes)]
+    #[arg(long, value_name = "BYTES", default_value_t = crate::capture::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
     /// Only trace sockets in this network namespace (inode, as `stat -L -c %i /proc/PID/ns/net`
     /// prints); filtered in the kernel. Default: every namespace.

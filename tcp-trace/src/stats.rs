@@ -40,7 +40,6 @@ impl KernelCounterReader {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
         KernelCounters {
-            submitted: sum(counter::SUBMITTED),
             ring_full: sum(counter::RING_FULL),
             filtered: sum(counter::FILTERED),
             missed: self
@@ -135,7 +134,8 @@ impl AgentStats {
             .collect();
         proto::Stats {
             events,
-            kernel_records: kernel.submitted,
+            kernel_records: self.records_decoded.load(Ordering::Relaxed)
+                + self.records_malformed.load(Ordering::Relaxed),
             kernel_ring_full: kernel.ring_full,
             kernel_filtered: kernel.filtered,
             kernel_missed: kernel.missed,

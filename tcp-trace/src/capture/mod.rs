@@ -62,6 +62,10 @@ pub enum CaptureError {
     Poll(io::Error),
 }
 
+/// 4 MiB: about 30,000 records, 80 ms of the heaviest churn these machines make. The kernel
+/// maps the ring's pages twice (so records can wrap), so it costs twice that in resident memory.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
     /// Ring buffer size in bytes: a power of two, a multiple of the page size.
@@ -75,7 +79,7 @@ pub struct CaptureConfig {
 impl Default for CaptureConfig {
     fn default() -> Self {
         CaptureConfig {
-            ring_bytes: 8 << 20,
+            ring_bytes: DEFAULT_RING_BYTES,
             netns: None,
             wakeup_interval: Duration::from_millis(1),
         }
@@ -92,7 +96,6 @@ pub struct Hooks {
 /// Counters kept by the programs, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
-    pub submitted: u64,
     pub ring_full: u64,
     pub filtered: u64,
     /// Program runs the kernel skipped because another BPF tracing program was running on that
@@ -133,6 +136,9 @@ impl Capture {
         let netns_filter = config.netns.unwrap_or(0);
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
+            // No CO-RE relocations to resolve (offsets come from `Offsets`), so aya need not
+            // parse the kernel's BTF again: that costs tens of MiB while loading.
+            .btf(None)
             .override_global(globals::NETNS_NET_OFFSET, &offsets.net, true)
             .override_global(globals::NETNS_INUM_OFFSET, &offsets.inum, true)
             .override_global(globals::NETNS_FILTER, &netns_filter, true)
