@@ -15,13 +15,24 @@ fn compile_protos() {
     let proto_dir = PathBuf::from("../proto");
     println!("cargo:rerun-if-changed=../proto");
     let include = protoc_bin_vendored::include_path().expect("protoc-bin-vendored ships includes");
+    let proto = proto_dir.join("tcptrace/v1/tcptrace.proto");
+    // The messages and the client.
     tonic_prost_build::configure()
+        .build_server(false)
         .file_descriptor_set_path(out.join("tcptrace_descriptor.bin"))
-        .compile_protos(
-            &[proto_dir.join("tcptrace/v1/tcptrace.proto")],
-            &[proto_dir, include],
-        )
+        .compile_protos(&[proto.clone()], &[proto_dir.clone(), include.clone()])
         .expect("proto/tcptrace/v1/tcptrace.proto compiles");
+    // The server, over the same messages, except that the events it streams are sent already
+    // encoded: an event is encoded once however many subscribers it goes to.
+    let server_out = out.join("server");
+    std::fs::create_dir_all(&server_out).expect("OUT_DIR is writable");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&server_out)
+        .extern_path(".tcptrace.v1", "crate::proto")
+        .extern_path(".tcptrace.v1.Event", "crate::api::EncodedEvent")
+        .compile_protos(&[proto], &[proto_dir, include])
+        .expect("proto/tcptrace/v1/tcptrace.proto compiles for the server");
 }
 
 fn build_ebpf() {

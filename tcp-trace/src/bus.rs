@@ -31,6 +31,26 @@ use crate::{
 pub struct Published {
     pub event: proto::Event,
     pub keys: Keys,
+    /// The event's protobuf encoding, made by the first subscriber that sends it and shared by
+    /// the rest.
+    encoded: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl Published {
+    pub fn new(event: proto::Event, keys: Keys) -> Published {
+        Published {
+            event,
+            keys,
+            encoded: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn encoded(&self) -> bytes::Bytes {
+        use prost::Message as _;
+        self.encoded
+            .get_or_init(|| self.event.encode_to_vec().into())
+            .clone()
+    }
 }
 
 /// What a subscriber receives, in order.
@@ -318,7 +338,7 @@ impl Bus {
             state.next_seq += 1;
             event.seq = seq;
             self.published[kind_index(keys.kind)].fetch_add(1, Relaxed);
-            let published = Arc::new(Published { event, keys });
+            let published = Arc::new(Published::new(event, keys));
             for sub in state.subscribers.iter_mut() {
                 if sub.filter.matches(&published.keys) {
                     closed |= !sub.offer(&published, seq);

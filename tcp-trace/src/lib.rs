@@ -19,6 +19,7 @@ pub mod top;
 /// Code generated from `proto/tcptrace/v1/tcptrace.proto` at build time.
 pub mod proto {
     tonic::include_proto!("tcptrace.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/tcptrace.v1.rs"));
 
     /// The encoded descriptor set of the proto files: for server reflection and JSON output.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

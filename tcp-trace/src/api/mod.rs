@@ -97,8 +97,46 @@ pub struct EventStream {
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
+/// An `Event` already encoded: what the Subscribe stream sends (the server code is generated
+/// with this type for `tcptrace.v1.Event`, see build.rs), so that an event goes to any number of
+/// subscribers for one encoding and no copies of its strings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EncodedEvent(pub bytes::Bytes);
+
+impl EncodedEvent {
+    pub fn of(event: &proto::Event) -> EncodedEvent {
+        use prost::Message as _;
+        EncodedEvent(event.encode_to_vec().into())
+    }
+}
+
+impl prost::Message for EncodedEvent {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    /// The server only sends events; should one ever be decoded, its fields are skipped.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 impl Stream for EventStream {
-    type Item = Result<proto::Event, Status>;
+    type Item = Result<EncodedEvent, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.stop.as_mut().poll(cx).is_ready() {
@@ -107,9 +145,9 @@ impl Stream for EventStream {
         self.subscription.poll_next(cx).map(|delivery| {
             delivery.map(|d| {
                 Ok(match d {
-                    Delivery::Event(published) => published.event.clone(),
+                    Delivery::Event(published) => EncodedEvent(published.encoded()),
                     Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
-                        convert::lost(count, last_seq)
+                        EncodedEvent::of(&convert::lost(count, last_seq))
                     }
                 })
             })
