@@ -2,10 +2,11 @@
 //! root, with bpftrace installed for the side-by-side runs. Writes `<target>/bench/report.md`,
 //! `report.svg` and `runs.csv`, and prints the table.
 //!
-//! Arguments go to the bench (`--quick`, `--rounds N`, `--duration S`, `--concurrency N`,
-//! `--idle N`, `--population N`, `--no-bpftrace`; `--help` lists them), except `--docs`, which
-//! xtask keeps: after the run it copies the report to docs/benchmarks.{md,svg,csv}, keeping the
-//! hand-written `## Analysis` section of the current docs/benchmarks.md.
+//! Arguments after `--` go to the bench (`--quick`, `--rounds N`, `--duration S`,
+//! `--concurrency N`, `--phases churn,spare,...`, `--idle N`, `--population N`, `--no-bpftrace`;
+//! `-- --help` lists them), except `--docs`, which xtask keeps: after the run it copies the
+//! report to docs/benchmarks.{md,svg,csv}, keeping the hand-written `## Analysis` section of the
+//! current docs/benchmarks.md.
 use std::{
     env,
     ffi::OsString,
@@ -101,5 +102,38 @@ fn target_dir() -> PathBuf {
     match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),
         None => root.join("target"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_renames_the_links_and_keeps_the_hand_written_analysis() {
+        let root = env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
+        let (out, docs) = (root.join("out"), root.join("docs"));
+        fs::create_dir_all(&out).unwrap();
+        fs::create_dir_all(&docs).unwrap();
+        fs::write(
+            out.join("report.md"),
+            "# new\n\n![figures](report.svg)\n- raw: `runs.csv`\n",
+        )
+        .unwrap();
+        fs::write(out.join("report.svg"), "<svg/>").unwrap();
+        fs::write(out.join("runs.csv"), "a,b\n").unwrap();
+        fs::write(docs.join("benchmarks.md"), "# old\n\n## Analysis\n\nkept\n").unwrap();
+
+        publish(&out, &docs).unwrap();
+        let md = fs::read_to_string(docs.join("benchmarks.md")).unwrap();
+        assert_eq!(
+            md,
+            "# new\n\n![figures](benchmarks.svg)\n- raw: `benchmarks.csv`\n\n## Analysis\n\nkept\n"
+        );
+        assert_eq!(
+            fs::read_to_string(docs.join("benchmarks.svg")).unwrap(),
+            "<svg/>"
+        );
+        let _ = fs::remove_dir_all(&root);
     }
 }

@@ -4,15 +4,19 @@
 //! Every run gets a fresh anonymous network namespace on loopback, so its kernel counters
 //! (/proc/net/snmp) count exactly the bench's connections, whatever else the machine runs. The
 //! tracers run as child processes in the host namespace and see every namespace; consumers
-//! count only the bench namespace's events. Phases:
+//! count only the bench namespace's events. Phases (`--phases` picks some):
 //!
-//! 1. paired rounds at full churn, interleaved (each round runs every variant, starting one
-//!    further along each time): no tracer, tcp-trace with 1 and 10 subscribers, bpftrace;
-//! 2. a trickle (50 connections/s) with one subscriber, for latency without load;
-//! 3. BPF run-time stats (enabled only here, as they cost every program a clock read):
-//!    tcp-trace, tcp-trace with its kernel-side --netns filter, bpftrace;
-//! 4. 1, 10 and 100 subscribers at a fixed moderate rate;
-//! 5. the agent's memory with a large idle population tracked.
+//! 1. `churn`: paired rounds at full churn, one worker per CPU, interleaved (each round runs
+//!    every variant, starting one further along each time): no tracer, tcp-trace with 1 and 10
+//!    subscribers, bpftrace;
+//! 2. `spare`: the same with one worker, so a tracer has a CPU to itself;
+//! 3. `trickle`: 50 connections/s with one subscriber, for latency without load;
+//! 4. `stats`: BPF run-time stats (enabled only here, as they cost every program two clock
+//!    reads): tcp-trace, tcp-trace with its kernel-side --netns filter, bpftrace, and an empty
+//!    program on the same tracepoint (the floor);
+//! 5. `scaling`: 1, 10 and 100 subscribers at a fixed moderate rate;
+//! 6. `population`: the agent's memory with a large idle population tracked, without and with
+//!    a subscriber.
 
 // The bench binary and the smoke test each use a part of the harness.
 #![allow(dead_code)]
@@ -76,6 +80,8 @@ pub struct Options {
     pub idle: usize,
     /// Connections opened for the memory figure (each is two tracked sockets).
     pub population: usize,
+    /// How fast idle connections are opened (connections per second).
+    pub population_rate: f64,
     pub keepalive: Duration,
     /// After the workload, how long consumers may take to read everything (at least the run's
     /// length); what they have not read by then counts as lost.
@@ -113,6 +119,7 @@ impl Options {
             scaling_subscribers: vec![1, 10, 100],
             idle: 0,
             population: 50_000,
+            population_rate: 10_000.0,
             keepalive: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(2),
             agent,
@@ -260,6 +267,8 @@ pub struct RunResult {
     pub tracer_records: u64,
     /// CPU of the bench's consumer threads over the run.
     pub consumer_cpu_s: f64,
+    /// CPU used over the run by other processes holding BPF programs (other tracers).
+    pub foreign_cpu_s: f64,
     /// The tracer's BPF programs over the run (stats phase only).
     pub progs: Vec<ProgStats>,
 }
@@ -290,6 +299,8 @@ pub struct PopulationResult {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub open_secs: f64,
+    /// The agent's largest mappings (KiB, perms and name) with the population open.
+    pub mappings: Vec<(u64, String)>,
     /// The agent's counters over the opening (all namespaces).
     pub agent: AgentCounters,
 }
@@ -546,7 +557,7 @@ enum Running {
     None,
     Agent {
         process: AgentProcess,
-        client: tcp_trace::proto::tcp_trace_client::TcpTraceClient<tonic::transport::Channel>,
+        client: Box<tcp_trace::proto::tcp_trace_client::TcpTraceClient<tonic::transport::Channel>>,
         subscribers: Subscribers,
     },
     Bpftrace(BpftraceProcess),
@@ -591,7 +602,7 @@ async fn run_once(
                 AgentProcess::start(&opts.agent, &opts.out_dir, &tag, filter).await?;
             Running::Agent {
                 process,
-                client,
+                client: Box::new(client),
                 subscribers: Subscribers::empty(),
             }
         }
@@ -624,7 +635,13 @@ async fn run_once(
                 }
                 _ => None,
             };
-            let pop = Population::open(&ns, n, opts.keepalive, opts.holder_exe.as_deref())?;
+            let pop = Population::open(
+                &ns,
+                n,
+                opts.keepalive,
+                Some(opts.population_rate),
+                opts.holder_exe.as_deref(),
+            )?;
             if let Some(watcher) = watcher {
                 wait_for_events(&watcher, pop.opening_events()).await?;
                 watcher.stop().await?;
@@ -656,6 +673,19 @@ async fn run_once(
         .transpose()?
         .unwrap_or_default();
     let consumer_before = tracer::threads_cpu_seconds(CONSUMER_THREADS);
+    // Other tracers on the machine: their CPU over the run says how much they disturbed it.
+    let foreign: Vec<u32> = program_holders()
+        .into_iter()
+        .map(|h| h.pid)
+        .filter(|&pid| Some(pid) != running.pid())
+        .collect();
+    let foreign_cpu = |pids: &[u32]| -> f64 {
+        pids.iter()
+            .filter_map(|&pid| tracer::proc_sample(pid).ok())
+            .map(|s| s.cpu_s)
+            .sum()
+    };
+    let foreign_before = foreign_cpu(&foreign);
     let agent_before = match &mut running {
         Running::Agent { client, .. } => Some(tracer::agent_counters(client).await?),
         _ => None,
@@ -697,6 +727,7 @@ async fn run_once(
         .transpose()?
         .unwrap_or_default();
     let consumer_cpu_s = tracer::threads_cpu_seconds(CONSUMER_THREADS) - consumer_before;
+    let foreign_cpu_s = (foreign_cpu(&foreign) - foreign_before).max(0.0);
     let mut result = RunResult {
         phase,
         tracer,
@@ -715,6 +746,7 @@ async fn run_once(
         agent: None,
         tracer_records: 0,
         consumer_cpu_s,
+        foreign_cpu_s,
         progs: tracer::prog_delta(&progs_before, &progs_after),
     };
     match running {
@@ -779,6 +811,7 @@ async fn population(opts: &Options, subscribers: usize) -> Result<PopulationResu
         &ns,
         opts.population,
         opts.keepalive,
+        Some(opts.population_rate),
         opts.holder_exe.as_deref(),
     )?;
     // Every connection is established once connect() returned: once the agent has decoded
@@ -800,6 +833,7 @@ async fn population(opts: &Options, subscribers: usize) -> Result<PopulationResu
     // Let the agent settle (its next drain ends the batch) before reading.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = tracer::proc_sample(process.pid)?;
+    let mappings = tracer::largest_mappings(process.pid, 6);
     let agent = tracer::agent_counters(&mut client)
         .await?
         .since(&counters_before);
@@ -817,6 +851,7 @@ async fn population(opts: &Options, subscribers: usize) -> Result<PopulationResu
         rss_kib: after.rss_kib,
         hwm_kib: after.hwm_kib,
         open_secs,
+        mappings,
         agent,
     })
 }

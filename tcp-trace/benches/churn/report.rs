@@ -81,7 +81,7 @@ fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -430,7 +430,7 @@ fn runs_csv(results: &Results) -> String {
         "phase,round,tracer,connections,errors,seconds,rate,active_opens,passive_opens,\
          attempt_fails,estab_resets,expected,delivered_min,delivered_max,reported_lost,foreign,\
          p50_us,p99_us,tracer_cpu_s,tracer_hwm_kib,tracer_records,agent_published,\
-         agent_ring_full,agent_subscriber_drops,consumer_cpu_s,bpf_programs\n",
+         agent_ring_full,agent_subscriber_drops,consumer_cpu_s,foreign_cpu_s,bpf_programs\n",
     );
     for r in &results.runs {
         let us = |q| {
@@ -447,7 +447,7 @@ fn runs_csv(results: &Results) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:?},{},\"{}\",{},{},{:.3},{:.1},{},{},{},{},{},{},{},{},{},{},{},{:.2},{},{},{},{},{},{:.2},{}",
+            "{:?},{},\"{}\",{},{},{:.3},{:.1},{},{},{},{},{},{},{},{},{},{},{},{:.2},{},{},{},{},{},{:.2},{:.2},{}",
             r.phase,
             r.round,
             r.tracer.label(),
@@ -473,6 +473,7 @@ fn runs_csv(results: &Results) -> String {
             agent.ring_full,
             agent.subscriber_drops,
             r.consumer_cpu_s,
+            r.foreign_cpu_s,
             progs.join(" ")
         );
     }
@@ -503,6 +504,19 @@ fn caveats(results: &Results) -> Vec<String> {
             list.join("; ")
         ));
     }
+    let foreign: f64 = results.runs.iter().map(|r| r.foreign_cpu_s).sum();
+    let seconds: f64 = results
+        .runs
+        .iter()
+        .map(|r| r.churn.elapsed.as_secs_f64())
+        .sum();
+    if foreign > 0.0 {
+        out.push(format!(
+            "Other tracers used {foreign:.1} CPU-s during the runs' {seconds:.0} s ({:.0} % of a \
+             CPU on average).",
+            100.0 * foreign / seconds.max(1e-9)
+        ));
+    }
     let sum = |f: &dyn Fn(&RunResult) -> u64| results.runs.iter().map(f).sum::<u64>();
     let errors = sum(&|r| r.churn.errors + r.kernel.attempt_fails + r.kernel.estab_resets);
     if errors > 0 {
@@ -522,11 +536,13 @@ fn caveats(results: &Results) -> Vec<String> {
         ));
     }
     let ring_full = sum(&|r| r.agent.map_or(0, |a| a.counters.ring_full));
+    let missed = sum(&|r| r.agent.map_or(0, |a| a.counters.kernel_missed));
     let drops = sum(&|r| r.agent.map_or(0, |a| a.counters.subscriber_drops));
     let foreign = sum(&|r| r.foreign);
     out.push(format!(
-        "Over all agent runs the agent counted {ring_full} records lost to a full kernel ring and \
-         {drops} events dropped for slow subscribers; subscribers received {foreign} events of \
+        "Over all agent runs the agent counted {ring_full} records lost to a full kernel ring, \
+         {missed} program runs the kernel skipped (another BPF program was running on the CPU) \
+         and {drops} events dropped for slow subscribers; subscribers received {foreign} events of \
          other namespaces (the filter should make that 0)."
     ));
     out
@@ -569,14 +585,15 @@ fn command_output(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn population_line(p: &PopulationResult) -> String {
+fn population_line(p: &PopulationResult, opts: &Options) -> String {
     format!(
-        "Idle population, {} subscriber(s): {} connections opened in {:.1} s; the agent's table held {} of their \
+        "Idle population, {} subscriber(s): {} connections opened at up to {}/s in {:.1} s; the agent's table held {} of their \
          sockets (ListConnections); agent RSS {:.1} MiB before, {:.1} MiB with them open, peak \
          {:.1} MiB; meanwhile it decoded {} records, lost {} to a full kernel ring and dropped {} \
-         events for its subscriber.",
+         events for its subscriber. Largest mappings (RSS): {}.",
         p.subscribers,
         thousands(p.connections as i64),
+        thousands(opts.population_rate as i64),
         p.open_secs,
         thousands(p.tracked as i64),
         p.rss_before_kib as f64 / 1024.0,
@@ -585,6 +602,11 @@ fn population_line(p: &PopulationResult) -> String {
         thousands(p.agent.records as i64),
         thousands(p.agent.ring_full as i64),
         thousands(p.agent.subscriber_drops as i64),
+        p.mappings
+            .iter()
+            .map(|(kib, name)| format!("{:.1} MiB {name}", *kib as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", "),
     )
 }
 
@@ -628,17 +650,21 @@ pub fn write(opts: &Options, results: &Results) -> Result<Report> {
     let _ = writeln!(md, "- Peer: {bpftrace}");
     let _ = writeln!(
         md,
-        "- Workload: {} threads in a fresh network namespace per run, on loopback, each doing \
-         connect, 1-byte request, 1-byte response, client close, server close, one connection \
-         at a time on its own listener; {} s per run at full churn, {} paired rounds interleaved \
-         (round r starts with the r-th variant); trickle {} conn/s for {} s × {}; \
-         {} idle keepalive connections held during runs.",
+        "- Workload: worker threads in a fresh network namespace per run, on loopback, each \
+         doing connect, 1-byte request, 1-byte response, client close, server close, one \
+         connection at a time on its own listener, as fast as it can: {} workers (one per CPU: \
+         any CPU a tracer uses is taken from the workload) and {} worker (a CPU left for the \
+         tracer); {} s per run, {} paired rounds interleaved (round r starts with the r-th \
+         variant); trickle {} conn/s for {} s × {}; {} conn/s for the subscriber scaling; {} \
+         idle keepalive connections held during runs.",
         opts.concurrency,
+        opts.spare_concurrency,
         opts.duration.as_secs_f64(),
         opts.rounds,
         opts.trickle_rate,
         opts.trickle_duration.as_secs_f64(),
         opts.trickle_rounds,
+        opts.scaling_rate,
         opts.idle
     );
     let _ = writeln!(
@@ -656,7 +682,7 @@ pub fn write(opts: &Options, results: &Results) -> Result<Report> {
     }
     let _ = writeln!(md, "\n## Run notes\n");
     for p in &results.population {
-        let _ = writeln!(md, "- {}", population_line(p));
+        let _ = writeln!(md, "- {}", population_line(p, opts));
     }
     for c in caveats(results) {
         let _ = writeln!(md, "- {c}");
@@ -696,12 +722,16 @@ const METHOD: &[&str] = &[
     "4 — BPF cost: run_time_ns / run_cnt of each program the tracer process holds \
      (/proc/PID/fdinfo), over the run, with kernel BPF stats on (BPF_ENABLE_STATS, the switch \
      behind kernel.bpf_stats_enabled, held only during this phase and released by the kernel \
-     when the bench exits). \"All programs\" divides the time of every program, the softirq \
-     hooks included, by the runs of the per-transition program.",
+     when the bench exits). \"All programs\" divides the time of every program, the softirq, \
+     timer and accept hooks included, by the runs of the per-transition program. The empty \
+     program (bpftrace, `{ }` on the same tracepoint) is the floor: tracepoint dispatch plus \
+     the stats' own clock reads.",
     "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \
      million transitions it handled in all namespaces (the agent's records_decoded; bpftrace's \
      event lines). Consumer CPU is the bench's own subscriber threads. RSS: VmHWM of the agent \
      after each churn run; VmRSS with the idle population open (server ends left unaccepted in \
-     the listeners' queues, so each connection is two tracked sockets).",
+     the listeners' queues, so each connection is two tracked sockets; opened at a steady pace, \
+     with SO_KEEPALIVE), once the agent has decoded every record the kernel wrote, without \
+     and with a subscriber.",
     "6 — the same agent CPU figure at a fixed rate with 1, 10 and 100 subscribers.",
 ];

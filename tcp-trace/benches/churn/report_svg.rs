@@ -103,16 +103,16 @@ pub fn svg(rows: &[Row], quick: bool) -> String {
         },
         Panel {
             title: "5. Agent memory (MiB)",
-            bars: bars(rows, |r| {
-                r.measure == PEAK_RSS || r.measure == POPULATION_RSS
-            })
-            .into_iter()
-            .zip(["peak, churn", "idle population"])
-            .map(|(b, label)| Bar {
-                label: label.into(),
-                ..b
-            })
-            .collect(),
+            bars: labelled(rows, |r| {
+                if r.measure == PEAK_RSS {
+                    Some("peak, churn".into())
+                } else if r.measure == POPULATION_RSS {
+                    let subscribers = r.setup.rsplit(", ").next().unwrap_or_default();
+                    Some(format!("idle population, {}", short(subscribers)))
+                } else {
+                    None
+                }
+            }),
             targets: vec![(64.0, "64 MiB")],
             log: false,
         },
@@ -288,8 +288,6 @@ fn number(v: f64) -> String {
     let a = v.abs();
     if a == 0.0 {
         "0".into()
-    } else if a >= 1000.0 {
-        format!("{:.0}", v)
     } else if a >= 10.0 {
         format!("{v:.0}")
     } else if a >= 1.0 {
@@ -314,10 +312,12 @@ impl Scale {
                 .bars
                 .iter()
                 .map(|b| b.min)
+                .chain(panel.targets.iter().map(|t| t.0))
                 .filter(|v| *v > 0.0)
                 .fold(f64::INFINITY, f64::min);
+            // A decade below the smallest value, so a bar or target on a power of ten shows.
             let lo = if smallest.is_finite() {
-                10f64.powf(smallest.log10().floor())
+                10f64.powf((smallest.log10() - 1e-9).floor())
             } else {
                 0.01
             };

@@ -87,6 +87,42 @@ pub fn threads_cpu_seconds(prefix: &str) -> f64 {
         .sum()
 }
 
+/// The largest mappings of a process by resident size, from /proc/<pid>/smaps: where its
+/// memory is (heap arenas, the ring buffer's double mapping, stacks).
+pub fn largest_mappings(pid: u32, n: usize) -> Vec<(u64, String)> {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            let kib = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            out.push((kib, current.clone()));
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-'))
+        {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            current = format!(
+                "{} {}",
+                fields.get(1).copied().unwrap_or(""),
+                fields.get(5).copied().unwrap_or("[anon]")
+            );
+        }
+    }
+    out.sort_by_key(|m| std::cmp::Reverse(m.0));
+    out.truncate(n);
+    out
+}
+
 /// One BPF program's cumulated stats (counted only while BPF stats are enabled).
 #[derive(Clone, Debug, Default)]
 pub struct ProgStats {
@@ -475,6 +511,8 @@ pub struct AgentCounters {
     pub records: u64,
     pub published: u64,
     pub ring_full: u64,
+    /// Program runs the kernel skipped (another BPF program was running on that CPU).
+    pub kernel_missed: u64,
     pub subscriber_drops: u64,
     pub live_connections: u64,
 }
@@ -486,6 +524,7 @@ impl AgentCounters {
             records: s.records_decoded,
             published: s.events.iter().map(|k| k.count).sum(),
             ring_full: s.kernel_ring_full,
+            kernel_missed: s.kernel_missed,
             subscriber_drops: s.subscriber_drops,
             live_connections: s.live_connections,
         }
@@ -497,6 +536,7 @@ impl AgentCounters {
             records: self.records - before.records,
             published: self.published - before.published,
             ring_full: self.ring_full - before.ring_full,
+            kernel_missed: self.kernel_missed - before.kernel_missed,
             subscriber_drops: self.subscriber_drops - before.subscriber_drops,
             live_connections: self.live_connections,
         }

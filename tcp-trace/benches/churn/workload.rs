@@ -211,10 +211,14 @@ impl Population {
     /// limit allows, otherwise by child processes (`holder_exe` with [`HOLD_ENV`] set), each with
     /// its own fd limit: RLIMIT_NOFILE cannot be raised past the hard limit without
     /// CAP_SYS_RESOURCE.
+    ///
+    /// `rate` paces the opening (connections per second over all holders; None = at once):
+    /// a steady state is what the memory figure is about, not a burst.
     pub fn open(
         ns: &Netns,
         n: usize,
         keepalive: Duration,
+        rate: Option<f64>,
         holder_exe: Option<&Path>,
     ) -> Result<Population> {
         const PER_LISTENER: usize = 16_000;
@@ -244,7 +248,7 @@ impl Population {
             holders: Vec::new(),
         };
         if n <= budget {
-            population.local = ns.run(|| connect_all(&addrs, n, keepalive))?;
+            population.local = ns.run(|| connect_all(&addrs, n, keepalive, rate))?;
             return Ok(population);
         }
         let exe = holder_exe.with_context(|| {
@@ -255,12 +259,14 @@ impl Population {
         })?;
         let hard = nofile().1 as usize;
         let per_child = hard.saturating_sub(64).max(1_000);
+        let children = n.div_ceil(per_child);
         let mut left = n;
         while left > 0 {
             let count = left.min(per_child);
+            let child_rate = rate.map(|r| r / children as f64);
             population
                 .holders
-                .push(spawn_holder(ns, exe, &addrs, count, keepalive)?);
+                .push(spawn_holder(ns, exe, &addrs, count, keepalive, child_rate)?);
             left -= count;
         }
         for holder in &mut population.holders {
@@ -302,9 +308,18 @@ impl Drop for Population {
     }
 }
 
-fn connect_all(addrs: &[SocketAddr], n: usize, keepalive: Duration) -> Result<Vec<TcpStream>> {
+fn connect_all(
+    addrs: &[SocketAddr],
+    n: usize,
+    keepalive: Duration,
+    rate: Option<f64>,
+) -> Result<Vec<TcpStream>> {
+    let start = Instant::now();
     (0..n)
         .map(|i| {
+            if let Some(rate) = rate {
+                sleep_until(start + Duration::from_secs_f64(i as f64 / rate.max(1.0)));
+            }
             let addr = addrs[i % addrs.len()];
             let stream = TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
                 .with_context(|| format!("idle connection {i} of {n} to {addr}"))?;
@@ -345,9 +360,15 @@ fn spawn_holder(
     addrs: &[SocketAddr],
     count: usize,
     keepalive: Duration,
+    rate: Option<f64>,
 ) -> Result<Child> {
     let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-    let spec = format!("{count};{};{}", keepalive.as_secs(), addrs.join(","));
+    let spec = format!(
+        "{count};{};{};{}",
+        keepalive.as_secs(),
+        rate.unwrap_or(0.0),
+        addrs.join(",")
+    );
     let ns_fd = ns.raw_fd();
     let mut cmd = Command::new(exe);
     cmd.env(HOLD_ENV, spec)
@@ -368,19 +389,21 @@ fn spawn_holder(
         .with_context(|| format!("start a population holder {}", exe.display()))
 }
 
-/// The holder's side: `TCP_TRACE_BENCH_HOLD=<count>;<keepalive secs>;<addr>,<addr>...`. Connects,
-/// says `ready`, then holds the connections until stdin closes.
+/// The holder's side: `TCP_TRACE_BENCH_HOLD=<count>;<keepalive secs>;<rate, 0 = at
+/// once>;<addr>,<addr>...`. Connects, says `ready`, then holds the connections until stdin
+/// closes.
 pub fn hold_main(spec: &str) -> Result<()> {
-    let mut parts = spec.splitn(3, ';');
-    let (Some(count), Some(keepalive), Some(addrs)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let parts: Vec<&str> = spec.splitn(4, ';').collect();
+    let [count, keepalive, rate, addrs] = parts[..] else {
         bail!("bad {HOLD_ENV}={spec:?}");
     };
     let count: usize = count.parse()?;
     let keepalive = Duration::from_secs(keepalive.parse()?);
+    let rate: f64 = rate.parse()?;
+    let rate = (rate > 0.0).then_some(rate);
     let addrs: Vec<SocketAddr> = addrs.split(',').map(str::parse).collect::<Result<_, _>>()?;
     raise_nofile();
-    let held = connect_all(&addrs, count, keepalive)?;
+    let held = connect_all(&addrs, count, keepalive, rate)?;
     println!("ready");
     std::io::stdout().flush()?;
     let mut sink = Vec::new();
