@@ -125,8 +125,10 @@ impl Agent {
             warned_malformed: false,
         };
         let drain_cancel = cancel.clone();
-        tasks.spawn(async move {
-            capture.run(&drain_cancel, &mut pipeline).await;
+        // The drain loop sleeps in sub-millisecond steps, finer than tokio's timers: it gets a
+        // thread of its own.
+        tasks.spawn_blocking(move || {
+            capture.run(&drain_cancel, &mut pipeline);
             // `capture` drops here: the programs detach.
         });
 

@@ -43,9 +43,10 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Benchmarks (not yet implemented).
+    /// Run the benchmark (as root): tcp-trace against no tracer and bpftrace, report in
+    /// target/bench/ (`--docs` also refreshes docs/benchmarks.md; `--quick` for a smoke run).
     Bench {
-        #[arg(last = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
 }
