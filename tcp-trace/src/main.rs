@@ -1,9 +1,4 @@
 use anyhow::Context as _;
-
-/// The agent allocates and frees a few small objects per event; glibc's malloc was a third of
-/// its CPU in profiles, mimalloc's thread-local free lists make that cheap.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser as _;
 use tcp_trace::{
     agent::Agent,
