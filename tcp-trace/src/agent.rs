@@ -232,7 +232,16 @@ impl Agent {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        self.shutdown().await;
+        // Graceful, but bounded: a client that never lets go of its connection, or a second
+        // signal, does not keep the agent (and its programs) around.
+        tokio::select! {
+            _ = self.shutdown() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
+                tracing::warn!("shutdown took over 5 s; exiting anyway");
+            }
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         Ok(())
     }
 }

@@ -1226,6 +1226,12 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         // SAFETY: plain kill(2) of our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // Never hang the suite on a child that does not stop: SIGKILL after 10 s.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
         if let ListenAddr::Unix(path) = &self.addr {
             let _ = std::fs::remove_file(path);
