@@ -5,7 +5,7 @@
 //! lock, and the record is reserved inside the tracepoint, before the lock is released.
 pub mod peers;
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32};
 
 pub use peers::{PeerKey, PeerStats, Peers};
 
@@ -132,10 +132,11 @@ pub enum Closer {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Keepalive {
     pub enabled: bool,
-    /// Set on the socket (TCP_KEEPIDLE/INTVL/CNT); None = the namespace's sysctl.
-    pub idle_s: Option<u32>,
-    pub interval_s: Option<u32>,
-    pub count: Option<u32>,
+    /// Set on the socket (TCP_KEEPIDLE/INTVL/CNT); None = the namespace's sysctl. The kernel
+    /// takes only values from 1, so the zero niche keeps each in 4 bytes.
+    pub idle_s: Option<NonZeroU32>,
+    pub interval_s: Option<NonZeroU32>,
+    pub count: Option<NonZeroU32>,
     /// Probes sent and not (yet) answered.
     pub unanswered: u32,
     /// Probes sent over the connection's life.
@@ -170,9 +171,9 @@ pub struct KeepaliveSettings {
 impl Keepalive {
     pub fn effective(&self, defaults: KeepaliveDefaults) -> KeepaliveSettings {
         KeepaliveSettings {
-            idle_s: self.idle_s.unwrap_or(defaults.idle_s),
-            interval_s: self.interval_s.unwrap_or(defaults.interval_s),
-            count: self.count.unwrap_or(defaults.count),
+            idle_s: self.idle_s.map_or(defaults.idle_s, NonZeroU32::get),
+            interval_s: self.interval_s.map_or(defaults.interval_s, NonZeroU32::get),
+            count: self.count.map_or(defaults.count, NonZeroU32::get),
         }
     }
 }
@@ -195,8 +196,6 @@ pub struct Connection {
     /// Whether the agent saw the connection open (else path and duration start mid-life).
     pub seen_open: bool,
     pub path: Path,
-    /// When connect() sent the first SYN (active opens).
-    pub syn_sent_ns: Option<u64>,
     /// Handshake latency, once established. Active: connect() (SYN_SENT) to ESTABLISHED.
     /// Passive: the SYN-ACK's round trip, the kernel's first RTT sample (the child socket only
     /// exists once the final ACK is in, so its SYN_RECV -> ESTABLISHED takes microseconds).
@@ -470,7 +469,7 @@ impl Table {
     ) -> Option<(Connection, KeepaliveChange)> {
         let c = self.connection_mut(o.sock)?;
         c.keepalive_defaults = Some(defaults);
-        let value = u32::try_from(o.value).ok();
+        let value = u32::try_from(o.value).ok().and_then(NonZeroU32::new);
         match o.option {
             KeepaliveOption::Enabled => c.keepalive.enabled = o.value != 0,
             KeepaliveOption::Idle => c.keepalive.idle_s = value,
@@ -509,14 +508,15 @@ impl Table {
         connection.last_ns = t.ts_ns;
         connection.path.push(t.new);
         match t.new {
-            TcpState::SynSent => connection.syn_sent_ns = Some(t.ts_ns),
             TcpState::Established => {
                 connection.srtt_us = t.srtt_us;
                 match entered_from {
                     TcpState::SynSent => {
-                        connection.handshake_ns = connection
-                            .syn_sent_ns
-                            .map(|start| t.ts_ns.saturating_sub(start));
+                        // An active open's life starts at connect()'s SYN_SENT.
+                        let from_syn =
+                            connection.direction == Direction::Active && connection.seen_open;
+                        connection.handshake_ns =
+                            from_syn.then(|| t.ts_ns.saturating_sub(connection.opened_ns));
                         connection.handshake_retransmits = t.total_retrans;
                     }
                     TcpState::SynRecv => {
@@ -602,7 +602,6 @@ impl Table {
             last_ns: t.ts_ns,
             seen_open: opening.is_some(),
             path: Path::starting_at(t.old),
-            syn_sent_ns: None,
             handshake_ns: None,
             handshake_retransmits: 0,
             retransmits: 0,
@@ -976,6 +975,20 @@ mod tests {
         assert_eq!(
             (c.first_closer(), c.cause()),
             (Closer::Remote, Cause::Orderly)
+        );
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    /// The table holds one per tracked socket: 100,000 of them must fit the agent in 64 MiB
+    /// (docs/benchmarks.md). Grow it only knowingly.
+    #[test]
+    fn a_connection_stays_within_its_memory_budget() {
+        assert!(
+            std::mem::size_of::<super::Connection>() <= 264,
+            "{}",
+            std::mem::size_of::<super::Connection>()
         );
     }
 }
