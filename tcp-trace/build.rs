@@ -20,7 +20,10 @@ fn compile_protos() {
     tonic_prost_build::configure()
         .build_server(false)
         .file_descriptor_set_path(out.join("tcptrace_descriptor.bin"))
-        .compile_protos(&[proto.clone()], &[proto_dir.clone(), include.clone()])
+        .compile_protos(
+            std::slice::from_ref(&proto),
+            &[proto_dir.clone(), include.clone()],
+        )
         .expect("proto/tcptrace/v1/tcptrace.proto compiles");
     // The server, over the same messages, except that the events it streams are sent already
     // encoded: an event is encoded once however many subscribers it goes to.

@@ -325,13 +325,8 @@ async fn shutdown_ends_streams_and_removes_the_socket_file() {
         .expect("shutdown does not wait on streams");
     assert!(!path.exists());
     // The stream ends (or errors) instead of hanging.
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), stream.message())
-            .await
-            .expect("stream ends")
-        {
-            Ok(Some(_)) => continue,
-            _ => break,
-        }
-    }
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("stream ends")
+    {}
 }
