@@ -277,18 +277,7 @@ async fn the_cli_watches_as_json_lists_connections_and_shows_stats() {
             .any(|l| l["connectionClosed"]["path"][1] == "TCP_STATE_SYN_SENT")
     );
 
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcp-trace"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = support::agent::cli;
     let stats = run(&["stats", "--connect", &connect]);
     assert!(stats.contains("kernel ring full (lost)"), "{stats}");
     let stats: serde_json::Value =

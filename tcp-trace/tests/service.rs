@@ -1003,18 +1003,7 @@ async fn the_cli_resumes_replays_sorts_and_draws_top() {
         assert!(tokio::time::Instant::now() < until);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcp-trace"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = support::agent::cli;
     let latest = run(&[
         "watch",
         "--json",

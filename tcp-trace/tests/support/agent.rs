@@ -217,3 +217,18 @@ pub fn path(states: &[&str]) -> Vec<(String, String)> {
         .map(|w| (w[0].to_owned(), w[1].to_owned()))
         .collect()
 }
+
+/// Runs the `tcp-trace` binary with `args`, asserts it succeeded (its stderr in the message),
+/// and returns its stdout.
+pub fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcp-trace"))
+        .args(args)
+        .output()
+        .expect("the tcp-trace binary runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
