@@ -175,11 +175,9 @@ impl Agent {
         };
 
         let listening = listeners.bound.clone();
-        let socket_files = listeners
-            .unix
-            .iter()
-            .map(|(path, _)| path.clone())
-            .collect();
+        // The socket files now belong to the agent (removed when it is dropped), not to the
+        // listener set, which is emptied below.
+        let socket_files = listeners.take_socket_files();
         for (_, listener) in listeners.unix.drain(..) {
             let router = router.clone();
             let stop = cancel.clone();
@@ -206,8 +204,7 @@ impl Agent {
                 }
             });
         }
-        // The socket files now belong to the agent, not to the (emptied) listener set.
-        std::mem::forget(listeners);
+        drop(listeners);
         Ok(Agent {
             cancel,
             tasks,

@@ -189,6 +189,11 @@ impl Drop for Listeners {
 }
 
 impl Listeners {
+    /// Hands over the Unix socket files: removing them becomes the caller's job.
+    pub fn take_socket_files(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.socket_files)
+    }
+
     pub async fn bind(addrs: &[ListenAddr], access: &Access) -> Result<Listeners, ListenError> {
         let gid = access.socket_group.as_deref().map(group_id).transpose()?;
         let mut listeners = Listeners {
