@@ -257,11 +257,10 @@ pub mod globals {
 pub mod counter {
     /// Records that could not be reserved because the ring was full: lost in the kernel.
     pub const RING_FULL: u32 = 0;
-    /// Unused: successes are not counted in the kernel (the agent counts what it reads).
-    pub const UNUSED: u32 = 1;
     /// Transitions skipped by the kernel-side netns filter.
-    pub const FILTERED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    pub const FILTERED: u32 = 1;
+    pub const COUNT: u32 = 2;
+    // Successes are not counted in the kernel: the agent counts what it reads.
 }
 
 #[cfg(feature = "user")]

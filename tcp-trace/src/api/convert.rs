@@ -241,6 +241,7 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
         proto::Lifetime::Short
     };
     let established = c.handshake_ns.is_some();
+    let (bytes_sent, bytes_received) = c.payload_bytes();
     let summary = proto::ConnectionClosed {
         path: c.path.states().iter().map(|&s| state(s) as i32).collect(),
         duration: duration(c.duration_ns()),
@@ -263,8 +264,8 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
         keepalive_probes: c.keepalive.probes,
         keepalive_unanswered: c.keepalive.unanswered,
         srtt_us: c.srtt_us,
-        bytes_sent: c.payload_bytes().0,
-        bytes_received: c.payload_bytes().1,
+        bytes_sent,
+        bytes_received,
     };
     let body = proto::event::Body::ConnectionClosed(summary);
     (

@@ -61,8 +61,6 @@ pub enum CaptureError {
     },
     #[error("eBPF map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
-    #[error("watching the ring buffer: {0}")]
-    Poll(io::Error),
 }
 
 /// 4 MiB: about 30,000 records, 80 ms of the heaviest churn these machines make. The kernel
