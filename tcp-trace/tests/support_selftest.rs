@@ -6,6 +6,8 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use support::{
     Counters, FirstCloser, NetNs, roundtrips, roundtrips_between, roundtrips_server_closes_first,
@@ -240,5 +242,11 @@ fn tcp_in_use_counts_this_namespaces_hashed_sockets_only() {
     let v6 = ns.run(|| TcpListener::bind((LOOPBACK_V6, 0)).unwrap());
     assert_eq!(in_use.read(), 2);
     drop((v4, v6));
+    // A parallel test's fork can still hold a copy of the listeners' fds until its exec closes
+    // them (they are CLOEXEC), so the count may reach 0 a moment after the drop, but it must.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while in_use.read() != 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(in_use.read(), 0);
 }
