@@ -251,6 +251,31 @@ pub mod globals {
     pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
     /// Address of `tcp_keepalive_timer` (from /proc/kallsyms); 0 = unknown.
     pub const KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
+    /// A [`SockLayout`](super::SockLayout), for the BTF tracepoint program.
+    pub const SOCK_LAYOUT: &str = "SOCK_LAYOUT";
+}
+
+/// Member offsets the BTF tracepoint program loads directly from a `struct sock` (and the
+/// current task), resolved from the running kernel's BTF by the agent. The verifier knows these
+/// as constants (they sit in frozen, read-only .rodata) and checks each load against the
+/// kernel's BTF, so a wrong offset fails the load instead of reading the wrong field. The agent
+/// only loads that program when it resolved all of them (`skc_daddr` is at 0, so 0 cannot mean
+/// unknown here); otherwise it loads the classic tracepoint program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLayout {
+    /// `sock.__sk_common.skc_family`, `.skc_dport`, `.skc_daddr`, `.skc_v6_rcv_saddr`,
+    /// `.skc_v6_daddr`.
+    pub family: u32,
+    pub dport: u32,
+    pub daddr: u32,
+    pub v6_saddr: u32,
+    pub v6_daddr: u32,
+    /// `inet_sock.inet_sport` and `inet_sock.inet_saddr` (what the classic tracepoint reports).
+    pub inet_sport: u32,
+    pub inet_saddr: u32,
+    /// `task_struct.comm`.
+    pub task_comm: u32,
 }
 
 /// Indices into the `COUNTERS` per-CPU array.
@@ -273,6 +298,7 @@ mod user {
     unsafe impl aya::Pod for super::Keepalive {}
     unsafe impl aya::Pod for super::SocketOption {}
     unsafe impl aya::Pod for super::Accept {}
+    unsafe impl aya::Pod for super::SockLayout {}
 }
 
 // No implicit padding: the sizes below are the sums of the fields.

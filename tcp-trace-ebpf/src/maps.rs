@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use tcp_trace_common::counter;
+use tcp_trace_common::{SockLayout, counter};
 
 /// The records, in the order the kernel reserved them. Its size is set by the agent (`--ring-bytes`).
 #[map(name = "EVENTS")]
@@ -64,6 +64,26 @@ static FDT_FD_OFFSET: u32 = 0;
 static FILE_PRIVATE_DATA_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SOCKET_SK_OFFSET: u32 = 0;
+
+#[unsafe(no_mangle)]
+pub(crate) static SOCK_LAYOUT: SockLayout = SockLayout {
+    family: 0,
+    dport: 0,
+    daddr: 0,
+    v6_saddr: 0,
+    v6_daddr: 0,
+    inet_sport: 0,
+    inet_saddr: 0,
+    task_comm: 0,
+};
+
+/// A member offset from [`SockLayout`], as a constant the verifier knows.
+macro_rules! layout {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&raw const $crate::maps::SOCK_LAYOUT.$field) }
+    };
+}
+pub(crate) use layout;
 
 /// Read a global through a volatile load so the compiler cannot fold in the default.
 macro_rules! global {

@@ -1,17 +1,25 @@
 //! `sock:inet_sock_set_state`: every TCP state transition, both families.
+//!
+//! Two programs for the one hook; the agent loads one. The BTF tracepoint (`tp_btf`) gets the
+//! socket as a typed pointer and reads its fields with plain loads the verifier checks against
+//! the kernel's BTF: no record is formatted for it and no helper call per field. The classic
+//! tracepoint reads the formatted record plus `bpf_probe_read_kernel` for what the record lacks;
+//! the agent falls back to it where the kernel or its BTF does not allow the first.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock,
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, tcp_state};
 
 use crate::{
     context,
     fields::{address, field, widen},
-    kernel, maps,
+    kernel,
+    maps::{self, layout},
 };
 
 // Field offsets in the tracepoint record (/sys/kernel/tracing/events/sock/inet_sock_set_state/format);
@@ -42,69 +50,223 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let Some(mut entry) = maps::reserve::<StateChange>() else {
         return 0;
     };
-    let new_state = field::<i32>(&ctx, NEWSTATE) as u8;
-    // tcp_done() runs after the cause is stored in sk_err (tcp_reset, tcp_write_err, ICMP).
-    let error = if new_state == tcp_state::CLOSE {
-        kernel::sk_err(sock)
-    } else {
-        0
-    };
-    let (srtt_us, total_retrans) = match new_state {
-        tcp_state::ESTABLISHED | tcp_state::CLOSE => kernel::rtt_and_retransmits(sock),
-        _ => (0, 0),
-    };
-    let (bytes_acked, bytes_received) = if new_state == tcp_state::CLOSE {
-        kernel::bytes(sock)
-    } else {
-        (0, 0)
-    };
     let now = unsafe { bpf_ktime_get_ns() };
+    let new_state = field::<i32>(&ctx, NEWSTATE) as u8;
     let family: u16 = field(&ctx, FAMILY);
     let (saddr, daddr) = if family == AF_INET {
         (widen(field(&ctx, SADDR)), widen(field(&ctx, DADDR)))
     } else {
         (address(&ctx, SADDR_V6), address(&ctx, DADDR_V6))
     };
-    let softirq = context::softirq();
-    let context_flags = if softirq == 0 {
-        0
-    } else {
-        flags::INTERRUPT_CONTEXT | ((softirq & 0xff) << flags::SOFTIRQ_SHIFT)
-    };
-    entry.write(StateChange {
-        header: Header {
-            kind: kind::STATE_CHANGE,
-            cpu: unsafe { bpf_get_smp_processor_id() },
-            ts_ns: now,
-            sock,
-        },
+    let transition = Transition {
+        sock,
         netns,
         old_state: field::<i32>(&ctx, OLDSTATE) as u8,
         new_state,
         family,
         sport: field(&ctx, SPORT),
         dport: field(&ctx, DPORT),
-        flags: context_flags,
-        // The current task only means something in process context.
-        pid_tgid: if softirq == 0 {
-            bpf_get_current_pid_tgid()
-        } else {
-            0
-        },
         saddr,
         daddr,
-        comm: if softirq == 0 {
-            bpf_get_current_comm().unwrap_or_default()
-        } else {
-            [0; 16]
-        },
-        error,
-        srtt_us,
-        total_retrans,
-        _reserved: 0,
-        bytes_acked,
-        bytes_received,
-    });
+    };
+    let fields = SockFields::at(
+        new_state,
+        || kernel::sk_err(sock),
+        || kernel::rtt_and_retransmits(sock),
+        || kernel::bytes(sock),
+    );
+    let task = Task::current(|| bpf_get_current_comm().unwrap_or_default());
+    entry.write(transition.record(now, task, fields));
     maps::submit(entry, now);
     0
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const u8 = ctx.arg(0);
+    // Null for anything but a full TCP socket (the hook also fires for SCTP and MPTCP). Every
+    // socket that changes TCP state is a full one: request sockets have no tracepoint.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+    if tp.is_null() {
+        return 0;
+    }
+    let netns = netns_of(tp);
+    if !maps::netns_wanted(netns) {
+        return 0;
+    }
+    let Some(mut entry) = maps::reserve::<StateChange>() else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let new_state = ctx.arg::<i32>(2) as u8;
+    let family: u16 = load(tp, layout!(family));
+    let (saddr, daddr) = if family == AF_INET {
+        (
+            widen(load(tp, layout!(inet_saddr))),
+            widen(load(tp, layout!(daddr))),
+        )
+    } else {
+        (
+            load_bytes16(tp, layout!(v6_saddr)),
+            load_bytes16(tp, layout!(v6_daddr)),
+        )
+    };
+    let transition = Transition {
+        sock: sk as u64,
+        netns,
+        old_state: ctx.arg::<i32>(1) as u8,
+        new_state,
+        family,
+        // Host order, as the classic tracepoint reports them.
+        sport: u16::from_be(load(tp, layout!(inet_sport))),
+        dport: u16::from_be(load(tp, layout!(dport))),
+        saddr,
+        daddr,
+    };
+    let (srtt, retrans) = maps::tcp_sock_offsets();
+    let (acked, received) = maps::bytes_offsets();
+    let fields = SockFields::at(
+        new_state,
+        || load::<i32>(tp, maps::sk_err_offset()) as u32,
+        || (load::<u32>(tp, srtt) >> 3, load(tp, retrans)),
+        || (load(tp, acked), load(tp, received)),
+    );
+    let task = Task::current(|| {
+        let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+        load_bytes16(task, layout!(task_comm))
+    });
+    entry.write(transition.record(now, task, fields));
+    maps::submit(entry, now);
+    0
+}
+
+/// The transition and the socket's endpoints, as both programs get them.
+struct Transition {
+    sock: u64,
+    netns: u32,
+    old_state: u8,
+    new_state: u8,
+    family: u16,
+    sport: u16,
+    dport: u16,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+impl Transition {
+    #[inline(always)]
+    fn record(self, now: u64, task: Task, fields: SockFields) -> StateChange {
+        StateChange {
+            header: Header {
+                kind: kind::STATE_CHANGE,
+                cpu: unsafe { bpf_get_smp_processor_id() },
+                ts_ns: now,
+                sock: self.sock,
+            },
+            netns: self.netns,
+            old_state: self.old_state,
+            new_state: self.new_state,
+            family: self.family,
+            sport: self.sport,
+            dport: self.dport,
+            flags: task.flags,
+            pid_tgid: task.pid_tgid,
+            saddr: self.saddr,
+            daddr: self.daddr,
+            comm: task.comm,
+            error: fields.error,
+            srtt_us: fields.srtt_us,
+            total_retrans: fields.total_retrans,
+            _reserved: 0,
+            bytes_acked: fields.bytes_acked,
+            bytes_received: fields.bytes_received,
+        }
+    }
+}
+
+/// What is read from the socket itself, only on the transitions where it means something.
+struct SockFields {
+    error: u32,
+    srtt_us: u32,
+    total_retrans: u32,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+impl SockFields {
+    #[inline(always)]
+    fn at(
+        new_state: u8,
+        error: impl FnOnce() -> u32,
+        rtt_and_retransmits: impl FnOnce() -> (u32, u32),
+        bytes: impl FnOnce() -> (u64, u64),
+    ) -> SockFields {
+        let closing = new_state == tcp_state::CLOSE;
+        let (srtt_us, total_retrans) = if closing || new_state == tcp_state::ESTABLISHED {
+            rtt_and_retransmits()
+        } else {
+            (0, 0)
+        };
+        let (bytes_acked, bytes_received) = if closing { bytes() } else { (0, 0) };
+        SockFields {
+            // tcp_done() runs after the cause is stored in sk_err (tcp_reset, tcp_write_err, ICMP).
+            error: if closing { error() } else { 0 },
+            srtt_us,
+            total_retrans,
+            bytes_acked,
+            bytes_received,
+        }
+    }
+}
+
+/// The current task, where it means something: in process context (the socket's own system
+/// call). In softirq it is whoever was interrupted, so it is left out and the flags say why.
+struct Task {
+    flags: u32,
+    pid_tgid: u64,
+    comm: [u8; 16],
+}
+
+impl Task {
+    #[inline(always)]
+    fn current(comm: impl FnOnce() -> [u8; 16]) -> Task {
+        let softirq = context::softirq();
+        if softirq == 0 {
+            Task {
+                flags: 0,
+                pid_tgid: bpf_get_current_pid_tgid(),
+                comm: comm(),
+            }
+        } else {
+            Task {
+                flags: flags::INTERRUPT_CONTEXT | ((softirq & 0xff) << flags::SOFTIRQ_SHIFT),
+                pid_tgid: 0,
+                comm: [0; 16],
+            }
+        }
+    }
+}
+
+/// A member of a BTF-typed kernel object: a plain load, which the verifier checks against the
+/// kernel's BTF at the (constant) offset and turns into a fault-safe load.
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
+}
+
+/// A 16-byte member (an `in6_addr`, a task's comm) as two 8-byte loads.
+#[inline(always)]
+fn load_bytes16(base: *const u8, offset: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&load::<u64>(base, offset).to_ne_bytes());
+    out[8..].copy_from_slice(&load::<u64>(base, offset + 8).to_ne_bytes());
+    out
+}
+
+/// `sk->__sk_common.skc_net.net->ns.inum`, by two loads.
+#[inline(always)]
+fn netns_of(sk: *const u8) -> u32 {
+    let (net_offset, inum_offset) = maps::netns_offsets();
+    let net: *const u8 = load(sk, net_offset);
+    load(net, inum_offset)
 }

@@ -80,6 +80,14 @@ impl Drop for ListenerFiles {
     }
 }
 
+/// An agent dropped without [`Agent::shutdown`] (a panicking caller) still stops its drain
+/// thread, which would otherwise keep the runtime from shutting down.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 impl Agent {
     /// Loads and attaches the programs, binds the listeners and starts serving. Returns once
     /// events are being captured.

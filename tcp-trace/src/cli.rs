@@ -63,6 +63,10 @@ pub struct AgentArgs {
     /// Lower is fresher, higher costs less CPU under heavy churn.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
     pub wakeup_interval_us: u64,
+    /// Trace transitions through the classic tracepoint even where the kernel takes the BTF
+    /// one (which costs less per transition). For kernels where the BTF program misbehaves.
+    #[arg(long)]
+    pub classic_tracepoint: bool,
     /// Events queued per subscriber before it starts losing events (it is told how many).
     #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
@@ -103,6 +107,7 @@ impl AgentArgs {
                 ring_bytes: self.ring_bytes,
                 netns: self.netns,
                 wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
+                classic_tracepoint: self.classic_tracepoint,
             },
             max_connections: self.max_connections,
             long_lived: Duration::from_secs(self.long_lived),

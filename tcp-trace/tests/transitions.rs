@@ -9,7 +9,10 @@ use support::{
     agent::{TestAgent, collect, endpoint, netns_filter, path, transitions_by_connection},
     roundtrips,
 };
-use tcp_trace::proto::{self, event::Body};
+use tcp_trace::{
+    agent::AgentConfig,
+    proto::{self, event::Body},
+};
 
 const CLIENT: &[&str] = &[
     "CLOSE",
@@ -34,10 +37,21 @@ fn expected_events(n: usize) -> usize {
     n * 12 + 3
 }
 
-async fn exact_sequences_match_the_kernel_counters(addr: &str) {
+async fn exact_sequences_match_the_kernel_counters(addr: &str, program: StateProgram) {
     const N: usize = 40;
     let ns = Arc::new(NetNs::new("seq"));
-    let mut agent = TestAgent::start().await;
+    let mut config = AgentConfig::default();
+    config.capture.classic_tracepoint = program == StateProgram::Classic;
+    let mut agent = TestAgent::start_with(config).await;
+    let hook = match program {
+        StateProgram::Btf => "tp_btf:inet_sock_set_state",
+        StateProgram::Classic => "sock:inet_sock_set_state",
+    };
+    assert!(
+        agent.hooks().attached.iter().any(|h| h == hook),
+        "{hook} not in {:?}",
+        agent.hooks().attached
+    );
     let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
     let before = ns.snmp();
     let addr: IpAddr = addr.parse().unwrap();
@@ -135,12 +149,25 @@ async fn exact_sequences_match_the_kernel_counters(addr: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ipv4_connection_has_its_exact_transitions_on_both_sides_and_matches_snmp() {
-    exact_sequences_match_the_kernel_counters("127.0.0.1").await;
+    exact_sequences_match_the_kernel_counters("127.0.0.1", StateProgram::Btf).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ipv6_connection_has_its_exact_transitions_on_both_sides_and_matches_snmp() {
-    exact_sequences_match_the_kernel_counters("::1").await;
+    exact_sequences_match_the_kernel_counters("::1", StateProgram::Btf).await;
+}
+
+/// The fallback for kernels without BTF tracepoints must report exactly the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classic_tracepoint_program_reports_the_same_on_both_families() {
+    exact_sequences_match_the_kernel_counters("127.0.0.1", StateProgram::Classic).await;
+    exact_sequences_match_the_kernel_counters("::1", StateProgram::Classic).await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StateProgram {
+    Btf,
+    Classic,
 }
 
 /// The classic tracer bug: a transition run in softirq reported with the pid of whatever process

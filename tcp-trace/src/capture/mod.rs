@@ -75,6 +75,8 @@ pub struct CaptureConfig {
     pub netns: Option<u32>,
     /// Longest a record may wait in the ring before the agent reads it, roughly.
     pub wakeup_interval: Duration,
+    /// Use the classic state tracepoint even where the BTF one loads.
+    pub classic_tracepoint: bool,
 }
 
 impl Default for CaptureConfig {
@@ -83,6 +85,7 @@ impl Default for CaptureConfig {
             ring_bytes: DEFAULT_RING_BYTES,
             netns: None,
             wakeup_interval: Duration::from_millis(1),
+            classic_tracepoint: false,
         }
     }
 }
@@ -129,10 +132,9 @@ impl Capture {
     pub fn load(config: &CaptureConfig) -> Result<Capture, CaptureError> {
         check_privileges()?;
         tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
-        tracefs::check_layout("sock", "inet_sock_set_state", STATE_LAYOUT)
-            .map_err(CaptureError::Layout)?;
         let mut hooks = Hooks::default();
         let offsets = Offsets::resolve(&mut hooks);
+        let sock_layout = offsets.sock_layout.unwrap_or_default();
         let keepalive_timer = kallsyms_address("tcp_keepalive_timer");
         let netns_filter = config.netns.unwrap_or(0);
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
@@ -167,6 +169,7 @@ impl Capture {
                 true,
             )
             .override_global(globals::SOCKET_SK_OFFSET, &offsets.socket_sk, true)
+            .override_global(globals::SOCK_LAYOUT, &sock_layout, true)
             .override_global(
                 globals::KEEPALIVE_TIMER_FN,
                 &keepalive_timer.unwrap_or(0),
@@ -188,17 +191,7 @@ impl Capture {
                 hooks.attached.push(format!("irq:{event}"));
             }
         }
-        attach(
-            &mut ebpf,
-            "inet_sock_set_state",
-            "sock",
-            "inet_sock_set_state",
-        )
-        .map_err(|source| CaptureError::Attach {
-            hook: "sock:inet_sock_set_state",
-            source,
-        })?;
-        hooks.attached.push("sock:inet_sock_set_state".into());
+        attach_state(&mut ebpf, &offsets, config.classic_tracepoint, &mut hooks)?;
 
         for (event, lost) in [
             (
@@ -363,6 +356,59 @@ fn distrust_context(t: &mut crate::model::Transition) {
     }
 }
 
+/// The state hook: the BTF tracepoint program where the kernel takes it, else the classic one
+/// (which needs the tracepoint's record to have the layout it reads).
+fn attach_state(
+    ebpf: &mut Ebpf,
+    offsets: &Offsets,
+    classic: bool,
+    hooks: &mut Hooks,
+) -> Result<(), CaptureError> {
+    let why_not_btf = match offsets.direct_loads() {
+        _ if classic => "--classic-tracepoint".to_owned(),
+        Ok(()) => {
+            match attach_btf_tracepoint(ebpf, "inet_sock_set_state_btf", "inet_sock_set_state") {
+                Ok(()) => {
+                    hooks.attached.push("tp_btf:inet_sock_set_state".into());
+                    return Ok(());
+                }
+                Err(err) => error_chain(&err),
+            }
+        }
+        Err(missing) => format!("no offset for {missing} in the kernel BTF"),
+    };
+    tracing::info!(
+        "tp_btf/inet_sock_set_state ({why_not_btf}): using the classic tracepoint, which costs more per transition"
+    );
+    tracefs::check_layout("sock", "inet_sock_set_state", STATE_LAYOUT)
+        .map_err(CaptureError::Layout)?;
+    attach(ebpf, "inet_sock_set_state", "sock", "inet_sock_set_state").map_err(|source| {
+        CaptureError::Attach {
+            hook: "sock:inet_sock_set_state",
+            source,
+        }
+    })?;
+    hooks.attached.push("sock:inet_sock_set_state".into());
+    Ok(())
+}
+
+/// Loads a BTF tracepoint program against the kernel's BTF. aya's own BTF parse of vmlinux
+/// costs tens of MiB while it lives; it is dropped here, before the agent starts its work.
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<(), aya::programs::ProgramError> {
+    let btf = aya::Btf::from_sys_fs().map_err(aya::programs::ProgramError::Btf)?;
+    let program: &mut aya::programs::BtfTracePoint = ebpf
+        .program_mut(program)
+        .expect("the object defines every program the agent attaches")
+        .try_into()?;
+    program.load(tracepoint, &btf)?;
+    program.attach()?;
+    Ok(())
+}
+
 fn attach(
     ebpf: &mut Ebpf,
     program: &str,
@@ -427,6 +473,8 @@ struct Offsets {
     fdt_fd: u32,
     file_private_data: u32,
     socket_sk: u32,
+    /// What the BTF tracepoint program loads from sockets; None if any is unknown.
+    sock_layout: Option<tcp_trace_common::SockLayout>,
 }
 
 const ACCEPTOR: &str = "the process that accepted a connection";
@@ -477,8 +525,43 @@ impl Offsets {
             fdt_fd: offset("fdtable.fd", ACCEPTOR),
             file_private_data: offset("file.private_data", ACCEPTOR),
             socket_sk: offset("socket.sk", ACCEPTOR),
+            sock_layout: sock_layout(&btf),
         }
     }
+
+    /// Whether the BTF tracepoint program has every offset it loads at (it has no fallbacks:
+    /// a load at an unknown offset would not pass the verifier). Else the first one missing.
+    fn direct_loads(&self) -> Result<(), &'static str> {
+        let needed = [
+            (self.net, "sock.__sk_common.skc_net"),
+            (self.inum, "net.ns.inum"),
+            (self.sk_err, "sock.sk_err"),
+            (self.srtt, "tcp_sock.srtt_us"),
+            (self.total_retrans, "tcp_sock.total_retrans"),
+            (self.bytes_acked, "tcp_sock.bytes_acked"),
+            (self.bytes_received, "tcp_sock.bytes_received"),
+        ];
+        if let Some((_, name)) = needed.iter().find(|(offset, _)| *offset == 0) {
+            return Err(name);
+        }
+        self.sock_layout
+            .map(|_| ())
+            .ok_or("the socket's addresses and ports")
+    }
+}
+
+fn sock_layout(btf: &btf::Btf) -> Option<tcp_trace_common::SockLayout> {
+    let offset = |path: &str| btf.member_offset(path).ok();
+    Some(tcp_trace_common::SockLayout {
+        family: offset("sock.__sk_common.skc_family")?,
+        dport: offset("sock.__sk_common.skc_dport")?,
+        daddr: offset("sock.__sk_common.skc_daddr")?,
+        v6_saddr: offset("sock.__sk_common.skc_v6_rcv_saddr")?,
+        v6_daddr: offset("sock.__sk_common.skc_v6_daddr")?,
+        inet_sport: offset("inet_sock.inet_sport")?,
+        inet_saddr: offset("inet_sock.inet_saddr")?,
+        task_comm: offset("task_struct.comm")?,
+    })
 }
 
 /// Records an optional hook as attached, or as missing with what is lost without it.

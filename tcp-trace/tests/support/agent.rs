@@ -116,6 +116,11 @@ impl TestAgent {
             .into_inner()
     }
 
+    /// Which hooks attached and which are missing.
+    pub fn hooks(&self) -> &tcp_trace::capture::Hooks {
+        &self.agent.as_ref().expect("running until shutdown").hooks
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(agent) = self.agent.take() {
             agent.shutdown().await;
