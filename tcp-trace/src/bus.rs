@@ -18,6 +18,8 @@ use std::{
     time::SystemTime,
 };
 
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::{
@@ -25,32 +27,14 @@ use crate::{
     proto,
 };
 
-/// An event as published: built once, shared by every subscriber it matches and by the replay
-/// buffer.
+/// An event as published: numbered, encoded once, and shared by every subscriber it matches and
+/// by the replay buffer.
 #[derive(Debug)]
 pub struct Published {
-    pub event: proto::Event,
+    pub seq: u64,
     pub keys: Keys,
-    /// The event's protobuf encoding, made by the first subscriber that sends it and shared by
-    /// the rest.
-    encoded: std::sync::OnceLock<bytes::Bytes>,
-}
-
-impl Published {
-    pub fn new(event: proto::Event, keys: Keys) -> Published {
-        Published {
-            event,
-            keys,
-            encoded: std::sync::OnceLock::new(),
-        }
-    }
-
-    pub fn encoded(&self) -> bytes::Bytes {
-        use prost::Message as _;
-        self.encoded
-            .get_or_init(|| self.event.encode_to_vec().into())
-            .clone()
-    }
+    /// The event's protobuf encoding: a slice of the buffer its drain's events were encoded into.
+    pub encoded: Bytes,
 }
 
 /// What a subscriber receives, in order.
@@ -190,6 +174,9 @@ struct State {
     next_id: u64,
     next_seq: u64,
     replay: VecDeque<Arc<Published>>,
+    /// Where events are encoded: each takes its slice off the front (`split`), so a drain's
+    /// events share a few allocations, freed once the last of them is gone.
+    encoding: BytesMut,
     /// The accounting of subscribers that have gone, so totals never go down.
     gone: Totals,
 }
@@ -264,6 +251,7 @@ impl Bus {
                 next_id: 0,
                 next_seq: 1,
                 replay: VecDeque::new(),
+                encoding: BytesMut::new(),
                 gone: Totals::default(),
             }),
             config,
@@ -329,8 +317,9 @@ impl Bus {
         }
     }
 
-    /// Numbers the events in order, offers each to every subscriber whose filter matches and
-    /// keeps it for replay. Drains `batch`.
+    /// Numbers and encodes the events in order, offers each to every subscriber whose filter
+    /// matches and keeps it for replay. Drains `batch`: the events' own allocations are freed here,
+    /// on the thread that made them, and only their encoding lives on.
     pub fn publish(&self, batch: &mut Vec<(proto::Event, Keys)>) {
         if batch.is_empty() {
             return;
@@ -343,7 +332,11 @@ impl Bus {
             state.next_seq += 1;
             event.seq = seq;
             self.published[kind_index(keys.kind)].fetch_add(1, Relaxed);
-            let published = Arc::new(Published::new(event, keys));
+            let published = Arc::new(Published {
+                seq,
+                keys,
+                encoded: encode(&event, &mut state.encoding),
+            });
             for sub in state.subscribers.iter_mut() {
                 if sub.filter.matches(&published.keys) {
                     closed |= !sub.offer(&published, seq);
@@ -403,9 +396,22 @@ impl Bus {
             totals,
             replay_capacity: self.config.replay,
             replay_held: state.replay.len(),
-            replay_oldest_seq: state.replay.front().map_or(0, |p| p.event.seq),
+            replay_oldest_seq: state.replay.front().map_or(0, |p| p.seq),
         }
     }
+}
+
+/// `event`'s encoding, taken off the front of `buffer`. When the buffer runs out, `reserve` takes
+/// its allocation back if every slice of it is gone, or else starts a new one.
+fn encode(event: &proto::Event, buffer: &mut BytesMut) -> Bytes {
+    /// Room for a few hundred events: one allocation per drain at full churn.
+    const CHUNK: usize = 64 << 10;
+    let len = event.encoded_len();
+    if buffer.capacity() < len {
+        buffer.reserve(len.max(CHUNK));
+    }
+    event.encode_raw(buffer);
+    buffer.split().freeze()
 }
 
 impl State {
@@ -427,7 +433,7 @@ impl State {
                     return Err(SubscribeError::Future { since, latest });
                 }
                 // The buffer holds consecutive seqs, oldest first.
-                let oldest = self.replay.front().map_or(latest + 1, |p| p.event.seq);
+                let oldest = self.replay.front().map_or(latest + 1, |p| p.seq);
                 if since + 1 < oldest {
                     replay.push_back(Delivery::Expired {
                         count: oldest - 1 - since,
@@ -611,7 +617,7 @@ mod tests {
         let mut out = Vec::new();
         while let Poll::Ready(Some(d)) = sub.poll_next(&mut cx) {
             out.push(match d {
-                Delivery::Event(p) => p.event.seq.to_string(),
+                Delivery::Event(p) => p.seq.to_string(),
                 Delivery::Lost { count, last_seq } => format!("lost{count}@{last_seq}"),
                 Delivery::Expired { count, last_seq } => format!("expired{count}@{last_seq}"),
             });
@@ -652,6 +658,25 @@ mod tests {
             (2, 3, 0)
         );
         assert_eq!(s.subscribers[1].filter, "port=80");
+    }
+
+    #[test]
+    fn each_event_is_sent_as_its_own_encoding_with_its_seq() {
+        let bus = bus(0);
+        let mut sub = subscribe(&bus, Filter::default(), 100, Start::Live);
+        let mut batch = events(3);
+        batch[1].0.kernel_time_ns = 42;
+        let mut expected: Vec<proto::Event> = batch.iter().map(|(e, _)| e.clone()).collect();
+        bus.publish(&mut batch);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for (seq, event) in (1..).zip(&mut expected) {
+            event.seq = seq;
+            let Poll::Ready(Some(Delivery::Event(p))) = sub.poll_next(&mut cx) else {
+                panic!("event {seq} was not delivered");
+            };
+            assert_eq!(p.encoded, event.encode_to_vec());
+        }
     }
 
     #[test]
