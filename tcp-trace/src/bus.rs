@@ -2,8 +2,10 @@
 //! out to the subscribers whose filter it matches.
 //!
 //! Each subscriber has its own bounded queue. The producer (the ring drain) never waits: it
-//! `try_send`s, and when a queue is full it counts what that subscriber lost and tells it in-band
-//! with one `Lost{count}` at the place of the gap (the linkerd tap model).
+//! queues what fits, and when a queue is full it counts what that subscriber lost and tells it
+//! in-band with one `Lost{count}` at the place of the gap (the linkerd tap model). It fills each
+//! queue a drain's events at a time: one lock and at most one wake-up per subscriber and drain,
+//! not per event.
 //!
 //! The replay buffer holds the latest events, so a client that reconnects with the last seq it
 //! saw gets exactly what it missed. Publishing, subscribing and snapshotting the buffer all take
@@ -14,43 +16,26 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::SystemTime,
 };
 
-use tokio::sync::mpsc;
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
 
 use crate::{
     filter::{Filter, Keys},
     proto,
 };
 
-/// An event as published: built once, shared by every subscriber it matches and by the replay
-/// buffer.
+/// An event as published: numbered, encoded once, and shared by every subscriber it matches and
+/// by the replay buffer.
 #[derive(Debug)]
 pub struct Published {
-    pub event: proto::Event,
+    pub seq: u64,
     pub keys: Keys,
-    /// The event's protobuf encoding, made by the first subscriber that sends it and shared by
-    /// the rest.
-    encoded: std::sync::OnceLock<bytes::Bytes>,
-}
-
-impl Published {
-    pub fn new(event: proto::Event, keys: Keys) -> Published {
-        Published {
-            event,
-            keys,
-            encoded: std::sync::OnceLock::new(),
-        }
-    }
-
-    pub fn encoded(&self) -> bytes::Bytes {
-        use prost::Message as _;
-        self.encoded
-            .get_or_init(|| self.event.encode_to_vec().into())
-            .clone()
-    }
+    /// The event's protobuf encoding: a slice of the buffer its drain's events were encoded into.
+    pub encoded: Bytes,
 }
 
 /// What a subscriber receives, in order.
@@ -139,6 +124,15 @@ struct Pending {
     last_seq: u64,
 }
 
+/// A subscriber's queue, filled by the producer and emptied by the subscription's stream.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Queued>,
+    pending: Pending,
+    /// The stream's task, when it found the queue empty.
+    waker: Option<Waker>,
+}
+
 /// One subscriber's accounting, written by the producer and by the subscription's stream.
 #[derive(Default)]
 struct Account {
@@ -151,24 +145,24 @@ struct Account {
     replay_expired: AtomicU64,
 }
 
-#[derive(Default)]
 struct Shared {
-    /// Taken by the producer around each send, and by the stream when it finds the queue empty:
-    /// so drops are reported after every event queued before them and before every one after.
-    pending: Mutex<Pending>,
+    /// Events and drops go in and out under this one lock, so drops are reported after every
+    /// event queued before them and before every one after.
+    queue: Mutex<Queue>,
+    /// Most events `queue` holds.
+    capacity: usize,
     account: Account,
 }
 
 impl Shared {
-    fn pending(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 struct Subscriber {
     id: u64,
     filter: Filter,
-    tx: mpsc::Sender<Queued>,
     shared: Arc<Shared>,
     filter_text: String,
     peer: String,
@@ -190,6 +184,11 @@ struct State {
     next_id: u64,
     next_seq: u64,
     replay: VecDeque<Arc<Published>>,
+    /// The batch being published, numbered and encoded (kept for its allocation).
+    fresh: Vec<Arc<Published>>,
+    /// Where events are encoded: each takes its slice off the front (`split`), so a drain's
+    /// events share a few allocations, freed once the last of them is gone.
+    encoding: BytesMut,
     /// The accounting of subscribers that have gone, so totals never go down.
     gone: Totals,
 }
@@ -211,7 +210,6 @@ fn kind_index(kind: proto::EventKind) -> usize {
 /// queue and whatever replay it still held.
 pub struct Subscription {
     pub id: u64,
-    rx: mpsc::Receiver<Queued>,
     replay: VecDeque<Delivery>,
     /// The event that came behind a Lost, sent next.
     behind_lost: Option<Arc<Published>>,
@@ -264,6 +262,8 @@ impl Bus {
                 next_id: 0,
                 next_seq: 1,
                 replay: VecDeque::new(),
+                fresh: Vec::new(),
+                encoding: BytesMut::new(),
                 gone: Totals::default(),
             }),
             config,
@@ -280,8 +280,11 @@ impl Bus {
         self: &Arc<Self>,
         request: SubscribeRequest,
     ) -> Result<Subscription, SubscribeError> {
-        let (tx, rx) = mpsc::channel(request.queue.max(1));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            capacity: request.queue.max(1),
+            account: Account::default(),
+        });
         let mut state = self.lock();
         if state.subscribers.len() >= self.config.max_subscribers {
             return Err(SubscribeError::TooMany(state.subscribers.len()));
@@ -303,14 +306,12 @@ impl Bus {
             id,
             filter_text: request.filter.to_string(),
             filter: request.filter,
-            tx,
             shared: Arc::clone(&shared),
             peer: request.peer,
             since: SystemTime::now(),
         });
         Ok(Subscription {
             id,
-            rx,
             replay,
             behind_lost: None,
             shared,
@@ -329,50 +330,40 @@ impl Bus {
         }
     }
 
-    /// Numbers the events in order, offers each to every subscriber whose filter matches and
-    /// keeps it for replay. Drains `batch`.
+    /// Numbers and encodes the events in order, offers each to every subscriber whose filter
+    /// matches and keeps it for replay. Drains `batch`: the events' own allocations are freed here,
+    /// on the thread that made them, and only their encoding lives on.
     pub fn publish(&self, batch: &mut Vec<(proto::Event, Keys)>) {
         if batch.is_empty() {
             return;
         }
         let mut state = self.lock();
         let state = &mut *state;
-        let mut closed = false;
+        let mut fresh = std::mem::take(&mut state.fresh);
         for (mut event, keys) in batch.drain(..) {
             let seq = state.next_seq;
             state.next_seq += 1;
             event.seq = seq;
             self.published[kind_index(keys.kind)].fetch_add(1, Relaxed);
-            let published = Arc::new(Published::new(event, keys));
-            for sub in state.subscribers.iter_mut() {
-                if sub.filter.matches(&published.keys) {
-                    closed |= !sub.offer(&published, seq);
-                }
-            }
-            if self.config.replay > 0 {
+            fresh.push(Arc::new(Published {
+                seq,
+                keys,
+                encoded: encode(&event, &mut state.encoding),
+            }));
+        }
+        for sub in &state.subscribers {
+            sub.offer(&fresh);
+        }
+        if self.config.replay > 0 {
+            for published in fresh.drain(..) {
                 if state.replay.len() >= self.config.replay {
                     state.replay.pop_front();
                 }
                 state.replay.push_back(published);
             }
         }
-        if closed {
-            // Only a dropped Subscription closes a queue, and it unsubscribes itself; this is
-            // for a stream that was leaked rather than dropped.
-            let dead: Vec<u64> = state
-                .subscribers
-                .iter()
-                .filter(|s| s.tx.is_closed())
-                .map(|s| s.id)
-                .collect();
-            for sub in state.subscribers.iter().filter(|s| dead.contains(&s.id)) {
-                let gone = sub.snapshot();
-                state.gone.matched += gone.matched;
-                state.gone.delivered += gone.delivered;
-                state.gone.dropped += gone.dropped;
-            }
-            state.subscribers.retain(|s| !dead.contains(&s.id));
-        }
+        fresh.clear();
+        state.fresh = fresh;
     }
 
     pub fn subscriber_count(&self) -> usize {
@@ -403,9 +394,22 @@ impl Bus {
             totals,
             replay_capacity: self.config.replay,
             replay_held: state.replay.len(),
-            replay_oldest_seq: state.replay.front().map_or(0, |p| p.event.seq),
+            replay_oldest_seq: state.replay.front().map_or(0, |p| p.seq),
         }
     }
+}
+
+/// `event`'s encoding, taken off the front of `buffer`. When the buffer runs out, `reserve` takes
+/// its allocation back if every slice of it is gone, or else starts a new one.
+fn encode(event: &proto::Event, buffer: &mut BytesMut) -> Bytes {
+    /// Room for a few hundred events: one allocation per drain at full churn.
+    const CHUNK: usize = 64 << 10;
+    let len = event.encoded_len();
+    if buffer.capacity() < len {
+        buffer.reserve(len.max(CHUNK));
+    }
+    event.encode_raw(buffer);
+    buffer.split().freeze()
 }
 
 impl State {
@@ -427,7 +431,7 @@ impl State {
                     return Err(SubscribeError::Future { since, latest });
                 }
                 // The buffer holds consecutive seqs, oldest first.
-                let oldest = self.replay.front().map_or(latest + 1, |p| p.event.seq);
+                let oldest = self.replay.front().map_or(latest + 1, |p| p.seq);
                 if since + 1 < oldest {
                     replay.push_back(Delivery::Expired {
                         count: oldest - 1 - since,
@@ -456,40 +460,50 @@ impl State {
 }
 
 impl Subscriber {
-    /// Returns false when the subscription is gone.
-    fn offer(&mut self, event: &Arc<Published>, seq: u64) -> bool {
-        let account = &self.shared.account;
-        account.matched.fetch_add(1, Relaxed);
-        let mut pending = self.shared.pending();
-        let item = Queued {
-            lost_before: pending.count,
-            last_lost_seq: pending.last_seq,
-            event: Arc::clone(event),
+    /// Queues the events of `batch` that match, in order, as far as the queue has room, and
+    /// counts the rest as lost; then wakes the stream if it waits.
+    fn offer(&self, batch: &[Arc<Published>]) {
+        let (mut matched, mut dropped) = (0, 0);
+        let mut queue = self.shared.queue();
+        for published in batch.iter().filter(|p| self.filter.matches(&p.keys)) {
+            matched += 1;
+            if queue.items.len() < self.shared.capacity {
+                let item = Queued {
+                    lost_before: std::mem::take(&mut queue.pending.count),
+                    last_lost_seq: queue.pending.last_seq,
+                    event: Arc::clone(published),
+                };
+                queue.items.push_back(item);
+            } else {
+                dropped += 1;
+                queue.pending.count += 1;
+                queue.pending.last_seq = published.seq;
+            }
+        }
+        // A waker is only there if the stream found the queue empty.
+        let waker = if matched > 0 {
+            queue.waker.take()
+        } else {
+            None
         };
-        match self.tx.try_send(item) {
-            Ok(()) => {
-                pending.count = 0;
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                pending.count += 1;
-                pending.last_seq = seq;
-                account.dropped.fetch_add(1, Relaxed);
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        drop(queue);
+        let account = &self.shared.account;
+        account.matched.fetch_add(matched, Relaxed);
+        account.dropped.fetch_add(dropped, Relaxed);
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
     fn snapshot(&self) -> SubscriberSnapshot {
         let a = &self.shared.account;
-        let in_queue = (self.tx.max_capacity() - self.tx.capacity()) as u64;
+        let in_queue = self.shared.queue().items.len() as u64;
         SubscriberSnapshot {
             id: self.id,
             filter: self.filter_text.clone(),
             peer: self.peer.clone(),
             since: self.since,
-            queue_capacity: self.tx.max_capacity(),
+            queue_capacity: self.shared.capacity,
             matched: a.matched.load(Relaxed),
             replayed: a.replayed.load(Relaxed),
             delivered: a.delivered.load(Relaxed),
@@ -501,8 +515,8 @@ impl Subscriber {
 }
 
 impl Subscription {
-    /// The next delivery: replay first, then the queue, with each Lost where its gap is.
-    /// `None` once the bus is gone.
+    /// The next delivery: replay first, then the queue, with each Lost where its gap is. Never
+    /// `None`: a subscription ends when it is dropped.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let account = &self.shared.account;
         if let Some(event) = self.behind_lost.take() {
@@ -517,30 +531,22 @@ impl Subscription {
             }
             return Poll::Ready(Some(delivery));
         }
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(queued)) => Poll::Ready(Some(self.unpack(queued))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                // The queue is empty: report drops that no later event has carried yet (none
-                // may come for a long time). Under the producer's lock, so nothing is queued
-                // between the check and the report.
-                let shared = Arc::clone(&self.shared);
-                let mut pending = shared.pending();
-                if let Ok(queued) = self.rx.try_recv() {
-                    drop(pending);
-                    return Poll::Ready(Some(self.unpack(queued)));
-                }
-                if pending.count == 0 {
-                    return Poll::Pending;
-                }
+        let mut queue = self.shared.queue();
+        let Some(queued) = queue.items.pop_front() else {
+            // The queue is empty: report drops that no later event has carried yet (none may
+            // come for a long time).
+            if queue.pending.count > 0 {
                 let lost = Delivery::Lost {
-                    count: pending.count,
-                    last_seq: pending.last_seq,
+                    count: std::mem::take(&mut queue.pending.count),
+                    last_seq: queue.pending.last_seq,
                 };
-                pending.count = 0;
-                Poll::Ready(Some(lost))
+                return Poll::Ready(Some(lost));
             }
-        }
+            queue.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        drop(queue);
+        Poll::Ready(Some(self.unpack(queued)))
     }
 
     fn unpack(&mut self, queued: Queued) -> Delivery {
@@ -611,7 +617,7 @@ mod tests {
         let mut out = Vec::new();
         while let Poll::Ready(Some(d)) = sub.poll_next(&mut cx) {
             out.push(match d {
-                Delivery::Event(p) => p.event.seq.to_string(),
+                Delivery::Event(p) => p.seq.to_string(),
                 Delivery::Lost { count, last_seq } => format!("lost{count}@{last_seq}"),
                 Delivery::Expired { count, last_seq } => format!("expired{count}@{last_seq}"),
             });
@@ -652,6 +658,56 @@ mod tests {
             (2, 3, 0)
         );
         assert_eq!(s.subscribers[1].filter, "port=80");
+    }
+
+    #[test]
+    fn each_event_is_sent_as_its_own_encoding_with_its_seq() {
+        let bus = bus(0);
+        let mut sub = subscribe(&bus, Filter::default(), 100, Start::Live);
+        let mut batch = events(3);
+        batch[1].0.kernel_time_ns = 42;
+        let mut expected: Vec<proto::Event> = batch.iter().map(|(e, _)| e.clone()).collect();
+        bus.publish(&mut batch);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        for (seq, event) in (1..).zip(&mut expected) {
+            event.seq = seq;
+            let Poll::Ready(Some(Delivery::Event(p))) = sub.poll_next(&mut cx) else {
+                panic!("event {seq} was not delivered");
+            };
+            assert_eq!(p.encoded, event.encode_to_vec());
+        }
+    }
+
+    #[test]
+    fn a_waiting_stream_is_woken_once_per_batch_that_has_an_event_for_it() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Relaxed);
+            }
+        }
+        let bus = bus(0);
+        let only_80 = Filter {
+            ports: vec![80],
+            ..Default::default()
+        };
+        let mut sub = subscribe(&bus, only_80, 100, Start::Live);
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        assert!(sub.poll_next(&mut cx).is_pending());
+        bus.publish(&mut events(3));
+        assert_eq!(count.0.load(Relaxed), 0, "nothing for it");
+        bus.publish(&mut vec![
+            event(proto::EventKind::StateChange, 80),
+            event(proto::EventKind::StateChange, 80),
+        ]);
+        assert_eq!(count.0.load(Relaxed), 1);
+        assert_eq!(seqs(&mut sub), ["4", "5"]);
+        assert!(sub.poll_next(&mut cx).is_pending());
+        bus.publish(&mut vec![event(proto::EventKind::StateChange, 80)]);
+        assert_eq!(count.0.load(Relaxed), 2);
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Stream for EventStream {
         self.subscription.poll_next(cx).map(|delivery| {
             delivery.map(|d| {
                 Ok(match d {
-                    Delivery::Event(published) => EncodedEvent(published.encoded()),
+                    Delivery::Event(published) => EncodedEvent(published.encoded.clone()),
                     Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
                         EncodedEvent::of(&convert::lost(count, last_seq))
                     }

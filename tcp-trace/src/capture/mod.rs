@@ -300,6 +300,11 @@ impl Capture {
     /// after the wake-up finds the ring empty: any record after that point wakes it again.
     /// (tokio's timers tick in whole milliseconds, too coarse for this loop; a thread sleeping
     /// 250 us between drains delivers within about that.)
+    ///
+    /// Once records have kept coming for a whole interval, it drains once per interval, the
+    /// longest the programs let a record wait anyway: each drain has a cost of its own (waking
+    /// every subscriber's task, a write to each, this thread's sleep), which under sustained
+    /// churn was a third of the agent's CPU at four drains per interval.
     pub fn run(&mut self, cancel: &tokio_util::sync::CancellationToken, sink: &mut impl Sink) {
         let fd = self.ring.as_raw_fd();
         let follow_up = (self.wakeup_interval / 4).max(Duration::from_micros(50));
@@ -313,10 +318,15 @@ impl Capture {
             let woken = std::time::Instant::now();
             loop {
                 let n = self.drain(sink);
-                if (n == 0 && woken.elapsed() >= self.wakeup_interval) || cancel.is_cancelled() {
+                let busy_for = woken.elapsed();
+                if (n == 0 && busy_for >= self.wakeup_interval) || cancel.is_cancelled() {
                     break;
                 }
-                std::thread::sleep(follow_up);
+                std::thread::sleep(if busy_for < self.wakeup_interval {
+                    follow_up
+                } else {
+                    self.wakeup_interval
+                });
             }
         }
         // Whatever is left when asked to stop.
