@@ -179,12 +179,11 @@ async fn a_closed_port_refuses_and_the_counts_match_attempt_fails_and_out_rsts()
     let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
     let before = ns.snmp();
     let refused = ns.run(|| {
-        // A port that nothing listens on: bind one, learn it, close it.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // A port that nothing listens on: bound, never listening. (A listener closed again
+        // could live on for a moment in a parallel test's fork and accept.)
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
         (0..3)
             .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap_err().kind())
             .collect::<Vec<_>>()
