@@ -526,6 +526,11 @@ impl Table {
         self.connections.is_empty()
     }
 
+    /// Connections the table holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.connections.capacity()
+    }
+
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
         self.connections.values()
     }
