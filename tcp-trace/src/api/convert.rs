@@ -107,7 +107,7 @@ fn address(ip: std::net::IpAddr) -> String {
 }
 
 pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
-    let owner = match c.owner {
+    let owner = match c.owner() {
         Some(owner) => {
             let attribution = match owner.source {
                 OwnerSource::ProcessContext => proto::Attribution::ProcessContext,
@@ -121,15 +121,15 @@ pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
     proto::Connection {
         id: c.id,
         sock: c.sock,
-        ip_version: if c.local.is_ipv4() { 4 } else { 6 },
-        local: Some(endpoint(c.local)),
-        remote: Some(endpoint(c.remote)),
+        ip_version: if c.local().is_ipv4() { 4 } else { 6 },
+        local: Some(endpoint(c.local())),
+        remote: Some(endpoint(c.remote())),
         netns: u64::from(c.netns),
         direction: direction(c.direction) as i32,
         owner: Some(owner),
         state: state(c.state) as i32,
         opened_at: Some(clock.timestamp(c.opened_ns)),
-        handshake_latency: c.handshake_ns.and_then(duration),
+        handshake_latency: c.handshake_ns().and_then(duration),
         keepalive: keepalive_settings(c),
     }
 }
@@ -137,11 +137,11 @@ pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
 pub fn keys(c: &Connection, kind: proto::EventKind) -> Keys {
     Keys {
         kind,
-        local: c.local,
-        remote: c.remote,
-        pid: c.owner.map(|o| o.task.pid),
+        local: c.local(),
+        remote: c.remote(),
+        pid: c.owner().map(|o| o.task.pid),
         netns: c.netns,
-        comm: c.owner.map_or([0; 16], |o| o.task.comm),
+        comm: c.owner().map_or([0; 16], |o| o.task.comm),
         direction: direction(c.direction),
         state: state(c.state),
     }
@@ -182,18 +182,18 @@ pub fn errno_name(errno: u32) -> String {
 }
 
 fn handshake(c: &Connection) -> Option<proto::Handshake> {
-    c.handshake_ns.map(|ns| proto::Handshake {
+    c.handshake_ns().map(|ns| proto::Handshake {
         latency: duration(ns),
-        retransmits: c.handshake_retransmits,
+        retransmits: c.handshake_retransmits(),
     })
 }
 
 fn keepalive_settings(c: &Connection) -> Option<proto::KeepaliveSettings> {
-    let k = &c.keepalive;
+    let k = c.keepalive();
     if !k.enabled && k.idle_s.is_none() && k.interval_s.is_none() && k.count.is_none() {
         return None;
     }
-    let effective = k.effective(c.keepalive_defaults.unwrap_or(KeepaliveDefaults::LINUX));
+    let effective = k.effective(c.keepalive_defaults().unwrap_or(KeepaliveDefaults::LINUX));
     Some(proto::KeepaliveSettings {
         enabled: k.enabled,
         idle_seconds: effective.idle_s,
@@ -263,12 +263,12 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
     } else {
         proto::Lifetime::Short
     };
-    let established = c.handshake_ns.is_some();
+    let established = c.handshake_ns().is_some();
     let (bytes_sent, bytes_received) = c.payload_bytes();
     let summary = proto::ConnectionClosed {
-        path: c.path.states().iter().map(|&s| state(s) as i32).collect(),
+        path: c.path.states().map(|s| state(s) as i32).collect(),
         duration: duration(c.duration_ns()),
-        seen_open: c.seen_open,
+        seen_open: c.seen_open(),
         cause: cause(c.cause()) as i32,
         first_fin: closer(c.first_closer()) as i32,
         lifetime: lifetime as i32,
@@ -276,16 +276,16 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
         failed_handshake_retransmits: if established {
             0
         } else {
-            c.handshake_retransmits
+            c.handshake_retransmits()
         },
-        retransmits: c.retransmits,
-        resets_sent: c.resets_sent,
-        resets_received: c.resets_received,
-        error: c.error,
-        error_name: errno_name(c.error),
+        retransmits: c.retransmits(),
+        resets_sent: c.resets_sent(),
+        resets_received: c.resets_received(),
+        error: c.error(),
+        error_name: errno_name(c.error()),
         keepalive: keepalive_settings(c),
-        keepalive_probes: c.keepalive.probes,
-        keepalive_unanswered: c.keepalive.unanswered,
+        keepalive_probes: c.keepalive().probes,
+        keepalive_unanswered: c.keepalive().unanswered,
         srtt_us: c.srtt_us,
         bytes_sent,
         bytes_received,
@@ -300,7 +300,7 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
 pub fn retransmit(r: &Retransmit, c: &Connection, clock: &Clock) -> (proto::Event, Keys) {
     let body = proto::event::Body::Retransmit(proto::Retransmit {
         state: state(r.state) as i32,
-        count: c.retransmits,
+        count: c.retransmits(),
     });
     (
         event(r.ts_ns, clock, connection(c, clock), body),

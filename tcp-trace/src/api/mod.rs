@@ -241,7 +241,7 @@ impl TcpTrace for Service {
             proto::ConnectionOrder::Age => (c.opened_ns, c.id),
             // Slowest first; no handshake measured sorts last.
             proto::ConnectionOrder::HandshakeLatency => {
-                (u64::MAX - c.handshake_ns.unwrap_or(0), c.id)
+                (u64::MAX - c.handshake_ns().unwrap_or(0), c.id)
             }
         };
         if limit < matching.len() {

@@ -5,7 +5,11 @@
 //! lock, and the record is reserved inside the tracepoint, before the lock is released.
 pub mod peers;
 
-use std::{collections::HashMap, net::SocketAddr, num::NonZeroU32};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
+};
 
 pub use peers::{PeerKey, PeerStats, Peers};
 
@@ -53,13 +57,13 @@ pub struct Owner {
 
 /// The states a connection went through. Fixed capacity so the table never allocates per
 /// transition; a connection longer than that (rare: a normal life has 4-6 states) keeps its
-/// first states and counts the rest.
+/// first states, and the connection counts the rest ([`Connection::path_truncated`]). Four bits
+/// a state (the kernel numbers them 1-13): the table holds one path per tracked socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Path {
-    states: [TcpState; Path::CAPACITY],
+    /// State `i` in the low (even `i`) or high (odd `i`) half of byte `i / 2`.
+    packed: [u8; Path::CAPACITY / 2],
     len: u8,
-    /// States that did not fit.
-    pub truncated: u32,
 }
 
 impl Path {
@@ -67,25 +71,33 @@ impl Path {
 
     fn starting_at(state: TcpState) -> Path {
         let mut path = Path {
-            states: [TcpState::Close; Path::CAPACITY],
+            packed: [0; Path::CAPACITY / 2],
             len: 0,
-            truncated: 0,
         };
         path.push(state);
         path
     }
 
-    fn push(&mut self, state: TcpState) {
-        if usize::from(self.len) < Path::CAPACITY {
-            self.states[usize::from(self.len)] = state;
-            self.len += 1;
-        } else {
-            self.truncated += 1;
+    /// Appends `state`; false if the path is full and it was not kept.
+    fn push(&mut self, state: TcpState) -> bool {
+        let i = usize::from(self.len);
+        if i == Path::CAPACITY {
+            return false;
         }
+        self.packed[i / 2] |= (state as u8) << (4 * (i % 2));
+        self.len += 1;
+        true
     }
 
-    pub fn states(&self) -> &[TcpState] {
-        &self.states[..usize::from(self.len)]
+    fn get(&self, i: usize) -> TcpState {
+        let number = (self.packed[i / 2] >> (4 * (i % 2))) & 0xf;
+        // Only push() writes, and only TcpState numbers.
+        TcpState::from_kernel(number).expect("a path holds only states")
+    }
+
+    /// The states kept, first to last.
+    pub fn states(&self) -> impl DoubleEndedIterator<Item = TcpState> + ExactSizeIterator + '_ {
+        (0..usize::from(self.len)).map(|i| self.get(i))
     }
 }
 
@@ -169,6 +181,16 @@ pub struct KeepaliveSettings {
 }
 
 impl Keepalive {
+    /// Never configured, no probes sent.
+    pub const OFF: Keepalive = Keepalive {
+        enabled: false,
+        idle_s: None,
+        interval_s: None,
+        count: None,
+        unanswered: 0,
+        probes: 0,
+    };
+
     pub fn effective(&self, defaults: KeepaliveDefaults) -> KeepaliveSettings {
         KeepaliveSettings {
             idle_s: self.idle_s.map_or(defaults.idle_s, NonZeroU32::get),
@@ -178,54 +200,186 @@ impl Keepalive {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One tracked socket's life. The table holds one per socket (100,000 and more), so it is kept
+/// small: addresses without `SocketAddr`'s IPv6 flow and scope fields (the kernel's records
+/// carry neither), the owner without an `Option` tag, the path four bits a state, and what most
+/// connections never get (keepalive, resets, retransmits) or get only as they close (error,
+/// byte counts) in [`Details`], allocated when the first of it arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connection {
     /// Unique for the agent's life.
     pub id: u64,
     pub sock: u64,
     pub netns: u32,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    local_ip: IpAddr,
+    local_port: u16,
+    remote_ip: IpAddr,
+    remote_port: u16,
     pub direction: Direction,
-    pub owner: Option<Owner>,
+    /// The owner's task, meaningful when `owner_source` is set.
+    owner_task: Task,
+    owner_source: Option<OwnerSource>,
     pub state: TcpState,
     /// Kernel time of the first transition seen.
     pub opened_ns: u64,
     /// Kernel time of the latest transition.
     pub last_ns: u64,
-    /// Whether the agent saw the connection open (else path and duration start mid-life).
-    pub seen_open: bool,
     pub path: Path,
-    /// Handshake latency, once established. Active: connect() (SYN_SENT) to ESTABLISHED.
-    /// Passive: the SYN-ACK's round trip, the kernel's first RTT sample (the child socket only
-    /// exists once the final ACK is in, so its SYN_RECV -> ESTABLISHED takes microseconds).
-    pub handshake_ns: Option<u64>,
-    /// SYNs (active) or SYN-ACKs (passive) retransmitted during the handshake, known once it
-    /// completed or failed.
-    pub handshake_retransmits: u32,
-    /// Segments retransmitted (live count; at close the kernel's own total).
-    pub retransmits: u32,
-    pub resets_sent: u32,
-    pub resets_received: u32,
-    pub keepalive: Keepalive,
-    /// The namespace's keepalive sysctls, once keepalive was configured on the socket.
-    pub keepalive_defaults: Option<KeepaliveDefaults>,
-    /// `sk_err` when it closed (errno), 0 if none.
-    pub error: u32,
+    /// [`Connection::handshake_ns`], or `NO_HANDSHAKE`.
+    handshake_ns: u64,
     /// Smoothed RTT at the last sample the agent got (establishment or close), microseconds.
     pub srtt_us: u32,
-    /// Payload bytes sent and acknowledged, and received; known at close.
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
+    details: Option<Box<Details>>,
+}
+
+/// The owner's task of a connection that has none.
+const NO_TASK: Task = Task {
+    pid: 0,
+    tid: 0,
+    comm: [0; 16],
+};
+
+/// No handshake measured: a latency no monotonic clock reaches (584 years).
+const NO_HANDSHAKE: u64 = u64::MAX;
+
+/// What most connections never have, or have only once they closed. All zero (and keepalive
+/// off) until set; the public accessors of [`Connection`] say what each means.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Details {
+    keepalive: Keepalive,
+    keepalive_defaults: Option<KeepaliveDefaults>,
+    handshake_retransmits: u32,
+    retransmits: u32,
+    resets_sent: u32,
+    resets_received: u32,
+    error: u32,
+    path_truncated: u32,
+    /// Payload bytes sent and acknowledged, and received, as the kernel counts them at close
+    /// (see [`Connection::payload_bytes`]).
+    bytes_sent: u64,
+    bytes_received: u64,
+}
+
+impl Details {
+    /// The details of a connection that has none.
+    const NONE: Details = Details {
+        keepalive: Keepalive::OFF,
+        keepalive_defaults: None,
+        handshake_retransmits: 0,
+        retransmits: 0,
+        resets_sent: 0,
+        resets_received: 0,
+        error: 0,
+        path_truncated: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+    };
 }
 
 impl Connection {
+    pub fn local(&self) -> SocketAddr {
+        SocketAddr::new(self.local_ip, self.local_port)
+    }
+
+    pub fn remote(&self) -> SocketAddr {
+        SocketAddr::new(self.remote_ip, self.remote_port)
+    }
+
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner_source.map(|source| Owner {
+            task: self.owner_task,
+            source,
+        })
+    }
+
+    /// Whether the agent saw the connection open (else path and duration start mid-life).
+    pub fn seen_open(&self) -> bool {
+        self.direction != Direction::Unknown
+    }
+
+    /// Handshake latency, once established. Active: connect() (SYN_SENT) to ESTABLISHED.
+    /// Passive: the SYN-ACK's round trip, the kernel's first RTT sample (the child socket only
+    /// exists once the final ACK is in, so its SYN_RECV -> ESTABLISHED takes microseconds).
+    pub fn handshake_ns(&self) -> Option<u64> {
+        (self.handshake_ns != NO_HANDSHAKE).then_some(self.handshake_ns)
+    }
+
+    /// SYNs (active) or SYN-ACKs (passive) retransmitted during the handshake, known once it
+    /// completed or failed.
+    pub fn handshake_retransmits(&self) -> u32 {
+        self.details().handshake_retransmits
+    }
+
+    /// Segments retransmitted (live count; at close the kernel's own total).
+    pub fn retransmits(&self) -> u32 {
+        self.details().retransmits
+    }
+
+    pub fn resets_sent(&self) -> u32 {
+        self.details().resets_sent
+    }
+
+    pub fn resets_received(&self) -> u32 {
+        self.details().resets_received
+    }
+
+    pub fn keepalive(&self) -> Keepalive {
+        self.details().keepalive
+    }
+
+    /// The namespace's keepalive sysctls, once keepalive was configured on the socket.
+    pub fn keepalive_defaults(&self) -> Option<KeepaliveDefaults> {
+        self.details().keepalive_defaults
+    }
+
+    /// `sk_err` when it closed (errno), 0 if none.
+    pub fn error(&self) -> u32 {
+        self.details().error
+    }
+
+    /// States that did not fit in the path.
+    pub fn path_truncated(&self) -> u32 {
+        self.details().path_truncated
+    }
+
+    fn details(&self) -> &Details {
+        self.details.as_deref().unwrap_or(&Details::NONE)
+    }
+
+    fn details_mut(&mut self) -> &mut Details {
+        self.details.get_or_insert_default()
+    }
+
+    /// Sets one of the details, allocating them only for a value other than the default.
+    fn set_detail<T: Default + PartialEq>(&mut self, value: T, field: fn(&mut Details) -> &mut T) {
+        if self.details.is_some() || value != T::default() {
+            *field(self.details_mut()) = value;
+        }
+    }
+
+    fn set_endpoints(&mut self, local: SocketAddr, remote: SocketAddr) {
+        (self.local_ip, self.local_port) = (local.ip(), local.port());
+        (self.remote_ip, self.remote_port) = (remote.ip(), remote.port());
+    }
+
+    fn set_owner(&mut self, task: Task, source: OwnerSource) {
+        self.owner_task = task;
+        self.owner_source = Some(source);
+    }
+
+    fn enter(&mut self, state: TcpState) {
+        self.state = state;
+        if !self.path.push(state) {
+            self.details_mut().path_truncated += 1;
+        }
+    }
+
     pub fn duration_ns(&self) -> u64 {
         self.last_ns.saturating_sub(self.opened_ns)
     }
 
     fn visited(&self, state: TcpState) -> bool {
-        self.path.states().contains(&state)
+        self.path.states().any(|s| s == state)
     }
 
     /// Payload bytes sent (and acknowledged) and received. The kernel counts sequence space,
@@ -235,8 +389,7 @@ impl Connection {
     /// received (CLOSE_WAIT, CLOSING, or an orderly end after FIN_WAIT2).
     pub fn payload_bytes(&self) -> (u64, u64) {
         let orderly = self.cause() == Cause::Orderly;
-        let states = self.path.states();
-        let ended_from = |s: TcpState| states.len() >= 2 && states[states.len() - 2] == s;
+        let ended_from = |s: TcpState| self.path.states().rev().nth(1) == Some(s);
         let our_fin_acked = self.visited(TcpState::FinWait2)
             || (orderly && (ended_from(TcpState::LastAck) || self.visited(TcpState::Closing)));
         let their_fin_received = self.visited(TcpState::CloseWait)
@@ -244,18 +397,20 @@ impl Connection {
             || (orderly && ended_from(TcpState::FinWait2));
         let our_syn_acked =
             self.direction == Direction::Active && self.visited(TcpState::Established);
+        let details = self.details();
         (
-            self.bytes_sent
+            details
+                .bytes_sent
                 .saturating_sub(u64::from(our_fin_acked) + u64::from(our_syn_acked)),
-            self.bytes_received
+            details
+                .bytes_received
                 .saturating_sub(u64::from(their_fin_received)),
         )
     }
 
     /// Who sent the first FIN, from the states the connection went through.
     pub fn first_closer(&self) -> Closer {
-        let states = self.path.states();
-        let at = |s| states.iter().position(|&x| x == s);
+        let at = |s| self.path.states().position(|x| x == s);
         match (
             at(TcpState::FinWait1),
             at(TcpState::CloseWait),
@@ -276,20 +431,21 @@ impl Connection {
             return Cause::ListenerClosed;
         }
         let established = self.visited(TcpState::Established);
-        match self.error {
+        let details = self.details();
+        match details.error {
             ECONNREFUSED => return Cause::Refused,
             EHOSTUNREACH | ENETUNREACH => return Cause::Unreachable,
             ETIMEDOUT if !established => return Cause::ConnectTimeout,
-            ETIMEDOUT if self.keepalive.unanswered > 0 => return Cause::KeepaliveTimeout,
+            ETIMEDOUT if details.keepalive.unanswered > 0 => return Cause::KeepaliveTimeout,
             ETIMEDOUT => return Cause::RetransmitTimeout,
             ECONNRESET | EPIPE => return Cause::ResetReceived,
             _ => {}
         }
-        if self.resets_received > 0 {
+        if details.resets_received > 0 {
             Cause::ResetReceived
-        } else if self.resets_sent > 0 {
+        } else if details.resets_sent > 0 {
             Cause::ResetSent
-        } else if !established && self.seen_open {
+        } else if !established && self.seen_open() {
             Cause::Aborted
         } else if self.first_closer() != Closer::None {
             Cause::Orderly
@@ -300,7 +456,7 @@ impl Connection {
 }
 
 /// What one transition did to the table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     /// The connection after the transition.
     pub connection: Connection,
@@ -370,6 +526,11 @@ impl Table {
         self.connections.is_empty()
     }
 
+    /// Connections the table holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.connections.capacity()
+    }
+
     pub fn connections(&self) -> impl Iterator<Item = &Connection> {
         self.connections.values()
     }
@@ -379,13 +540,11 @@ impl Table {
     pub fn end_batch(&mut self, out: &mut Vec<Connection>) {
         let batch = self.batch;
         out.append(&mut self.finished);
-        self.closing.retain(|_, (connection, closed_in)| {
-            let done = *closed_in < batch;
-            if done {
-                out.push(*connection);
-            }
-            !done
-        });
+        let done = self
+            .closing
+            .extract_if(|_, (_, closed_in)| *closed_in < batch)
+            .map(|(_, (connection, _))| connection);
+        out.extend(done);
         for connection in out.iter() {
             self.peers.closed(connection);
         }
@@ -413,28 +572,26 @@ impl Table {
             return None;
         }
         let c = self.connection_mut(r.sock)?;
-        c.retransmits += 1;
-        Some(*c)
+        c.details_mut().retransmits += 1;
+        Some(c.clone())
     }
 
     /// accept() returned the socket to a process: that process owns the connection now.
     pub fn accepted(&mut self, a: &Accept) -> Option<Connection> {
         let c = self.connection_mut(a.sock)?;
-        c.owner = Some(Owner {
-            task: a.task,
-            source: OwnerSource::Accepted,
-        });
-        Some(*c)
+        c.set_owner(a.task, OwnerSource::Accepted);
+        Some(c.clone())
     }
 
     pub fn reset(&mut self, r: &Reset) -> Option<Connection> {
         let c = self.connection_mut(r.sock)?;
+        let details = c.details_mut();
         if r.sent {
-            c.resets_sent += 1;
+            details.resets_sent += 1;
         } else {
-            c.resets_received += 1;
+            details.resets_received += 1;
         }
-        Some(*c)
+        Some(c.clone())
     }
 
     /// What a run of the keepalive timer meant: the peer answering the previous series (its
@@ -445,13 +602,14 @@ impl Table {
     ) -> Option<(Connection, [Option<KeepaliveChange>; 2])> {
         let c = self.connection_mut(k.sock)?;
         let mut changes = [None, None];
-        if k.probes_before == 0 && c.keepalive.unanswered > 0 {
-            let probes = std::mem::take(&mut c.keepalive.unanswered);
+        if k.probes_before == 0 && c.keepalive().unanswered > 0 {
+            let probes = std::mem::take(&mut c.details_mut().keepalive.unanswered);
             changes[0] = Some(KeepaliveChange::PeerAnswered { probes });
         }
         if k.probes_after > k.probes_before {
-            c.keepalive.unanswered = u32::from(k.probes_after);
-            c.keepalive.probes += 1;
+            let keepalive = &mut c.details_mut().keepalive;
+            keepalive.unanswered = u32::from(k.probes_after);
+            keepalive.probes += 1;
             changes[1] = Some(KeepaliveChange::ProbeSent {
                 probe: u32::from(k.probes_after),
             });
@@ -459,7 +617,7 @@ impl Table {
         if changes == [None, None] {
             return None;
         }
-        Some((*c, changes))
+        Some((c.clone(), changes))
     }
 
     pub fn socket_option(
@@ -468,16 +626,18 @@ impl Table {
         defaults: KeepaliveDefaults,
     ) -> Option<(Connection, KeepaliveChange)> {
         let c = self.connection_mut(o.sock)?;
-        c.keepalive_defaults = Some(defaults);
+        let details = c.details_mut();
+        details.keepalive_defaults = Some(defaults);
+        let keepalive = &mut details.keepalive;
         let value = u32::try_from(o.value).ok().and_then(NonZeroU32::new);
         match o.option {
-            KeepaliveOption::Enabled => c.keepalive.enabled = o.value != 0,
-            KeepaliveOption::Idle => c.keepalive.idle_s = value,
-            KeepaliveOption::Interval => c.keepalive.interval_s = value,
-            KeepaliveOption::Count => c.keepalive.count = value,
+            KeepaliveOption::Enabled => keepalive.enabled = o.value != 0,
+            KeepaliveOption::Idle => keepalive.idle_s = value,
+            KeepaliveOption::Interval => keepalive.interval_s = value,
+            KeepaliveOption::Count => keepalive.count = value,
         }
         Some((
-            *c,
+            c.clone(),
             KeepaliveChange::Configured {
                 option: o.option,
                 value: o.value,
@@ -500,58 +660,55 @@ impl Table {
             }
         }
         let mut connection = match self.connections.get(&t.sock) {
-            Some(existing) => *existing,
+            Some(existing) => existing.clone(),
             None => self.open(t, opening),
         };
         let entered_from = connection.state;
-        connection.state = t.new;
+        connection.enter(t.new);
         connection.last_ns = t.ts_ns;
-        connection.path.push(t.new);
         match t.new {
             TcpState::Established => {
                 connection.srtt_us = t.srtt_us;
                 match entered_from {
                     TcpState::SynSent => {
                         // An active open's life starts at connect()'s SYN_SENT.
-                        let from_syn =
-                            connection.direction == Direction::Active && connection.seen_open;
-                        connection.handshake_ns =
-                            from_syn.then(|| t.ts_ns.saturating_sub(connection.opened_ns));
-                        connection.handshake_retransmits = t.total_retrans;
+                        connection.handshake_ns = if connection.direction == Direction::Active {
+                            t.ts_ns.saturating_sub(connection.opened_ns)
+                        } else {
+                            NO_HANDSHAKE
+                        };
+                        connection.set_detail(t.total_retrans, |d| &mut d.handshake_retransmits);
                     }
                     TcpState::SynRecv => {
-                        connection.handshake_ns = Some(u64::from(t.srtt_us) * 1000);
-                        connection.handshake_retransmits = t.total_retrans;
+                        connection.handshake_ns = u64::from(t.srtt_us) * 1000;
+                        connection.set_detail(t.total_retrans, |d| &mut d.handshake_retransmits);
                     }
                     _ => {}
                 }
             }
             TcpState::Close => {
-                connection.error = t.error;
-                connection.bytes_sent = t.bytes_acked;
-                connection.bytes_received = t.bytes_received;
+                connection.set_detail(t.error, |d| &mut d.error);
+                connection.set_detail(t.bytes_acked, |d| &mut d.bytes_sent);
+                connection.set_detail(t.bytes_received, |d| &mut d.bytes_received);
                 if t.srtt_us != 0 {
                     connection.srtt_us = t.srtt_us;
                 }
                 // The kernel's own count of retransmitted segments, SYNs included.
-                connection.retransmits = connection.retransmits.max(t.total_retrans);
+                let retransmits = connection.retransmits().max(t.total_retrans);
+                connection.set_detail(retransmits, |d| &mut d.retransmits);
                 if !connection.visited(TcpState::Established) {
-                    connection.handshake_retransmits = t.total_retrans;
+                    connection.set_detail(t.total_retrans, |d| &mut d.handshake_retransmits);
                 }
             }
             _ => {}
         }
         // Ports and addresses fill in as the kernel assigns them (connect() reports SYN_SENT
         // before the source port is chosen).
-        connection.local = t.local;
-        connection.remote = t.remote;
-        if connection.owner.is_none()
+        connection.set_endpoints(t.local, t.remote);
+        if connection.owner_source.is_none()
             && let Context::Process(task) = t.context
         {
-            connection.owner = Some(Owner {
-                task,
-                source: OwnerSource::ProcessContext,
-            });
+            connection.set_owner(task, OwnerSource::ProcessContext);
         }
         self.track_listener(t, &connection);
         if opening.is_some() {
@@ -563,11 +720,12 @@ impl Table {
         let closed = t.new == TcpState::Close;
         if closed {
             self.connections.remove(&t.sock);
-            self.closing.insert(t.sock, (connection, self.batch));
+            self.closing
+                .insert(t.sock, (connection.clone(), self.batch));
         } else if let Some(slot) = self.connections.get_mut(&t.sock) {
-            *slot = connection;
+            slot.clone_from(&connection);
         } else if self.connections.len() < self.max_connections {
-            self.connections.insert(t.sock, connection);
+            self.connections.insert(t.sock, connection.clone());
         } else {
             self.table_full += 1;
         }
@@ -578,41 +736,28 @@ impl Table {
         let id = self.next_id;
         self.next_id += 1;
         let direction = opening.unwrap_or(Direction::Unknown);
-        let owner = match direction {
-            Direction::Passive => {
-                self.listeners
-                    .get(&(t.netns, t.local.port()))
-                    .map(|&task| Owner {
-                        task,
-                        source: OwnerSource::Listener,
-                    })
-            }
+        let listener = match direction {
+            Direction::Passive => self.listeners.get(&(t.netns, t.local.port())).copied(),
             _ => None,
         };
         Connection {
             id,
             sock: t.sock,
             netns: t.netns,
-            local: t.local,
-            remote: t.remote,
+            local_ip: t.local.ip(),
+            local_port: t.local.port(),
+            remote_ip: t.remote.ip(),
+            remote_port: t.remote.port(),
             direction,
-            owner,
+            owner_task: listener.unwrap_or(NO_TASK),
+            owner_source: listener.map(|_| OwnerSource::Listener),
             state: t.old,
             opened_ns: t.ts_ns,
             last_ns: t.ts_ns,
-            seen_open: opening.is_some(),
             path: Path::starting_at(t.old),
-            handshake_ns: None,
-            handshake_retransmits: 0,
-            retransmits: 0,
-            resets_sent: 0,
-            resets_received: 0,
-            keepalive: Keepalive::default(),
-            keepalive_defaults: None,
-            error: 0,
+            handshake_ns: NO_HANDSHAKE,
             srtt_us: 0,
-            bytes_sent: 0,
-            bytes_received: 0,
+            details: None,
         }
     }
 
@@ -620,7 +765,7 @@ impl Table {
         let key = (t.netns, t.local.port());
         match (t.old, t.new) {
             (_, TcpState::Listen) => {
-                if let Some(owner) = connection.owner {
+                if let Some(owner) = connection.owner() {
                     self.listeners.insert(key, owner.task);
                 }
             }
@@ -698,14 +843,14 @@ mod tests {
         assert!(last.closed);
         let c = last.connection;
         assert_eq!(c.direction, Direction::Active);
-        assert!(c.seen_open);
+        assert!(c.seen_open());
         assert_eq!(
-            c.path.states(),
-            &[Close, SynSent, Established, FinWait1, FinWait2, Close]
+            c.path.states().collect::<Vec<_>>(),
+            [Close, SynSent, Established, FinWait1, FinWait2, Close]
         );
         assert_eq!(c.duration_ns(), 4000);
-        assert_eq!(c.owner.unwrap().task.pid, 100);
-        assert_eq!(c.owner.unwrap().source, OwnerSource::ProcessContext);
+        assert_eq!(c.owner().unwrap().task.pid, 100);
+        assert_eq!(c.owner().unwrap().source, OwnerSource::ProcessContext);
         assert!(table.is_empty());
     }
 
@@ -713,7 +858,7 @@ mod tests {
     fn softirq_transitions_never_name_the_interrupted_task_as_owner() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         let applied = table.apply(&t(1, 0, Listen, SynRecv, NET_RX));
-        assert_eq!(applied.connection.owner, None);
+        assert_eq!(applied.connection.owner(), None);
         assert_eq!(applied.connection.direction, Direction::Passive);
     }
 
@@ -722,7 +867,7 @@ mod tests {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         table.apply(&t(1, 0, Close, Listen, Context::Process(task(42))));
         let child = table.apply(&t(2, 5, Listen, SynRecv, NET_RX)).connection;
-        let owner = child.owner.unwrap();
+        let owner = child.owner().unwrap();
         assert_eq!((owner.task.pid, owner.source), (42, OwnerSource::Listener));
         // Once the listener closes, new children have no owner to inherit.
         table.apply(&t(1, 6, Listen, Close, Context::Process(task(42))));
@@ -730,7 +875,7 @@ mod tests {
             table
                 .apply(&t(3, 7, Listen, SynRecv, NET_RX))
                 .connection
-                .owner,
+                .owner(),
             None
         );
     }
@@ -758,8 +903,8 @@ mod tests {
             .apply(&t(9, 50, Established, FinWait1, NET_RX))
             .connection;
         assert_eq!(c.direction, Direction::Unknown);
-        assert!(!c.seen_open);
-        assert_eq!(c.path.states(), &[Established, FinWait1]);
+        assert!(!c.seen_open());
+        assert_eq!(c.path.states().collect::<Vec<_>>(), [Established, FinWait1]);
     }
 
     #[test]
@@ -785,9 +930,9 @@ mod tests {
             };
             last = Some(table.apply(&t(1, i, old, new, NET_RX)).connection);
         }
-        let path = last.unwrap().path;
-        assert_eq!(path.states().len(), Path::CAPACITY);
-        assert_eq!(path.truncated, 21 - Path::CAPACITY as u32);
+        let last = last.unwrap();
+        assert_eq!(last.path.states().len(), Path::CAPACITY);
+        assert_eq!(last.path_truncated(), 21 - Path::CAPACITY as u32);
     }
 
     fn finish(table: &mut Table) -> Vec<Connection> {
@@ -809,12 +954,12 @@ mod tests {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
         table.apply(&close_with(ECONNREFUSED, SynSent));
-        let [c] = finish(&mut table)[..] else {
+        let [c] = &finish(&mut table)[..] else {
             panic!("one life completes")
         };
         assert_eq!(c.cause(), Cause::Refused);
         assert_eq!(c.first_closer(), Closer::None);
-        assert_eq!(c.handshake_ns, None);
+        assert_eq!(c.handshake_ns(), None);
     }
 
     #[test]
@@ -871,12 +1016,12 @@ mod tests {
                 table.keepalive_timer(&timer).unwrap();
             }
             table.apply(&close_with(error, Established));
-            let [c] = finish(&mut table)[..] else {
+            let [c] = &finish(&mut table)[..] else {
                 panic!()
             };
             assert_eq!(c.cause(), expected, "error {error}, probing {probing}");
             assert_eq!(
-                (c.handshake_ns, c.handshake_retransmits),
+                (c.handshake_ns(), c.handshake_retransmits()),
                 (Some(1_000_000), 1)
             );
         }
@@ -912,7 +1057,7 @@ mod tests {
                 Some(KeepaliveChange::ProbeSent { probe: 1 })
             ]
         );
-        assert_eq!((c.keepalive.probes, c.keepalive.unanswered), (3, 1));
+        assert_eq!((c.keepalive().probes, c.keepalive().unanswered), (3, 1));
         assert!(
             table.keepalive_timer(&timer(1, 1)).is_none(),
             "a run that changes nothing says nothing"
@@ -942,8 +1087,8 @@ mod tests {
         let (c, _) = table
             .socket_option(&set(KeepaliveOption::Idle, 10), defaults)
             .unwrap();
-        assert!(c.keepalive.enabled);
-        let effective = c.keepalive.effective(c.keepalive_defaults.unwrap());
+        assert!(c.keepalive().enabled);
+        let effective = c.keepalive().effective(c.keepalive_defaults().unwrap());
         assert_eq!(
             effective,
             KeepaliveSettings {
@@ -952,6 +1097,48 @@ mod tests {
                 count: 5
             }
         );
+    }
+
+    #[test]
+    fn a_path_gives_back_every_state_it_kept_in_order() {
+        let mut path = Path::starting_at(BoundInactive);
+        for &state in TcpState::ALL.iter().rev().skip(1) {
+            path.push(state);
+        }
+        let mut kept: Vec<_> = TcpState::ALL.iter().rev().copied().collect();
+        kept.truncate(Path::CAPACITY);
+        assert_eq!(path.states().collect::<Vec<_>>(), kept);
+    }
+
+    #[test]
+    fn an_established_connection_without_keepalive_allocates_nothing_beyond_its_slot() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+        let c = table
+            .apply(&Transition {
+                srtt_us: 50,
+                ..t(1, 1_000, SynSent, Established, NET_RX)
+            })
+            .connection;
+        assert_eq!(c.details, None);
+        assert_eq!((c.handshake_ns(), c.srtt_us), (Some(1_000), 50));
+    }
+
+    #[test]
+    fn ipv6_endpoints_come_back_as_they_were_reported() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        let (local, remote) = (
+            "[fd00::1]:443".parse().unwrap(),
+            "[fd00::2]:50000".parse().unwrap(),
+        );
+        let c = table
+            .apply(&Transition {
+                local,
+                remote,
+                ..t(1, 0, Close, SynSent, Context::Process(task(1)))
+            })
+            .connection;
+        assert_eq!((c.local(), c.remote()), (local, remote));
     }
 
     #[test]
@@ -969,7 +1156,7 @@ mod tests {
         {
             table.apply(&t(2, i as u64, old, new, NET_RX));
         }
-        let [c] = finish(&mut table)[..] else {
+        let [c] = &finish(&mut table)[..] else {
             panic!()
         };
         assert_eq!(
@@ -981,14 +1168,21 @@ mod tests {
 
 #[cfg(test)]
 mod footprint {
-    /// The table holds one per tracked socket: 100,000 of them must fit the agent in 64 MiB
-    /// (docs/benchmarks.md). Grow it only knowingly.
+    use super::{Connection, Details};
+
+    /// The table holds one per tracked socket in a `HashMap<u64, Connection>`: 100,000 of them
+    /// must fit the agent in 64 MiB (docs/benchmarks.md), and hashbrown rounds 100,000 up to
+    /// 131,072 slots (16 MiB at 128 bytes). Grow it only knowingly.
     #[test]
     fn a_connection_stays_within_its_memory_budget() {
-        assert!(
-            std::mem::size_of::<super::Connection>() <= 264,
-            "{}",
-            std::mem::size_of::<super::Connection>()
-        );
+        let slot = std::mem::size_of::<(u64, Connection)>();
+        assert!(slot <= 136, "a table slot takes {slot} bytes");
+    }
+
+    /// Allocated for keepalive sockets and at close: one 96-byte malloc chunk at most.
+    #[test]
+    fn the_details_stay_within_their_memory_budget() {
+        let details = std::mem::size_of::<Details>();
+        assert!(details <= 88, "the details take {details} bytes");
     }
 }

@@ -18,14 +18,14 @@ pub struct PeerKey {
 impl PeerKey {
     pub fn of(c: &Connection) -> Option<PeerKey> {
         let (active, port) = match c.direction {
-            Direction::Active => (true, c.remote.port()),
-            Direction::Passive => (false, c.local.port()),
+            Direction::Active => (true, c.remote().port()),
+            Direction::Passive => (false, c.local().port()),
             Direction::Listen | Direction::Unknown => return None,
         };
         Some(PeerKey {
             netns: c.netns,
             active,
-            address: c.remote.ip(),
+            address: c.remote().ip(),
             port,
         })
     }
@@ -171,7 +171,7 @@ impl Peers {
     }
 
     pub fn established(&mut self, c: &Connection) {
-        if let (Some(ns), Some(p)) = (c.handshake_ns, self.entry(c)) {
+        if let (Some(ns), Some(p)) = (c.handshake_ns(), self.entry(c)) {
             p.handshake.record(ns);
         }
     }
