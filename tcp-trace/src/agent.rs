@@ -5,16 +5,18 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{self, Access, Limits, ListenAddr, Listeners, convert},
+    api::{self, Access, Limits, ListenAddr, Listeners, convert, encode::Encoder},
     bus::{Bus, BusConfig},
     capture::{self, Capture, CaptureConfig, DecodeError, Record},
     filter::Keys,
     lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
+    model::TcpState,
     proto,
     stats::AgentStats,
 };
@@ -123,6 +125,7 @@ impl Agent {
             bus: Arc::clone(&bus),
             stats: Arc::clone(&stats),
             clock: convert::Clock::now(),
+            encoder: Encoder::default(),
             batch: Vec::with_capacity(1024),
             closed: Vec::new(),
             keepalive_defaults: HashMap::new(),
@@ -254,7 +257,9 @@ struct Pipeline {
     bus: Arc<Bus>,
     stats: Arc<AgentStats>,
     clock: convert::Clock,
-    batch: Vec<(proto::Event, Keys)>,
+    encoder: Encoder,
+    /// A drain's events, encoded without their seq.
+    batch: Vec<(Bytes, Keys)>,
     /// Reused buffer for connections whose lives completed.
     closed: Vec<Connection>,
     keepalive_defaults: HashMap<u32, KeepaliveDefaults>,
@@ -295,7 +300,16 @@ impl capture::Sink for Pipeline {
         let event = match record {
             Record::Transition(t) => {
                 let applied = self.table().apply(&t);
-                Some(convert::state_change(&t, &applied.connection, &clock))
+                let c = &applied.connection;
+                if t.new == TcpState::Established
+                    && let Some(ns) = c.handshake_ns()
+                {
+                    self.stats.established(ns);
+                }
+                let event = self.encoder.state_change(&t, c, &clock);
+                self.batch
+                    .push((event, convert::keys(c, proto::EventKind::StateChange)));
+                None
             }
             Record::Retransmit(r) => {
                 let connection = self.table().retransmit(&r);
@@ -311,8 +325,8 @@ impl capture::Sink for Pipeline {
                 let changes = self.table().keepalive_timer(&k);
                 if let Some((c, changes)) = changes {
                     for change in changes.iter().flatten() {
-                        self.batch
-                            .push(convert::keepalive(k.ts_ns, change, &c, &clock));
+                        let (event, keys) = convert::keepalive(k.ts_ns, change, &c, &clock);
+                        self.batch.push((self.encoder.message(&event), keys));
                     }
                 }
                 None
@@ -328,8 +342,8 @@ impl capture::Sink for Pipeline {
                 change.map(|(c, change)| convert::keepalive(o.ts_ns, &change, &c, &clock))
             }
         };
-        if let Some(event) = event {
-            self.batch.push(event);
+        if let Some((event, keys)) = event {
+            self.batch.push((self.encoder.message(&event), keys));
         }
     }
 
@@ -349,11 +363,11 @@ impl capture::Sink for Pipeline {
             release_free_heap();
         }
         for connection in closed.drain(..) {
-            self.batch
-                .push(convert::closed(&connection, &self.clock, long_lived_ns));
+            self.stats.closed(&connection);
+            let (event, keys) = convert::closed(&connection, &self.clock, long_lived_ns);
+            self.batch.push((self.encoder.message(&event), keys));
         }
         self.closed = closed;
-        self.stats.observe(&self.batch);
         self.bus.publish(&mut self.batch);
         // Re-read the clock offset now and then: NTP slews CLOCK_REALTIME.
         self.clock = convert::Clock::now();

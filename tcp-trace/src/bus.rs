@@ -20,8 +20,7 @@ use std::{
     time::SystemTime,
 };
 
-use bytes::{Bytes, BytesMut};
-use prost::Message as _;
+use bytes::Bytes;
 
 use crate::{
     filter::{Filter, Keys},
@@ -34,8 +33,9 @@ use crate::{
 pub struct Published {
     pub seq: u64,
     pub keys: Keys,
-    /// The event's protobuf encoding: a slice of the buffer its drain's events were encoded into.
-    pub encoded: Bytes,
+    /// The event's protobuf encoding without its seq, which goes in front when it is sent (see
+    /// `api::EncodedEvent`): a slice of the buffer its drain's events were encoded into.
+    pub unnumbered: Bytes,
 }
 
 /// What a subscriber receives, in order.
@@ -184,11 +184,8 @@ struct State {
     next_id: u64,
     next_seq: u64,
     replay: VecDeque<Arc<Published>>,
-    /// The batch being published, numbered and encoded (kept for its allocation).
+    /// The batch being published, numbered (kept for its allocation).
     fresh: Vec<Arc<Published>>,
-    /// Where events are encoded: each takes its slice off the front (`split`), so a drain's
-    /// events share a few allocations, freed once the last of them is gone.
-    encoding: BytesMut,
     /// The accounting of subscribers that have gone, so totals never go down.
     gone: Totals,
 }
@@ -263,7 +260,6 @@ impl Bus {
                 next_seq: 1,
                 replay: VecDeque::new(),
                 fresh: Vec::new(),
-                encoding: BytesMut::new(),
                 gone: Totals::default(),
             }),
             config,
@@ -330,25 +326,23 @@ impl Bus {
         }
     }
 
-    /// Numbers and encodes the events in order, offers each to every subscriber whose filter
-    /// matches and keeps it for replay. Drains `batch`: the events' own allocations are freed here,
-    /// on the thread that made them, and only their encoding lives on.
-    pub fn publish(&self, batch: &mut Vec<(proto::Event, Keys)>) {
+    /// Numbers the events (encoded without their seq) in order, offers each to every subscriber
+    /// whose filter matches and keeps it for replay. Drains `batch`.
+    pub fn publish(&self, batch: &mut Vec<(Bytes, Keys)>) {
         if batch.is_empty() {
             return;
         }
         let mut state = self.lock();
         let state = &mut *state;
         let mut fresh = std::mem::take(&mut state.fresh);
-        for (mut event, keys) in batch.drain(..) {
+        for (unnumbered, keys) in batch.drain(..) {
             let seq = state.next_seq;
             state.next_seq += 1;
-            event.seq = seq;
             self.published[kind_index(keys.kind)].fetch_add(1, Relaxed);
             fresh.push(Arc::new(Published {
                 seq,
                 keys,
-                encoded: encode(&event, &mut state.encoding),
+                unnumbered,
             }));
         }
         for sub in &state.subscribers {
@@ -397,19 +391,6 @@ impl Bus {
             replay_oldest_seq: state.replay.front().map_or(0, |p| p.seq),
         }
     }
-}
-
-/// `event`'s encoding, taken off the front of `buffer`. When the buffer runs out, `reserve` takes
-/// its allocation back if every slice of it is gone, or else starts a new one.
-fn encode(event: &proto::Event, buffer: &mut BytesMut) -> Bytes {
-    /// Room for a few hundred events: one allocation per drain at full churn.
-    const CHUNK: usize = 64 << 10;
-    let len = event.encoded_len();
-    if buffer.capacity() < len {
-        buffer.reserve(len.max(CHUNK));
-    }
-    event.encode_raw(buffer);
-    buffer.split().freeze()
 }
 
 impl State {
@@ -573,7 +554,7 @@ impl Subscription {
 mod tests {
     use super::*;
 
-    fn event(kind: proto::EventKind, port: u16) -> (proto::Event, Keys) {
+    fn event(kind: proto::EventKind, port: u16) -> (Bytes, Keys) {
         let keys = Keys {
             kind,
             local: format!("127.0.0.1:{port}").parse().unwrap(),
@@ -584,10 +565,10 @@ mod tests {
             direction: proto::Direction::Active,
             state: proto::TcpState::Established,
         };
-        (proto::Event::default(), keys)
+        (Bytes::new(), keys)
     }
 
-    fn events(n: usize) -> Vec<(proto::Event, Keys)> {
+    fn events(n: usize) -> Vec<(Bytes, Keys)> {
         (0..n)
             .map(|_| event(proto::EventKind::StateChange, 1))
             .collect()
@@ -662,11 +643,15 @@ mod tests {
 
     #[test]
     fn each_event_is_sent_as_its_own_encoding_with_its_seq() {
+        use prost::Message as _;
         let bus = bus(0);
         let mut sub = subscribe(&bus, Filter::default(), 100, Start::Live);
+        let mut expected = vec![proto::Event::default(); 3];
+        expected[1].kernel_time_ns = 42;
         let mut batch = events(3);
-        batch[1].0.kernel_time_ns = 42;
-        let mut expected: Vec<proto::Event> = batch.iter().map(|(e, _)| e.clone()).collect();
+        for ((unnumbered, _), event) in batch.iter_mut().zip(&expected) {
+            *unnumbered = event.encode_to_vec().into();
+        }
         bus.publish(&mut batch);
         let waker = std::task::Waker::noop();
         let mut cx = Context::from_waker(waker);
@@ -675,7 +660,8 @@ mod tests {
             let Poll::Ready(Some(Delivery::Event(p))) = sub.poll_next(&mut cx) else {
                 panic!("event {seq} was not delivered");
             };
-            assert_eq!(p.encoded, event.encode_to_vec());
+            let sent = crate::api::EncodedEvent::of(&p);
+            assert_eq!(sent.encode_to_vec(), event.encode_to_vec());
         }
     }
 

@@ -15,7 +15,7 @@ use tcp_trace_common::counter;
 use crate::{
     bus::{BusSnapshot, SubscriberSnapshot},
     capture::{Hooks, KernelCounters},
-    filter::Keys,
+    lifecycle::{Connection, Direction},
     proto,
 };
 
@@ -89,27 +89,16 @@ impl AgentStats {
         }
     }
 
-    /// Takes what GetStats reports from a batch about to be published.
-    pub fn observe(&self, batch: &[(proto::Event, Keys)]) {
-        use proto::event::Body;
-        for (event, keys) in batch {
-            match &event.body {
-                Some(Body::ConnectionClosed(closed))
-                    if closed.seen_open && keys.direction != proto::Direction::Listen =>
-                {
-                    if let Some(d) = &closed.duration {
-                        self.connection_duration.record(nanos(d));
-                    }
-                }
-                Some(Body::StateChange(change)) => {
-                    if let Some(latency) =
-                        change.handshake.as_ref().and_then(|h| h.latency.as_ref())
-                    {
-                        self.handshake_latency.record(nanos(latency));
-                    }
-                }
-                _ => {}
-            }
+    /// A connection established, after a handshake of `ns`.
+    pub fn established(&self, handshake_ns: u64) {
+        self.handshake_latency.record(handshake_ns);
+    }
+
+    /// A connection whose life is complete: its duration counts if the agent saw it open and it
+    /// was not a listener.
+    pub fn closed(&self, c: &Connection) {
+        if c.seen_open() && c.direction != Direction::Listen {
+            self.connection_duration.record(c.duration_ns());
         }
     }
 
@@ -184,13 +173,6 @@ fn subscriber(s: &SubscriberSnapshot) -> proto::SubscriberStats {
         queued: s.queued,
         replay_expired: s.replay_expired,
     }
-}
-
-fn nanos(d: &prost_types::Duration) -> u64 {
-    u64::try_from(d.seconds)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(u64::try_from(d.nanos).unwrap_or(0))
 }
 
 /// Upper bounds of the connection-duration and handshake-latency buckets: 10us to 30 min in steps of about 3x, which

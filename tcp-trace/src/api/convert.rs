@@ -51,7 +51,7 @@ pub fn state(s: TcpState) -> proto::TcpState {
     proto::TcpState::try_from(s as i32).unwrap_or(proto::TcpState::Unspecified)
 }
 
-fn direction(d: Direction) -> proto::Direction {
+pub(super) fn direction(d: Direction) -> proto::Direction {
     match d {
         Direction::Active => proto::Direction::Active,
         Direction::Passive => proto::Direction::Passive,
@@ -90,33 +90,52 @@ fn address(ip: std::net::IpAddr) -> String {
     let std::net::IpAddr::V4(ip) = ip else {
         return ip.to_string();
     };
-    let mut text = String::with_capacity(15);
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            text.push('.');
-        }
-        if octet >= 100 {
-            text.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            text.push(char::from(b'0' + octet / 10 % 10));
-        }
-        text.push(char::from(b'0' + octet % 10));
-    }
-    text
+    let (text, len) = ipv4_text(ip);
+    String::from_utf8_lossy(&text[..len]).into_owned()
 }
 
-pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
-    let owner = match c.owner() {
+/// An IPv4 address's dotted quad, in the first `len` bytes.
+pub(super) fn ipv4_text(ip: std::net::Ipv4Addr) -> ([u8; 15], usize) {
+    let mut text = [0; 15];
+    let mut len = 0;
+    let mut push = |b: u8| {
+        text[len] = b;
+        len += 1;
+    };
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            push(b'.');
+        }
+        if octet >= 100 {
+            push(b'0' + octet / 100);
+        }
+        if octet >= 10 {
+            push(b'0' + octet / 10 % 10);
+        }
+        push(b'0' + octet % 10);
+    }
+    (text, len)
+}
+
+/// The connection's owner as far as known, and how it is known.
+pub(super) fn owner(c: &Connection) -> (Option<Task>, proto::Attribution) {
+    match c.owner() {
         Some(owner) => {
             let attribution = match owner.source {
                 OwnerSource::ProcessContext => proto::Attribution::ProcessContext,
                 OwnerSource::Listener => proto::Attribution::SocketOwner,
                 OwnerSource::Accepted => proto::Attribution::Accepted,
             };
-            process(&owner.task, attribution)
+            (Some(owner.task), attribution)
         }
-        None => no_process(),
+        None => (None, proto::Attribution::None),
+    }
+}
+
+pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
+    let owner = match owner(c) {
+        (Some(task), attribution) => process(&task, attribution),
+        (None, _) => no_process(),
     };
     proto::Connection {
         id: c.id,
@@ -162,14 +181,19 @@ fn event(
     }
 }
 
-fn duration(ns: u64) -> Option<prost_types::Duration> {
+pub(super) fn duration(ns: u64) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(Duration::from_nanos(ns)).ok()
 }
 
 /// The kernel's name for an errno tcp-trace reports.
 pub fn errno_name(errno: u32) -> String {
+    errno_text(errno).into_owned()
+}
+
+/// `errno_name`, allocating only for an errno without a name here.
+pub(super) fn errno_text(errno: u32) -> std::borrow::Cow<'static, str> {
     match errno {
-        0 => String::new(),
+        0 => "".into(),
         32 => "EPIPE".into(),
         101 => "ENETUNREACH".into(),
         103 => "ECONNABORTED".into(),
@@ -177,18 +201,18 @@ pub fn errno_name(errno: u32) -> String {
         110 => "ETIMEDOUT".into(),
         111 => "ECONNREFUSED".into(),
         113 => "EHOSTUNREACH".into(),
-        n => format!("errno {n}"),
+        n => format!("errno {n}").into(),
     }
 }
 
-fn handshake(c: &Connection) -> Option<proto::Handshake> {
+pub(super) fn handshake(c: &Connection) -> Option<proto::Handshake> {
     c.handshake_ns().map(|ns| proto::Handshake {
         latency: duration(ns),
         retransmits: c.handshake_retransmits(),
     })
 }
 
-fn keepalive_settings(c: &Connection) -> Option<proto::KeepaliveSettings> {
+pub(super) fn keepalive_settings(c: &Connection) -> Option<proto::KeepaliveSettings> {
     let k = c.keepalive();
     if !k.enabled && k.idle_s.is_none() && k.interval_s.is_none() && k.count.is_none() {
         return None;

@@ -1,6 +1,7 @@
 //! The gRPC service: requests -> filters, bus deliveries -> event stream, errors -> Status, all
 //! here. Plus the standard health and reflection services, and the listeners.
 pub mod convert;
+pub mod encode;
 mod listen;
 
 use std::{
@@ -100,19 +101,39 @@ pub struct EventStream {
 /// An `Event` already encoded: what the Subscribe stream sends (the server code is generated
 /// with this type for `tcptrace.v1.Event`, see build.rs), so that an event goes to any number of
 /// subscribers for one encoding and no copies of its strings.
+///
+/// The seq is written in front of the rest of the encoding as it is sent: field 1 comes first
+/// in prost's encoding too, so the bytes are the same as those of the whole message.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct EncodedEvent(pub bytes::Bytes);
+pub struct EncodedEvent {
+    seq: u64,
+    unnumbered: bytes::Bytes,
+}
 
 impl EncodedEvent {
-    pub fn of(event: &proto::Event) -> EncodedEvent {
+    pub fn of(published: &bus::Published) -> EncodedEvent {
+        EncodedEvent {
+            seq: published.seq,
+            unnumbered: published.unnumbered.clone(),
+        }
+    }
+
+    fn message(mut event: proto::Event) -> EncodedEvent {
         use prost::Message as _;
-        EncodedEvent(event.encode_to_vec().into())
+        let seq = std::mem::take(&mut event.seq);
+        EncodedEvent {
+            seq,
+            unnumbered: event.encode_to_vec().into(),
+        }
     }
 }
 
 impl prost::Message for EncodedEvent {
     fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        buf.put_slice(&self.0);
+        if self.seq != 0 {
+            prost::encoding::uint64::encode(1, &self.seq, buf);
+        }
+        buf.put_slice(&self.unnumbered);
     }
 
     /// The server only sends events; should one ever be decoded, its fields are skipped.
@@ -127,11 +148,16 @@ impl prost::Message for EncodedEvent {
     }
 
     fn encoded_len(&self) -> usize {
-        self.0.len()
+        let seq = if self.seq != 0 {
+            prost::encoding::uint64::encoded_len(1, &self.seq)
+        } else {
+            0
+        };
+        seq + self.unnumbered.len()
     }
 
     fn clear(&mut self) {
-        self.0.clear();
+        *self = EncodedEvent::default();
     }
 }
 
@@ -145,9 +171,9 @@ impl Stream for EventStream {
         self.subscription.poll_next(cx).map(|delivery| {
             delivery.map(|d| {
                 Ok(match d {
-                    Delivery::Event(published) => EncodedEvent(published.encoded.clone()),
+                    Delivery::Event(published) => EncodedEvent::of(&published),
                     Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
-                        EncodedEvent::of(&convert::lost(count, last_seq))
+                        EncodedEvent::message(convert::lost(count, last_seq))
                     }
                 })
             })

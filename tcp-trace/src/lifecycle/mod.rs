@@ -4,6 +4,7 @@
 //! Per socket that order is the order of the transitions: `tcp_set_state()` runs under the socket
 //! lock, and the record is reserved inside the tracepoint, before the lock is released.
 pub mod peers;
+mod socket_map;
 
 use std::{
     collections::HashMap,
@@ -12,6 +13,7 @@ use std::{
 };
 
 pub use peers::{PeerKey, PeerStats, Peers};
+use socket_map::SocketMap;
 
 use crate::model::{
     Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
@@ -481,11 +483,11 @@ pub enum KeepaliveChange {
 
 #[derive(Debug)]
 pub struct Table {
-    connections: HashMap<u64, Connection>,
+    connections: SocketMap<Connection>,
     /// Connections that reached CLOSE, held for one more drain so that what the kernel reports
     /// right after tcp_done() (the reset a close sends, the keepalive timer's exit) still
     /// joins them. Keyed by socket.
-    closing: HashMap<u64, (Connection, u64)>,
+    closing: SocketMap<(Connection, u64)>,
     /// Closed lives completed early (their socket was reused), for the next end_batch.
     finished: Vec<Connection>,
     batch: u64,
@@ -505,8 +507,8 @@ pub struct Table {
 impl Table {
     pub fn new(max_connections: usize, peers: Peers) -> Table {
         Table {
-            connections: HashMap::new(),
-            closing: HashMap::new(),
+            connections: SocketMap::default(),
+            closing: SocketMap::default(),
             finished: Vec::new(),
             batch: 0,
             listeners: HashMap::new(),
