@@ -35,13 +35,13 @@ pub mod reset {
 
 /// Bits of [`StateChange::flags`].
 pub mod flags {
-    /// The transition ran in softirq (or hardirq/NMI) context, so the current task is whoever was
-    /// interrupted and `pid_tgid`/`comm` say nothing about the socket's owner.
-    pub const INTERRUPT_CONTEXT: u32 = 1 << 0;
-    /// Bits 8..16 hold the softirq vector + 1 (`irq:softirq_entry`'s `vec`: 1 TIMER, 3 NET_RX, ...)
-    /// when [`INTERRUPT_CONTEXT`] is set.
-    pub const SOFTIRQ_SHIFT: u32 = 8;
-    pub const SOFTIRQ_MASK: u32 = 0xff << SOFTIRQ_SHIFT;
+    /// No process held the socket's lock (`sk->sk_lock.owned`): a packet or a timer drove the
+    /// transition in softirq, or the kernel finished a socket no process holds any more. The
+    /// current task has nothing to do with the socket, so `pid_tgid` and `comm` are 0. Every
+    /// system call that changes a TCP socket's state holds its lock, and softirq never changes
+    /// the state of a socket a process holds (it queues the packet to the socket's backlog, which
+    /// the owner's system call then processes, still holding the lock).
+    pub const KERNEL_CONTEXT: u32 = 1 << 0;
 }
 
 /// Linux TCP states, numbered as in `include/net/tcp_states.h`.
@@ -251,6 +251,8 @@ pub mod globals {
     pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
     /// Address of `tcp_keepalive_timer` (from /proc/kallsyms); 0 = unknown.
     pub const KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
+    /// Offset of `sock.sk_lock.owned` (a process holds the socket); 0 = unknown.
+    pub const SK_LOCK_OWNED_OFFSET: &str = "SK_LOCK_OWNED_OFFSET";
     /// A [`SockLayout`](super::SockLayout), for the BTF tracepoint program.
     pub const SOCK_LAYOUT: &str = "SOCK_LAYOUT";
 }

@@ -77,6 +77,15 @@ pub fn sk_err(sock: u64) -> u32 {
     read::<i32>(sock + offset as u64) as u32
 }
 
+/// Whether a process holds the socket (`sk->sk_lock.owned`), so the transition runs in its system
+/// call. True where the offset is unknown: the agent then trusts no task but connect()'s and
+/// listen()'s.
+#[inline(always)]
+pub fn lock_owned(sock: u64) -> bool {
+    let offset = maps::sk_lock_owned_offset();
+    offset == 0 || read::<i32>(sock + offset as u64) != 0
+}
+
 /// `inet_csk(sk)->icsk_probes_out`: keepalive probes sent and not answered.
 #[inline(always)]
 pub fn probes_out(sock: u64) -> u8 {

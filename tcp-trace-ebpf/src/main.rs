@@ -3,7 +3,6 @@
 #![no_main]
 
 mod accept;
-mod context;
 mod fields;
 mod keepalive;
 mod kernel;

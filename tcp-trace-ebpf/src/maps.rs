@@ -14,11 +14,6 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Per-CPU softirq nesting: set by `irq:softirq_entry`, cleared by `irq:softirq_exit` (softirqs
-/// do not nest on one CPU, so one slot per CPU is exact). Holds the softirq vector + 1, 0 outside.
-#[map(name = "SOFTIRQ")]
-pub static SOFTIRQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
 /// When the programs last forced a consumer wake-up (bpf_ktime_get_ns).
 #[map(name = "LAST_WAKEUP")]
 static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
@@ -34,6 +29,8 @@ static NETNS_FILTER: u32 = 0;
 static WAKEUP_INTERVAL_NS: u64 = 1_000_000;
 #[unsafe(no_mangle)]
 static SK_ERR_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static SK_LOCK_OWNED_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SRTT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
@@ -102,6 +99,10 @@ pub fn netns_filter() -> u32 {
 
 pub fn sk_err_offset() -> u32 {
     global!(SK_ERR_OFFSET)
+}
+
+pub fn sk_lock_owned_offset() -> u32 {
+    global!(SK_LOCK_OWNED_OFFSET)
 }
 
 pub fn tcp_sock_offsets() -> (u32, u32) {

@@ -16,7 +16,6 @@ use aya_ebpf::{
 use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, tcp_state};
 
 use crate::{
-    context,
     fields::{address, field, widen},
     kernel,
     maps::{self, layout},
@@ -75,7 +74,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         || kernel::rtt_and_retransmits(sock),
         || kernel::bytes(sock),
     );
-    let task = Task::current(|| bpf_get_current_comm().unwrap_or_default());
+    let task = Task::current(kernel::lock_owned(sock), || {
+        bpf_get_current_comm().unwrap_or_default()
+    });
     entry.write(transition.record(now, task, fields));
     maps::submit(entry, now);
     0
@@ -131,7 +132,8 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
         || (load::<u32>(tp, srtt) >> 3, load(tp, retrans)),
         || (load(tp, acked), load(tp, received)),
     );
-    let task = Task::current(|| {
+    let owned = load::<i32>(tp, maps::sk_lock_owned_offset()) != 0;
+    let task = Task::current(owned, || {
         let task = unsafe { bpf_get_current_task_btf() } as *const u8;
         load_bytes16(task, layout!(task_comm))
     });
@@ -219,8 +221,9 @@ impl SockFields {
     }
 }
 
-/// The current task, where it means something: in process context (the socket's own system
-/// call). In softirq it is whoever was interrupted, so it is left out and the flags say why.
+/// The current task, where it means something: in a system call of the process that holds the
+/// socket (`owned`). Otherwise a packet or a timer drove the transition and the current task is
+/// whoever the CPU interrupted, so it is left out and the flags say why.
 struct Task {
     flags: u32,
     pid_tgid: u64,
@@ -229,9 +232,8 @@ struct Task {
 
 impl Task {
     #[inline(always)]
-    fn current(comm: impl FnOnce() -> [u8; 16]) -> Task {
-        let softirq = context::softirq();
-        if softirq == 0 {
+    fn current(owned: bool, comm: impl FnOnce() -> [u8; 16]) -> Task {
+        if owned {
             Task {
                 flags: 0,
                 pid_tgid: bpf_get_current_pid_tgid(),
@@ -239,7 +241,7 @@ impl Task {
             }
         } else {
             Task {
-                flags: flags::INTERRUPT_CONTEXT | ((softirq & 0xff) << flags::SOFTIRQ_SHIFT),
+                flags: flags::KERNEL_CONTEXT,
                 pid_tgid: 0,
                 comm: [0; 16],
             }

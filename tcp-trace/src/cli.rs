@@ -962,13 +962,10 @@ mod tests {
                 attribution: proto::Attribution::None as i32,
                 ..Default::default()
             }),
-            context: "softirq:NET_RX".into(),
+            context: "kernel".into(),
             ..Default::default()
         }));
-        assert!(
-            event_line(&event)
-                .contains("SYN_SENT -> ESTABLISHED  in softirq:NET_RX, owner 12/curl")
-        );
+        assert!(event_line(&event).contains("SYN_SENT -> ESTABLISHED  in kernel, owner 12/curl"));
     }
 
     #[test]

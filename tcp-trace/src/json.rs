@@ -61,7 +61,7 @@ mod tests {
                 old_state: proto::TcpState::Listen as i32,
                 new_state: proto::TcpState::SynRecv as i32,
                 task: None,
-                context: "softirq:NET_RX".into(),
+                context: "kernel".into(),
                 ..Default::default()
             })),
         };

@@ -103,10 +103,11 @@ impl Task {
 pub enum Context {
     /// In a system call of this task (connect, listen, close, ...): the task is the socket's user.
     Process(Task),
-    /// In a softirq handler (vector as in `irq:softirq_entry`): a packet or a timer drove the
-    /// transition, and the interrupted task has nothing to do with the socket.
-    Softirq(u8),
-    /// Not known: the agent could not attach the hooks that tell softirq from process context.
+    /// Outside any process's hold on the socket: a packet or a timer drove the transition (in
+    /// softirq), or the kernel finished a socket no process holds. The current task has nothing
+    /// to do with the socket.
+    Kernel,
+    /// Not known: the kernel's BTF does not say where a socket's lock owner flag is.
     Unknown,
 }
 
@@ -114,16 +115,7 @@ impl Context {
     pub fn describe(&self) -> &'static str {
         match self {
             Context::Process(_) => "process",
-            Context::Softirq(vec) => match vec {
-                0 => "softirq:HI",
-                1 => "softirq:TIMER",
-                2 => "softirq:NET_TX",
-                3 => "softirq:NET_RX",
-                6 => "softirq:TASKLET",
-                8 => "softirq:HRTIMER",
-                9 => "softirq:RCU",
-                _ => "softirq",
-            },
+            Context::Kernel => "kernel",
             Context::Unknown => "unknown",
         }
     }
@@ -131,7 +123,7 @@ impl Context {
     pub fn task(&self) -> Option<&Task> {
         match self {
             Context::Process(task) => Some(task),
-            Context::Softirq(_) | Context::Unknown => None,
+            Context::Kernel | Context::Unknown => None,
         }
     }
 }

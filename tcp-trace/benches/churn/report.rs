@@ -722,8 +722,8 @@ const METHOD: &[&str] = &[
     "4 — BPF cost: run_time_ns / run_cnt of each program the tracer process holds \
      (/proc/PID/fdinfo), over the run, with kernel BPF stats on (BPF_ENABLE_STATS, the switch \
      behind kernel.bpf_stats_enabled, held only during this phase and released by the kernel \
-     when the bench exits). \"All programs\" divides the time of every program, the softirq, \
-     timer and accept hooks included, by the runs of the per-transition program. The empty \
+     when the bench exits). \"All programs\" divides the time of every program, the timer, \
+     accept and setsockopt hooks included, by the runs of the per-transition program. The empty \
      program (bpftrace, `{ }` on the same tracepoint) is the floor: tracepoint dispatch plus \
      the stats' own clock reads.",
     "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \

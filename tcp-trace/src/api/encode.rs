@@ -239,7 +239,7 @@ mod tests {
         fn context(&mut self) -> Context {
             match self.next() % 3 {
                 0 => Context::Process(self.task()),
-                1 => Context::Softirq((self.next() % 12) as u8),
+                1 => Context::Kernel,
                 _ => Context::Unknown,
             }
         }

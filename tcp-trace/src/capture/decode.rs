@@ -158,9 +158,8 @@ fn socket_option(raw: &RawSocketOption) -> Result<SocketOption, DecodeError> {
 
 fn transition(raw: &StateChange) -> Result<Transition, DecodeError> {
     let (local, remote) = addresses(raw.family, &raw.saddr, &raw.daddr)?;
-    let context = if raw.flags & flags::INTERRUPT_CONTEXT != 0 {
-        let vec_plus_one = (raw.flags & flags::SOFTIRQ_MASK) >> flags::SOFTIRQ_SHIFT;
-        Context::Softirq(vec_plus_one.saturating_sub(1) as u8)
+    let context = if raw.flags & flags::KERNEL_CONTEXT != 0 {
+        Context::Kernel
     } else {
         Context::Process(task(raw.pid_tgid, raw.comm))
     };
@@ -274,14 +273,14 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn softirq_context_names_no_task() {
+    fn kernel_context_names_no_task() {
         let mut raw = raw_state_change(10, 3, AF_INET);
-        raw.flags = flags::INTERRUPT_CONTEXT | (4 << flags::SOFTIRQ_SHIFT); // NET_RX (3) + 1
+        raw.flags = flags::KERNEL_CONTEXT;
         let Record::Transition(t) = decode(&bytes_of(&raw)).unwrap() else {
             panic!("a transition")
         };
-        assert_eq!(t.context, Context::Softirq(3));
-        assert_eq!(t.context.describe(), "softirq:NET_RX");
+        assert_eq!(t.context, Context::Kernel);
+        assert_eq!(t.context.describe(), "kernel");
         assert!(t.context.task().is_none());
     }
 

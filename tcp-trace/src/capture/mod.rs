@@ -120,7 +120,7 @@ pub struct Capture {
     ring: RingBuf<MapData>,
     counters: KernelCounterReader,
     hooks: Hooks,
-    /// False when the softirq hooks are missing: then a task is only trusted for transitions
+    /// False when the kernel BTF lacks `sock.sk_lock.owned`: then a task is only trusted for transitions
     /// that always run in a system call.
     context_tracked: bool,
     wakeup_interval: Duration,
@@ -147,6 +147,7 @@ impl Capture {
             .override_global(globals::NETNS_FILTER, &netns_filter, true)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
             .override_global(globals::SK_ERR_OFFSET, &offsets.sk_err, true)
+            .override_global(globals::SK_LOCK_OWNED_OFFSET, &offsets.sk_lock_owned, true)
             .override_global(globals::SRTT_OFFSET, &offsets.srtt, true)
             .override_global(globals::TOTAL_RETRANS_OFFSET, &offsets.total_retrans, true)
             .override_global(globals::BYTES_ACKED_OFFSET, &offsets.bytes_acked, true)
@@ -178,19 +179,9 @@ impl Capture {
             .map_max_entries("EVENTS", config.ring_bytes)
             .load(EBPF_OBJECT)?;
 
-        // Context first, so the first transitions already know it.
-        let mut context_tracked = true;
-        for event in ["softirq_entry", "softirq_exit"] {
-            if let Err(err) = attach(&mut ebpf, event, "irq", event) {
-                context_tracked = false;
-                hooks.missing.push(format!(
-                    "irq:{event} ({err}): transitions in softirq cannot be told from process context, \
-                     so only connect() and listen() transitions name a process"
-                ));
-            } else {
-                hooks.attached.push(format!("irq:{event}"));
-            }
-        }
+        // Without the socket lock's owner flag a transition's task is only trusted where it
+        // always runs in a system call (Offsets::resolve named what is missing).
+        let context_tracked = offsets.sk_lock_owned != 0;
         attach_state(&mut ebpf, &offsets, config.classic_tracepoint, &mut hooks)?;
 
         for (event, lost) in [
@@ -356,7 +347,7 @@ fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
-/// Without the softirq hooks, a task is only known for transitions that always run in the
+/// Without the lock owner flag, a task is only known for transitions that always run in the
 /// owner's system call: connect() (CLOSE -> SYN_SENT) and listen() (CLOSE -> LISTEN).
 fn distrust_context(t: &mut crate::model::Transition) {
     let in_syscall =
@@ -469,6 +460,7 @@ struct Offsets {
     net: u32,
     inum: u32,
     sk_err: u32,
+    sk_lock_owned: u32,
     srtt: u32,
     total_retrans: u32,
     bytes_acked: u32,
@@ -515,6 +507,11 @@ impl Offsets {
             ),
             inum: offset("net.ns.inum", "network namespace of sockets"),
             sk_err: offset("sock.sk_err", "why connections closed"),
+            sk_lock_owned: offset(
+                "sock.sk_lock.owned",
+                "telling a socket's own system calls from packets and timers, so only connect() \
+                 and listen() transitions name a process",
+            ),
             srtt: offset("tcp_sock.srtt_us", "passive handshake latency"),
             total_retrans: offset("tcp_sock.total_retrans", "handshake retransmits"),
             bytes_acked: offset("tcp_sock.bytes_acked", "bytes sent"),
@@ -546,6 +543,7 @@ impl Offsets {
             (self.net, "sock.__sk_common.skc_net"),
             (self.inum, "net.ns.inum"),
             (self.sk_err, "sock.sk_err"),
+            (self.sk_lock_owned, "sock.sk_lock.owned"),
             (self.srtt, "tcp_sock.srtt_us"),
             (self.total_retrans, "tcp_sock.total_retrans"),
             (self.bytes_acked, "tcp_sock.bytes_acked"),

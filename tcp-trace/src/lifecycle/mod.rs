@@ -824,7 +824,7 @@ mod tests {
         }
     }
 
-    const NET_RX: Context = Context::Softirq(3);
+    const KERNEL: Context = Context::Kernel;
 
     #[test]
     fn an_active_connection_lives_from_syn_sent_to_close() {
@@ -832,10 +832,10 @@ mod tests {
         let p = Context::Process(task(100));
         let steps = [
             (Close, SynSent, p),
-            (SynSent, Established, NET_RX),
+            (SynSent, Established, KERNEL),
             (Established, FinWait1, p),
-            (FinWait1, FinWait2, NET_RX),
-            (FinWait2, Close, NET_RX),
+            (FinWait1, FinWait2, KERNEL),
+            (FinWait2, Close, KERNEL),
         ];
         let mut last = None;
         for (i, (old, new, ctx)) in steps.into_iter().enumerate() {
@@ -857,9 +857,9 @@ mod tests {
     }
 
     #[test]
-    fn softirq_transitions_never_name_the_interrupted_task_as_owner() {
+    fn kernel_context_transitions_never_name_the_interrupted_task_as_owner() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
-        let applied = table.apply(&t(1, 0, Listen, SynRecv, NET_RX));
+        let applied = table.apply(&t(1, 0, Listen, SynRecv, KERNEL));
         assert_eq!(applied.connection.owner(), None);
         assert_eq!(applied.connection.direction, Direction::Passive);
     }
@@ -868,14 +868,14 @@ mod tests {
     fn accepted_connections_inherit_the_listeners_owner() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         table.apply(&t(1, 0, Close, Listen, Context::Process(task(42))));
-        let child = table.apply(&t(2, 5, Listen, SynRecv, NET_RX)).connection;
+        let child = table.apply(&t(2, 5, Listen, SynRecv, KERNEL)).connection;
         let owner = child.owner().unwrap();
         assert_eq!((owner.task.pid, owner.source), (42, OwnerSource::Listener));
         // Once the listener closes, new children have no owner to inherit.
         table.apply(&t(1, 6, Listen, Close, Context::Process(task(42))));
         assert_eq!(
             table
-                .apply(&t(3, 7, Listen, SynRecv, NET_RX))
+                .apply(&t(3, 7, Listen, SynRecv, KERNEL))
                 .connection
                 .owner(),
             None
@@ -887,7 +887,7 @@ mod tests {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         let p = Context::Process(task(1));
         let first = table.apply(&t(1, 0, Close, SynSent, p)).connection.id;
-        table.apply(&t(1, 1, SynSent, Close, NET_RX));
+        table.apply(&t(1, 1, SynSent, Close, KERNEL));
         let second = table.apply(&t(1, 2, Close, SynSent, p)).connection.id;
         assert_ne!(first, second);
         assert_eq!(table.reopened, 0);
@@ -902,7 +902,7 @@ mod tests {
     fn connections_first_seen_mid_life_say_so() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         let c = table
-            .apply(&t(9, 50, Established, FinWait1, NET_RX))
+            .apply(&t(9, 50, Established, FinWait1, KERNEL))
             .connection;
         assert_eq!(c.direction, Direction::Unknown);
         assert!(!c.seen_open());
@@ -930,7 +930,7 @@ mod tests {
             } else {
                 (CloseWait, Established)
             };
-            last = Some(table.apply(&t(1, i, old, new, NET_RX)).connection);
+            last = Some(table.apply(&t(1, i, old, new, KERNEL)).connection);
         }
         let last = last.unwrap();
         assert_eq!(last.path.states().len(), Path::CAPACITY);
@@ -947,7 +947,7 @@ mod tests {
     fn close_with(error: u32, from: TcpState) -> Transition {
         Transition {
             error,
-            ..t(1, 10, from, Close, NET_RX)
+            ..t(1, 10, from, Close, KERNEL)
         }
     }
 
@@ -968,7 +968,7 @@ mod tests {
     fn a_summary_waits_one_drain_so_a_reset_sent_after_close_joins_it() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
-        table.apply(&t(1, 1, SynSent, Established, NET_RX));
+        table.apply(&t(1, 1, SynSent, Established, KERNEL));
         table.apply(&t(1, 2, Established, Close, Context::Process(task(1))));
         let mut out = Vec::new();
         table.end_batch(&mut out);
@@ -995,7 +995,7 @@ mod tests {
             table.apply(&Transition {
                 srtt_us: 50,
                 total_retrans: 1,
-                ..t(1, 1_000_000, SynSent, Established, NET_RX)
+                ..t(1, 1_000_000, SynSent, Established, KERNEL)
             });
         };
         let cases = [
@@ -1119,7 +1119,7 @@ mod tests {
         let c = table
             .apply(&Transition {
                 srtt_us: 50,
-                ..t(1, 1_000, SynSent, Established, NET_RX)
+                ..t(1, 1_000, SynSent, Established, KERNEL)
             })
             .connection;
         assert_eq!(c.details, None);
@@ -1156,7 +1156,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            table.apply(&t(2, i as u64, old, new, NET_RX));
+            table.apply(&t(2, i as u64, old, new, KERNEL));
         }
         let [c] = &finish(&mut table)[..] else {
             panic!()
