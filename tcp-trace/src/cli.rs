@@ -791,6 +791,7 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("records malformed", s.records_malformed.to_string());
     row("live connections", s.live_connections.to_string());
     row("not followed (table full)", s.table_full.to_string());
+    row("ends missed (cause unknown)", s.ends_missed.to_string());
     if let Some(r) = &s.replay {
         let held = match r.oldest_seq {
             0 => format!("{} of {} events", r.held, r.capacity),

@@ -94,10 +94,10 @@ impl AgentStats {
         self.handshake_latency.record(handshake_ns);
     }
 
-    /// A connection whose life is complete: its duration counts if the agent saw it open and it
-    /// was not a listener.
+    /// A connection whose life is complete: its duration counts if the agent saw it open and
+    /// close, and it was not a listener.
     pub fn closed(&self, c: &Connection) {
-        if c.seen_open() && c.direction != Direction::Listen {
+        if c.seen_open() && !c.end_missed() && c.direction != Direction::Listen {
             self.connection_duration.record(c.duration_ns());
         }
     }

@@ -205,6 +205,7 @@ async fn list_connections_shows_a_live_connection_with_its_owner_and_stats_add_u
     assert!(stats.kernel_records >= 5 && stats.records_decoded <= stats.kernel_records);
     assert_eq!(stats.kernel_ring_full, 0);
     assert_eq!(stats.records_malformed, 0);
+    assert_eq!(stats.ends_missed, 0, "no connection's CLOSE went missing");
     assert_eq!(stats.subscribers, 1);
     // The BTF tracepoint where the kernel takes it, else the classic one.
     assert!(

@@ -292,12 +292,14 @@ impl TcpTrace for Service {
         _request: Request<proto::GetStatsRequest>,
     ) -> Result<Response<proto::Stats>, Status> {
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let (live, table_full) = (table.len() as u64, table.table_full);
+        let (live, table_full, ends_missed) =
+            (table.len() as u64, table.table_full, table.reopened);
         let peers = convert::peers(&table.peers);
         let peers_full = table.peers.peers_full;
         let long_lived = table.peers.long_lived_ns();
         drop(table);
         let mut stats = self.stats.snapshot(&self.bus.snapshot(), live, table_full);
+        stats.ends_missed = ends_missed;
         stats.peers = peers;
         stats.peers_full = peers_full;
         stats.long_lived_threshold =

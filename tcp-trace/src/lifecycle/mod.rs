@@ -256,6 +256,9 @@ struct Details {
     resets_received: u32,
     error: u32,
     path_truncated: u32,
+    /// The socket opened again before its CLOSE was seen (a record the kernel skipped): the
+    /// life ended somewhere after its last transition, nobody knows how.
+    end_missed: bool,
     /// Payload bytes sent and acknowledged, and received, as the kernel counts them at close
     /// (see [`Connection::payload_bytes`]).
     bytes_sent: u64,
@@ -273,6 +276,7 @@ impl Details {
         resets_received: 0,
         error: 0,
         path_truncated: 0,
+        end_missed: false,
         bytes_sent: 0,
         bytes_received: 0,
     };
@@ -340,6 +344,11 @@ impl Connection {
     }
 
     /// States that did not fit in the path.
+    /// Whether the life was summarized without its CLOSE (the socket opened again first).
+    pub fn end_missed(&self) -> bool {
+        self.details().end_missed
+    }
+
     pub fn path_truncated(&self) -> u32 {
         self.details().path_truncated
     }
@@ -434,6 +443,9 @@ impl Connection {
         }
         let established = self.visited(TcpState::Established);
         let details = self.details();
+        if details.end_missed {
+            return Cause::Unknown;
+        }
         match details.error {
             ECONNREFUSED => return Cause::Refused,
             EHOSTUNREACH | ENETUNREACH => return Cause::Unreachable,
@@ -652,8 +664,12 @@ impl Table {
         let opening = opening(t);
         let known = self.connections.contains_key(&t.sock);
         if known && opening.is_some() {
+            // Its CLOSE was never seen: summarize the old life as it stands, cause unknown.
             self.reopened += 1;
-            self.connections.remove(&t.sock);
+            if let Some(mut old) = self.connections.remove(&t.sock) {
+                old.details_mut().end_missed = true;
+                self.finished.push(old);
+            }
         }
         if opening.is_some() {
             // A socket reused after CLOSE: the old life is complete now.
@@ -896,6 +912,12 @@ mod tests {
         assert_ne!(second, third);
         assert_eq!(table.reopened, 1);
         assert_eq!(table.len(), 1);
+        // The life whose end was missed is still summarized, with no cause made up.
+        let mut done = Vec::new();
+        table.end_batch(&mut done);
+        let missed = done.iter().find(|c| c.id == second).unwrap();
+        assert_eq!(missed.cause(), Cause::Unknown);
+        assert_eq!(missed.state, SynSent);
     }
 
     #[test]
