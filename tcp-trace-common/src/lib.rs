@@ -251,6 +251,8 @@ pub mod globals {
     pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
     /// Address of `tcp_keepalive_timer` (from /proc/kallsyms); 0 = unknown.
     pub const KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
+    /// Offset of `sock.sk_protocol`, so accept() of other sockets is skipped; 0 = unknown.
+    pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
     /// Offset of `sock.sk_lock.owned` (a process holds the socket); 0 = unknown.
     pub const SK_LOCK_OWNED_OFFSET: &str = "SK_LOCK_OWNED_OFFSET";
     /// A [`SockLayout`](super::SockLayout), for the BTF tracepoint program.

@@ -31,8 +31,9 @@ fn accepted(ctx: &TracePointContext) {
     if fd < 0 {
         return;
     }
+    // Every accept() on the host comes here: Unix and other sockets stop at the protocol.
     let sock = kernel::sock_of_fd(fd as u64);
-    if sock == 0 {
+    if sock == 0 || !kernel::is_tcp(sock) {
         return;
     }
     let netns = kernel::netns_of_sock(sock);

@@ -86,6 +86,13 @@ pub fn lock_owned(sock: u64) -> bool {
     offset == 0 || read::<i32>(sock + offset as u64) != 0
 }
 
+/// Whether `sock` is a TCP socket (`sk->sk_protocol`); true where the offset is unknown.
+#[inline(always)]
+pub fn is_tcp(sock: u64) -> bool {
+    let offset = maps::sk_protocol_offset();
+    offset == 0 || read::<u16>(sock + offset as u64) == tcp_trace_common::IPPROTO_TCP
+}
+
 /// `inet_csk(sk)->icsk_probes_out`: keepalive probes sent and not answered.
 #[inline(always)]
 pub fn probes_out(sock: u64) -> u8 {
@@ -121,7 +128,9 @@ pub fn bytes(sock: u64) -> (u64, u64) {
 
 /// The `struct sock` behind file descriptor `fd` of the current task
 /// (`current->files->fdt->fd[fd]->private_data->sk`), or 0. Only meaningful for socket fds:
-/// the agent ignores socks it does not follow.
+/// the agent ignores socks it does not follow. The task, its files and fd table are BTF-typed
+/// (plain loads); the fd array's element and what follows are read with probe reads (an
+/// indexed element, and `void *private_data`, have no type the verifier can follow).
 #[inline(always)]
 pub fn sock_of_fd(fd: u64) -> u64 {
     let p = maps::fd_path();
@@ -133,17 +142,13 @@ pub fn sock_of_fd(fd: u64) -> u64 {
     {
         return 0;
     }
-    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
-    let files: u64 = read(task + p.task_files as u64);
-    let fdt: u64 = if files == 0 {
-        0
-    } else {
-        read(files + p.files_fdt as u64)
-    };
-    if fdt == 0 || fd >= u64::from(read::<u32>(fdt + p.fdt_max_fds as u64)) {
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task_btf() } as *const u8;
+    let files: *const u8 = load(task, p.task_files);
+    let fdt: *const u8 = load(files, p.files_fdt);
+    if fd >= u64::from(load::<u32>(fdt, p.fdt_max_fds)) {
         return 0;
     }
-    let fds: u64 = read(fdt + p.fdt_fd as u64);
+    let fds: u64 = load(fdt, p.fdt_fd);
     let file: u64 = if fds == 0 { 0 } else { read(fds + fd * 8) };
     let socket: u64 = if file == 0 {
         0
@@ -155,4 +160,20 @@ pub fn sock_of_fd(fd: u64) -> u64 {
     } else {
         read(socket + p.socket_sk as u64)
     }
+}
+
+/// A member of a BTF-typed kernel object: a plain load, which the verifier checks against the
+/// kernel's BTF at the (constant) offset and turns into a fault-safe load.
+#[inline(always)]
+pub fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
+}
+
+/// A 16-byte member (an `in6_addr`, a task's comm) as two 8-byte loads.
+#[inline(always)]
+pub fn load_bytes16(base: *const u8, offset: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&load::<u64>(base, offset).to_ne_bytes());
+    out[8..].copy_from_slice(&load::<u64>(base, offset + 8).to_ne_bytes());
+    out
 }

@@ -32,6 +32,8 @@ static SK_ERR_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static SK_LOCK_OWNED_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
+static SK_PROTOCOL_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
 static SRTT_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 static TOTAL_RETRANS_OFFSET: u32 = 0;
@@ -103,6 +105,10 @@ pub fn sk_err_offset() -> u32 {
 
 pub fn sk_lock_owned_offset() -> u32 {
     global!(SK_LOCK_OWNED_OFFSET)
+}
+
+pub fn sk_protocol_offset() -> u32 {
+    global!(SK_PROTOCOL_OFFSET)
 }
 
 pub fn tcp_sock_offsets() -> (u32, u32) {

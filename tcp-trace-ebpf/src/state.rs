@@ -17,7 +17,7 @@ use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, t
 
 use crate::{
     fields::{address, field, widen},
-    kernel,
+    kernel::{self, load, load_bytes16},
     maps::{self, layout},
 };
 
@@ -247,22 +247,6 @@ impl Task {
             }
         }
     }
-}
-
-/// A member of a BTF-typed kernel object: a plain load, which the verifier checks against the
-/// kernel's BTF at the (constant) offset and turns into a fault-safe load.
-#[inline(always)]
-fn load<T: Copy>(base: *const u8, offset: u32) -> T {
-    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
-}
-
-/// A 16-byte member (an `in6_addr`, a task's comm) as two 8-byte loads.
-#[inline(always)]
-fn load_bytes16(base: *const u8, offset: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&load::<u64>(base, offset).to_ne_bytes());
-    out[8..].copy_from_slice(&load::<u64>(base, offset + 8).to_ne_bytes());
-    out
 }
 
 /// `sk->__sk_common.skc_net.net->ns.inum`, by two loads.

@@ -355,3 +355,54 @@ async fn a_netns_filter_passes_exactly_its_namespace() {
     );
     agent.shutdown().await;
 }
+
+/// The accept hook runs for every accept() on the host; only TCP sockets may become records.
+/// With the kernel-side filter on a fresh namespace, Unix accepts there add no record, while
+/// one TCP connection adds its transitions and its accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_unix_sockets_writes_no_record() {
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let ns = Arc::new(NetNs::new("unix"));
+    let mut config = AgentConfig::default();
+    config.capture.netns = Some(u32::try_from(ns.inode()).unwrap());
+    let mut agent = TestAgent::start_with(config).await;
+    let unix_ns = Arc::clone(&ns);
+    tokio::task::spawn_blocking(move || {
+        unix_ns.run(|| {
+            use std::os::linux::net::SocketAddrExt as _;
+            // An abstract address belongs to the namespace, like the sockets.
+            let name = format!("tcp-trace-test-{}", std::process::id());
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
+            let listener = UnixListener::bind_addr(&addr).unwrap();
+            for _ in 0..5 {
+                let _client = UnixStream::connect_addr(&addr).unwrap();
+                listener.accept().unwrap();
+            }
+        })
+    })
+    .await
+    .unwrap();
+    // Give the agent a few drains, then the control: a TCP connection in the same namespace.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        agent.stats().await.kernel_records,
+        0,
+        "Unix accepts wrote records"
+    );
+    let tcp_ns = Arc::clone(&ns);
+    tokio::task::spawn_blocking(move || roundtrips(&tcp_ns, "127.0.0.1".parse().unwrap(), 1))
+        .await
+        .unwrap();
+    // 2 listener transitions + 10 connection transitions + 1 accept.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while agent.stats().await.kernel_records < 13 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the TCP records did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(agent.stats().await.kernel_records, 13);
+    agent.shutdown().await;
+}

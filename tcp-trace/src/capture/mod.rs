@@ -148,6 +148,7 @@ impl Capture {
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
             .override_global(globals::SK_ERR_OFFSET, &offsets.sk_err, true)
             .override_global(globals::SK_LOCK_OWNED_OFFSET, &offsets.sk_lock_owned, true)
+            .override_global(globals::SK_PROTOCOL_OFFSET, &offsets.sk_protocol, true)
             .override_global(globals::SRTT_OFFSET, &offsets.srtt, true)
             .override_global(globals::TOTAL_RETRANS_OFFSET, &offsets.total_retrans, true)
             .override_global(globals::BYTES_ACKED_OFFSET, &offsets.bytes_acked, true)
@@ -461,6 +462,7 @@ struct Offsets {
     inum: u32,
     sk_err: u32,
     sk_lock_owned: u32,
+    sk_protocol: u32,
     srtt: u32,
     total_retrans: u32,
     bytes_acked: u32,
@@ -511,6 +513,10 @@ impl Offsets {
                 "sock.sk_lock.owned",
                 "telling a socket's own system calls from packets and timers, so only connect() \
                  and listen() transitions name a process",
+            ),
+            sk_protocol: offset(
+                "sock.sk_protocol",
+                "skipping accept() of sockets other than TCP in the kernel",
             ),
             srtt: offset("tcp_sock.srtt_us", "passive handshake latency"),
             total_retrans: offset("tcp_sock.total_retrans", "handshake retransmits"),
