@@ -358,9 +358,12 @@ impl capture::Sink for Pipeline {
             // The table doubled and freed its old slots: megabytes that glibc keeps resident in
             // the heap (blocks that size come from it rather than from mmap once blocks as
             // large were freed, as the BTF was at load). 4 MiB at 100,000 connections; at most
-            // once per doubling.
+            // once per doubling, and only once the old slots were worth it (a trim walks every
+            // arena under its lock, on this thread).
             self.table_capacity = table_capacity;
-            release_free_heap();
+            if table_capacity >= 1 << 14 {
+                release_free_heap();
+            }
         }
         for connection in closed.drain(..) {
             self.stats.closed(&connection);
