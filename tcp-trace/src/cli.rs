@@ -81,7 +81,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_subscribers: usize,
     /// Latest events kept for clients that reconnect (`watch --since-seq`) or ask for history
-    /// (`--replay-last`); 0 turns replay off. Each held event costs about 0.7-1 KiB.
+    /// (`--replay-last`); 0 turns replay off. Each held event costs about 350 bytes (its encoding).
     #[arg(long, value_name = "EVENTS", default_value_t = crate::bus::DEFAULT_REPLAY)]
     pub replay: usize,
     /// Give the Unix sockets to this group (name or number): its members may connect. The
