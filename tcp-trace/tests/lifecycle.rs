@@ -90,6 +90,41 @@ fn hold_server(server_ns: &Arc<NetNs>, addr: IpAddr) -> u16 {
     rx.recv().unwrap()
 }
 
+/// A client and a server namespace joined by veth, a server accepting on the server side,
+/// and an nft rule there dropping segments to it that match `segments` (counted, so
+/// [`drop_one_then_open`] can tell when one was dropped). Returns the server's address.
+fn server_dropping(name: &str, segments: &str) -> (Arc<NetNs>, Arc<NetNs>, SocketAddr) {
+    let client_ns = Arc::new(NetNs::new(&format!("{name}1")));
+    let server_ns = Arc::new(NetNs::new(&format!("{name}2")));
+    let veth = NetNs::veth_pair(&client_ns, &server_ns);
+    let port = hold_server(&server_ns, veth.b_v4);
+    nft(
+        &server_ns,
+        &format!(
+            "add table inet t; add chain inet t in {{ type filter hook input priority 0; }}; \
+             add rule inet t in tcp dport {port} {segments} counter drop"
+        ),
+    );
+    (client_ns, server_ns, SocketAddr::new(veth.b_v4, port))
+}
+
+/// Waits until the drop rule in `ns`'s chain `inet t in` has dropped one packet (`what`), then
+/// flushes the chain.
+fn drop_one_then_open(ns: &NetNs, what: &str) {
+    let start = Instant::now();
+    while !ns
+        .exec(&["nft", "list", "chain", "inet", "t", "in"])
+        .contains("packets 1 ")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{what} never reached the rule"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nft(ns, "flush chain inet t in");
+}
+
 fn set(fd: i32, level: i32, name: i32, value: i32) {
     // SAFETY: a valid socket fd and a pointer to an int of the size given.
     let rc = unsafe {
@@ -106,37 +141,16 @@ fn set(fd: i32, level: i32, name: i32, value: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_first_syn_is_retransmitted_and_the_handshake_takes_about_one_rto() {
-    let (client_ns, server_ns) = (Arc::new(NetNs::new("syn1")), Arc::new(NetNs::new("syn2")));
-    let veth = NetNs::veth_pair(&client_ns, &server_ns);
-    let port = hold_server(&server_ns, veth.b_v4);
-    nft(
-        &server_ns,
-        &format!(
-            "add table inet t; add chain inet t in {{ type filter hook input priority 0; }}; \
-         add rule inet t in tcp dport {port} tcp flags syn counter drop"
-        ),
-    );
+    let (client_ns, server_ns, server) = server_dropping("syn", "tcp flags syn");
     let mut agent = TestAgent::start().await;
     let mut stream = agent.subscribe(netns_filter(client_ns.inode())).await;
     let before = client_ns.snmp();
     let connect_ns = Arc::clone(&client_ns);
-    let server = SocketAddr::new(veth.b_v4, port);
     let connect = std::thread::spawn(move || {
         connect_ns.run(move || TcpStream::connect(server).and_then(|s| s.local_addr()))
     });
     // Let exactly one SYN be dropped, then open the way.
-    let start = Instant::now();
-    while !server_ns
-        .exec(&["nft", "list", "chain", "inet", "t", "in"])
-        .contains("packets 1 ")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the first SYN never reached the rule"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    nft(&server_ns, "flush chain inet t in");
+    drop_one_then_open(&server_ns, "the first SYN");
     connect
         .join()
         .unwrap()
@@ -169,6 +183,53 @@ async fn a_dropped_first_syn_is_retransmitted_and_the_handshake_takes_about_one_
         delta.get("Tcp:RetransSegs"),
         i64::from(handshake.retransmits)
     );
+    agent.shutdown().await;
+}
+
+/// The server side of a lossy handshake: the client's final ACK is dropped once, so the server
+/// retransmits its SYN-ACK (after its 1 s initial RTO) before the connection is established.
+/// The passive connection's handshake must count that retransmit, as the kernel does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_final_ack_makes_the_server_retransmit_its_syn_ack_and_says_so() {
+    let (client_ns, server_ns, server) = server_dropping("ack", "tcp flags & (syn | ack) == ack");
+    let mut agent = TestAgent::start().await;
+    let mut stream = agent.subscribe(netns_filter(server_ns.inode())).await;
+    let before = server_ns.snmp();
+    let connect_ns = Arc::clone(&client_ns);
+    // The client is established once it sent its ACK; it sends nothing else (data would
+    // complete the server's handshake instead of the SYN-ACK retransmit).
+    let client = connect_ns.run(move || TcpStream::connect(server).unwrap());
+    drop_one_then_open(&server_ns, "the final ACK");
+    let passive_established = |e: &proto::Event| {
+        e.connection.as_ref().unwrap().direction == proto::Direction::Passive as i32
+            && matches!(&e.body, Some(Body::StateChange(c))
+                if c.new_state == proto::TcpState::Established as i32)
+    };
+    let events = until(&mut stream, Duration::from_secs(10), |events| {
+        events.iter().any(passive_established)
+    })
+    .await;
+    let established = events.iter().find(|e| passive_established(e)).unwrap();
+    let Some(Body::StateChange(change)) = &established.body else {
+        unreachable!()
+    };
+    let handshake = change
+        .handshake
+        .unwrap_or_else(|| panic!("no handshake\n{}", lines(&events)));
+    assert_eq!(handshake.retransmits, 1, "{}", lines(&events));
+    // The kernel's first RTT sample for the child: with a retransmitted SYN-ACK it comes from
+    // the timestamp the client echoes, its first SYN-ACK's, so it spans the RTO the server
+    // waited (about 1 s), as the server saw its handshake.
+    let latency = seconds(&handshake.latency);
+    assert!(
+        (0.9..2.5).contains(&latency),
+        "passive handshake {latency} s\n{}",
+        lines(&events)
+    );
+    let delta = server_ns.snmp().delta(&before);
+    assert_eq!(delta.get("TcpExt:TCPSynRetrans"), 1);
+    assert_eq!(delta.get("Tcp:RetransSegs"), 1);
+    drop(client);
     agent.shutdown().await;
 }
 
