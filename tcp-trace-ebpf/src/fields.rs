@@ -1,23 +1,35 @@
-//! Reading fields of classic tracepoint records.
+//! Plain loads the verifier checks: fields of classic tracepoint records, and members of
+//! BTF-typed kernel objects.
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 
-/// A field of the tracepoint record. Direct context loads: the verifier checks them against the
-/// record and they cost less than a helper call, but it only accepts a load of the field's own
-/// size at a constant offset from the context pointer, hence the volatile (single, sized) load.
+/// A value at `offset` from `base`, as one volatile load of its own size. The verifier accepts
+/// a context load only at the field's own size and a constant offset, and checks a load from a
+/// BTF-typed pointer against the kernel's BTF at its (constant) offset, turning it into a
+/// fault-safe load; the volatile load keeps the compiler from splitting or merging it.
 #[inline(always)]
-pub fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    unsafe { core::ptr::read_volatile(ctx.as_ptr().add(offset).cast::<T>()) }
+pub fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
 }
 
-/// A 16-byte address field as two 8-byte loads (both offsets are 8-aligned in the record).
+/// 16 bytes at `offset` (an address, a task's comm) as two 8-byte loads; `offset` is 8-aligned.
+#[inline(always)]
+pub fn load_bytes16(base: *const u8, offset: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&load::<u64>(base, offset).to_ne_bytes());
+    out[8..].copy_from_slice(&load::<u64>(base, offset + 8).to_ne_bytes());
+    out
+}
+
+/// A field of the tracepoint record: a direct context load, cheaper than a helper call.
+#[inline(always)]
+pub fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    load(ctx.as_ptr().cast(), offset as u32)
+}
+
+/// A 16-byte address field of the tracepoint record.
 #[inline(always)]
 pub fn address(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
-    let high: u64 = field(ctx, offset);
-    let low: u64 = field(ctx, offset + 8);
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&high.to_ne_bytes());
-    out[8..].copy_from_slice(&low.to_ne_bytes());
-    out
+    load_bytes16(ctx.as_ptr().cast(), offset as u32)
 }
 
 #[inline(always)]

@@ -1,9 +1,10 @@
 //! Reads from kernel structs at offsets the agent resolved from the running kernel's BTF (aya's
-//! eBPF side has no CO-RE relocations). Every read goes through bpf_probe_read_kernel, so a
-//! stale pointer yields 0, never a fault.
+//! eBPF side has no CO-RE relocations). Reads from untyped addresses go through
+//! bpf_probe_read_kernel, and loads from BTF-typed pointers are fault-safe loads: a stale
+//! pointer yields 0, never a fault.
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 
-use crate::maps;
+use crate::{fields::load, maps};
 
 #[inline(always)]
 pub fn read<T: Copy + Default>(addr: u64) -> T {
@@ -160,20 +161,4 @@ pub fn sock_of_fd(fd: u64) -> u64 {
     } else {
         read(socket + p.socket_sk as u64)
     }
-}
-
-/// A member of a BTF-typed kernel object: a plain load, which the verifier checks against the
-/// kernel's BTF at the (constant) offset and turns into a fault-safe load.
-#[inline(always)]
-pub fn load<T: Copy>(base: *const u8, offset: u32) -> T {
-    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
-}
-
-/// A 16-byte member (an `in6_addr`, a task's comm) as two 8-byte loads.
-#[inline(always)]
-pub fn load_bytes16(base: *const u8, offset: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&load::<u64>(base, offset).to_ne_bytes());
-    out[8..].copy_from_slice(&load::<u64>(base, offset + 8).to_ne_bytes());
-    out
 }

@@ -16,8 +16,8 @@ use aya_ebpf::{
 use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, tcp_state};
 
 use crate::{
-    fields::{address, field, widen},
-    kernel::{self, load, load_bytes16},
+    fields::{address, field, load, load_bytes16, widen},
+    kernel,
     maps::{self, layout},
 };
 
