@@ -662,16 +662,14 @@ impl Table {
 
     pub fn apply(&mut self, t: &Transition) -> Applied {
         let opening = opening(t);
-        let known = self.connections.contains_key(&t.sock);
-        if known && opening.is_some() {
-            // Its CLOSE was never seen: summarize the old life as it stands, cause unknown.
-            self.reopened += 1;
+        if opening.is_some() {
+            // A socket the table still holds: its CLOSE was never seen. Summarize the old life
+            // as it stands, cause unknown.
             if let Some(mut old) = self.connections.remove(&t.sock) {
+                self.reopened += 1;
                 old.details_mut().end_missed = true;
                 self.finished.push(old);
             }
-        }
-        if opening.is_some() {
             // A socket reused after CLOSE: the old life is complete now.
             if let Some((old, _)) = self.closing.remove(&t.sock) {
                 self.finished.push(old);
