@@ -573,13 +573,15 @@ async fn who_closed_first_is_told_for_both_closers_on_both_sides_and_peers_aggre
     })
     .await;
     let summaries = closed(&events);
-    let first_fin = |port: u16, direction: proto::Direction| {
+    // The client's end of a trip names both of its sides (by address and port: the two
+    // families' ephemeral ports can coincide).
+    let first_fin = |client: SocketAddr, direction: proto::Direction| {
         summaries
             .iter()
             .filter(|(c, _)| c.direction == direction as i32)
             .filter(|(c, _)| {
-                c.local.as_ref().unwrap().port == u32::from(port)
-                    || c.remote.as_ref().unwrap().port == u32::from(port)
+                support::agent::endpoint(&c.local) == client
+                    || support::agent::endpoint(&c.remote) == client
             })
             .map(|(_, s)| (s.first_fin, s.cause, s.lifetime))
             .collect::<Vec<_>>()
@@ -591,21 +593,21 @@ async fn who_closed_first_is_told_for_both_closers_on_both_sides_and_peers_aggre
     );
     for trip in &client_first {
         assert_eq!(
-            first_fin(trip.client.port(), proto::Direction::Active),
+            first_fin(trip.client, proto::Direction::Active),
             [(local, orderly, short)]
         );
         assert_eq!(
-            first_fin(trip.client.port(), proto::Direction::Passive),
+            first_fin(trip.client, proto::Direction::Passive),
             [(remote, orderly, short)]
         );
     }
     for trip in &server_first {
         assert_eq!(
-            first_fin(trip.client.port(), proto::Direction::Active),
+            first_fin(trip.client, proto::Direction::Active),
             [(remote, orderly, short)]
         );
         assert_eq!(
-            first_fin(trip.client.port(), proto::Direction::Passive),
+            first_fin(trip.client, proto::Direction::Passive),
             [(local, orderly, short)]
         );
     }
