@@ -33,7 +33,7 @@ fn compile_protos() {
         .build_client(false)
         .out_dir(&server_out)
         .extern_path(".tcptrace.v1", "crate::proto")
-        .extern_path(".tcptrace.v1.Event", "crate::api::EncodedEvent")
+        .extern_path(".tcptrace.v1.Event", "crate::event::EncodedEvent")
         .compile_protos(&[proto], &[proto_dir, include])
         .expect("proto/tcptrace/v1/tcptrace.proto compiles for the server");
 }

@@ -5,16 +5,15 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::{self, Access, Limits, ListenAddr, Listeners, convert, encode::Encoder},
+    api::{self, Access, Limits, ListenAddr, Listeners},
     bus::{Bus, BusConfig},
     capture::{self, Capture, CaptureConfig, DecodeError, Record},
-    filter::Keys,
+    event::Events,
     lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
     model::TcpState,
     proto,
@@ -124,9 +123,7 @@ impl Agent {
             table: Arc::clone(&table),
             bus: Arc::clone(&bus),
             stats: Arc::clone(&stats),
-            clock: convert::Clock::now(),
-            encoder: Encoder::default(),
-            batch: Vec::with_capacity(1024),
+            events: Events::default(),
             closed: Vec::new(),
             keepalive_defaults: HashMap::new(),
             warned_malformed: false,
@@ -256,10 +253,7 @@ struct Pipeline {
     table: Arc<Mutex<Table>>,
     bus: Arc<Bus>,
     stats: Arc<AgentStats>,
-    clock: convert::Clock,
-    encoder: Encoder,
-    /// A drain's events, encoded without their seq.
-    batch: Vec<(Bytes, Keys)>,
+    events: Events,
     /// Reused buffer for connections whose lives completed.
     closed: Vec<Connection>,
     keepalive_defaults: HashMap<u32, KeepaliveDefaults>,
@@ -296,8 +290,7 @@ impl capture::Sink for Pipeline {
             }
         };
         self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
-        let clock = self.clock;
-        let event = match record {
+        match record {
             Record::Transition(t) => {
                 let applied = self.table().apply(&t);
                 let c = &applied.connection;
@@ -306,44 +299,39 @@ impl capture::Sink for Pipeline {
                 {
                     self.stats.established(ns);
                 }
-                let event = self.encoder.state_change(&t, c, &clock);
-                self.batch
-                    .push((event, convert::keys(c, proto::EventKind::StateChange)));
-                None
+                self.events.state_change(&t, c);
             }
             Record::Retransmit(r) => {
                 let connection = self.table().retransmit(&r);
-                connection.map(|c| convert::retransmit(&r, &c, &clock))
+                if let Some(c) = connection {
+                    self.events.retransmit(&r, &c);
+                }
             }
             Record::Reset(r) => {
                 let connection = self.table().reset(&r);
                 // A reset sent without a socket has no connection; a reset for a socket the
                 // agent never saw is reported bare too.
-                Some(convert::reset(&r, connection.as_ref(), &clock))
+                self.events.reset(&r, connection.as_ref());
             }
             Record::Keepalive(k) => {
                 let changes = self.table().keepalive_timer(&k);
                 if let Some((c, changes)) = changes {
                     for change in changes.iter().flatten() {
-                        let (event, keys) = convert::keepalive(k.ts_ns, change, &c, &clock);
-                        self.batch.push((self.encoder.message(&event), keys));
+                        self.events.keepalive(k.ts_ns, change, &c);
                     }
                 }
-                None
             }
             Record::Accept(a) => {
                 // Changes the owner that later events carry; not an event of its own.
                 self.table().accepted(&a);
-                None
             }
             Record::SocketOption(o) => {
                 let defaults = self.keepalive_defaults(o.netns, o.task.pid);
                 let change = self.table().socket_option(&o, defaults);
-                change.map(|(c, change)| convert::keepalive(o.ts_ns, &change, &c, &clock))
+                if let Some((c, change)) = change {
+                    self.events.keepalive(o.ts_ns, &change, &c);
+                }
             }
-        };
-        if let Some((event, keys)) = event {
-            self.batch.push((self.encoder.message(&event), keys));
         }
     }
 
@@ -367,13 +355,11 @@ impl capture::Sink for Pipeline {
         }
         for connection in closed.drain(..) {
             self.stats.closed(&connection);
-            let (event, keys) = convert::closed(&connection, &self.clock, long_lived_ns);
-            self.batch.push((self.encoder.message(&event), keys));
+            self.events.closed(&connection, long_lived_ns);
         }
         self.closed = closed;
-        self.bus.publish(&mut self.batch);
-        // Re-read the clock offset now and then: NTP slews CLOCK_REALTIME.
-        self.clock = convert::Clock::now();
+        self.bus.publish(&mut self.events.batch);
+        self.events.drain_done();
     }
 }
 

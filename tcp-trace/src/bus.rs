@@ -23,8 +23,8 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    filter::{Filter, Keys},
-    proto,
+    event::{EventKind, Keys},
+    filter::Filter,
 };
 
 /// An event as published: numbered, encoded once, and shared by every subscriber it matches and
@@ -34,7 +34,7 @@ pub struct Published {
     pub seq: u64,
     pub keys: Keys,
     /// The event's protobuf encoding without its seq, which goes in front when it is sent (see
-    /// `api::EncodedEvent`): a slice of the buffer its drain's events were encoded into.
+    /// `event::EncodedEvent`): a slice of the buffer its drain's events were encoded into.
     pub unnumbered: Bytes,
 }
 
@@ -198,7 +198,7 @@ pub struct Bus {
 
 const KINDS: usize = 32;
 
-fn kind_index(kind: proto::EventKind) -> usize {
+fn kind_index(kind: EventKind) -> usize {
     (kind as usize).min(KINDS - 1)
 }
 
@@ -238,7 +238,7 @@ pub struct SubscriberSnapshot {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BusSnapshot {
     /// Events published, by kind value.
-    pub by_kind: Vec<(proto::EventKind, u64)>,
+    pub by_kind: Vec<(EventKind, u64)>,
     /// The latest seq.
     pub last_seq: u64,
     pub subscribers: Vec<SubscriberSnapshot>,
@@ -374,11 +374,9 @@ impl Bus {
             totals.dropped += s.dropped;
             totals.queued += s.queued;
         }
-        let by_kind = (0..KINDS)
-            .filter_map(|k| {
-                let kind = proto::EventKind::try_from(k as i32).ok()?;
-                Some((kind, self.published[k].load(Relaxed)))
-            })
+        let by_kind = EventKind::ALL
+            .into_iter()
+            .map(|kind| (kind, self.published[kind_index(kind)].load(Relaxed)))
             .collect();
         BusSnapshot {
             by_kind,
@@ -552,8 +550,12 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        model::{Direction, TcpState},
+        proto,
+    };
 
-    fn event(kind: proto::EventKind, port: u16) -> (Bytes, Keys) {
+    fn event(kind: EventKind, port: u16) -> (Bytes, Keys) {
         let keys = Keys {
             kind,
             local: format!("127.0.0.1:{port}").parse().unwrap(),
@@ -561,16 +563,14 @@ mod tests {
             pid: None,
             netns: 1,
             comm: [0; 16],
-            direction: proto::Direction::Active,
-            state: proto::TcpState::Established,
+            direction: Direction::Active,
+            state: Some(TcpState::Established),
         };
         (Bytes::new(), keys)
     }
 
     fn events(n: usize) -> Vec<(Bytes, Keys)> {
-        (0..n)
-            .map(|_| event(proto::EventKind::StateChange, 1))
-            .collect()
+        (0..n).map(|_| event(EventKind::StateChange, 1)).collect()
     }
 
     fn bus(replay: usize) -> Arc<Bus> {
@@ -623,16 +623,16 @@ mod tests {
         };
         let mut some = subscribe(&bus, only_80, 100, Start::Live);
         let mut batch = vec![
-            event(proto::EventKind::StateChange, 80),
-            event(proto::EventKind::StateChange, 81),
-            event(proto::EventKind::ConnectionClosed, 80),
+            event(EventKind::StateChange, 80),
+            event(EventKind::StateChange, 81),
+            event(EventKind::ConnectionClosed, 80),
         ];
         bus.publish(&mut batch);
         assert!(batch.is_empty());
         assert_eq!(seqs(&mut all), ["1", "2", "3"]);
         assert_eq!(seqs(&mut some), ["1", "3"]);
         let s = bus.snapshot();
-        assert!(s.by_kind.contains(&(proto::EventKind::StateChange, 2)));
+        assert!(s.by_kind.contains(&(EventKind::StateChange, 2)));
         assert_eq!(
             (s.subscribers.len(), s.last_seq, s.totals.dropped),
             (2, 3, 0)
@@ -659,7 +659,7 @@ mod tests {
             let Poll::Ready(Some(Delivery::Event(p))) = sub.poll_next(&mut cx) else {
                 panic!("event {seq} was not delivered");
             };
-            let sent = crate::api::EncodedEvent::of(&p);
+            let sent = crate::event::EncodedEvent::new(p.seq, p.unnumbered.clone());
             assert_eq!(sent.encode_to_vec(), event.encode_to_vec());
         }
     }
@@ -685,13 +685,13 @@ mod tests {
         bus.publish(&mut events(3));
         assert_eq!(count.0.load(Relaxed), 0, "nothing for it");
         bus.publish(&mut vec![
-            event(proto::EventKind::StateChange, 80),
-            event(proto::EventKind::StateChange, 80),
+            event(EventKind::StateChange, 80),
+            event(EventKind::StateChange, 80),
         ]);
         assert_eq!(count.0.load(Relaxed), 1);
         assert_eq!(seqs(&mut sub), ["4", "5"]);
         assert!(sub.poll_next(&mut cx).is_pending());
-        bus.publish(&mut vec![event(proto::EventKind::StateChange, 80)]);
+        bus.publish(&mut vec![event(EventKind::StateChange, 80)]);
         assert_eq!(count.0.load(Relaxed), 2);
     }
 
@@ -768,11 +768,11 @@ mod tests {
     fn events_gone_from_the_replay_buffer_are_counted_over_all_kinds() {
         let bus3 = bus(3);
         let closed_only = Filter {
-            kinds: vec![proto::EventKind::ConnectionClosed],
+            kinds: vec![EventKind::ConnectionClosed],
             ..Default::default()
         };
         let mut batch = events(5);
-        batch.push(event(proto::EventKind::ConnectionClosed, 1));
+        batch.push(event(EventKind::ConnectionClosed, 1));
         bus3.publish(&mut batch); // seqs 1-6; the buffer holds 4-6
         let mut resumed = subscribe(&bus3, closed_only.clone(), 10, Start::After(1));
         assert_eq!(seqs(&mut resumed), ["expired2@3", "6"]);

@@ -233,7 +233,7 @@ fn parse_state(s: &str) -> Result<proto::TcpState, String> {
         let names: Vec<_> = TcpState::ALL.iter().map(|s| s.name()).collect();
         format!("{s:?} is not a TCP state ({})", names.join(", "))
     })?;
-    Ok(crate::api::convert::state(state))
+    Ok(crate::event::convert::state(state))
 }
 
 /// The server-side filter, as flags. Each flag is repeatable; all given flags must match.

@@ -1,11 +1,13 @@
 //! Server-side filters: validated once when a client asks, then matched against each event's
 //! keys without allocating.
-use std::{
-    fmt,
-    net::{IpAddr, SocketAddr},
-};
+use std::{fmt, net::IpAddr};
 
-use crate::proto;
+pub use crate::event::Keys;
+use crate::{
+    event::EventKind,
+    model::{Direction, TcpState},
+    proto,
+};
 
 /// Most values a filter may hold in all its parts together: matching costs a scan of each part
 /// for every event, so a client must not make the producer slow for everyone.
@@ -13,22 +15,6 @@ pub const MAX_FILTER_VALUES: usize = 256;
 
 /// Longest task name the kernel keeps (TASK_COMM_LEN - 1).
 pub const MAX_COMM: usize = 15;
-
-/// What a filter looks at, extracted once per event (or per connection for ListConnections).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Keys {
-    pub kind: proto::EventKind,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// The connection owner's pid, if known.
-    pub pid: Option<u32>,
-    pub netns: u32,
-    /// The connection owner's task name, NUL padded; all zero when the owner is unknown.
-    pub comm: [u8; 16],
-    pub direction: proto::Direction,
-    /// The connection's state as the event leaves it.
-    pub state: proto::TcpState,
-}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FilterError {
@@ -138,11 +124,11 @@ pub struct Filter {
     pub addresses: Vec<Cidr>,
     pub pids: Vec<u32>,
     pub netns: Vec<u32>,
-    pub kinds: Vec<proto::EventKind>,
+    pub kinds: Vec<EventKind>,
     /// NUL padded, as [`Keys::comm`].
     pub comms: Vec<[u8; 16]>,
-    pub directions: Vec<proto::Direction>,
-    pub states: Vec<proto::TcpState>,
+    pub directions: Vec<Direction>,
+    pub states: Vec<TcpState>,
 }
 
 /// A client's text in an error message, cut short: the request may be large.
@@ -200,10 +186,10 @@ impl TryFrom<proto::Filter> for Filter {
             _ => Err(FilterError::Netns { index, value }),
         })?;
         let kinds = each(&f.kinds, |index, &value| {
-            match proto::EventKind::try_from(value) {
-                Ok(kind) if kind != proto::EventKind::Unspecified => Ok(kind),
-                _ => Err(FilterError::Kind { index, value }),
-            }
+            EventKind::ALL
+                .into_iter()
+                .find(|&kind| kind as i32 == value)
+                .ok_or(FilterError::Kind { index, value })
         })?;
         if let Some(index) = f.pids.iter().position(|&pid| pid == 0) {
             return Err(FilterError::Pid { index });
@@ -223,15 +209,20 @@ impl TryFrom<proto::Filter> for Filter {
         let directions = each(
             &f.directions,
             |index, &value| match proto::Direction::try_from(value) {
-                Ok(d) if d != proto::Direction::Unspecified => Ok(d),
-                _ => Err(FilterError::Direction { index, value }),
+                Ok(proto::Direction::Active) => Ok(Direction::Active),
+                Ok(proto::Direction::Passive) => Ok(Direction::Passive),
+                Ok(proto::Direction::Listen) => Ok(Direction::Listen),
+                Ok(proto::Direction::Unknown) => Ok(Direction::Unknown),
+                Ok(proto::Direction::Unspecified) | Err(_) => {
+                    Err(FilterError::Direction { index, value })
+                }
             },
         )?;
         let states = each(&f.states, |index, &value| {
-            match proto::TcpState::try_from(value) {
-                Ok(s) if s != proto::TcpState::Unspecified => Ok(s),
-                _ => Err(FilterError::State { index, value }),
-            }
+            u8::try_from(value)
+                .ok()
+                .and_then(TcpState::from_kernel)
+                .ok_or(FilterError::State { index, value })
         })?;
         Ok(Filter {
             ports,
@@ -248,8 +239,12 @@ impl TryFrom<proto::Filter> for Filter {
 
 impl Filter {
     pub fn matches(&self, keys: &Keys) -> bool {
-        (self.kinds.is_empty() || self.kinds.contains(&keys.kind))
-            && (self.netns.is_empty() || self.netns.contains(&keys.netns))
+        (self.kinds.is_empty() || self.kinds.contains(&keys.kind)) && self.matches_connection(keys)
+    }
+
+    /// Every part but the kind: a connection listed is not an event.
+    pub fn matches_connection(&self, keys: &Keys) -> bool {
+        (self.netns.is_empty() || self.netns.contains(&keys.netns))
             && (self.ports.is_empty()
                 || self
                     .ports
@@ -263,7 +258,7 @@ impl Filter {
             && (self.pids.is_empty() || keys.pid.is_some_and(|pid| self.pids.contains(&pid)))
             && (self.comms.is_empty() || (keys.comm[0] != 0 && self.comms.contains(&keys.comm)))
             && (self.directions.is_empty() || self.directions.contains(&keys.direction))
-            && (self.states.is_empty() || self.states.contains(&keys.state))
+            && (self.states.is_empty() || keys.state.is_some_and(|s| self.states.contains(&s)))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -302,19 +297,10 @@ impl fmt::Display for Filter {
             String::from_utf8_lossy(&c[..end]).into_owned()
         })?;
         part(f, first, "direction", &self.directions, |d| {
-            d.as_str_name()
-                .trim_start_matches("DIRECTION_")
-                .to_lowercase()
+            d.name().to_owned()
         })?;
-        part(f, first, "state", &self.states, |s| {
-            s.as_str_name().trim_start_matches("TCP_STATE_").to_owned()
-        })?;
-        part(f, first, "kind", &self.kinds, |k| {
-            k.as_str_name()
-                .trim_start_matches("EVENT_KIND_")
-                .to_lowercase()
-                .replace('_', "-")
-        })
+        part(f, first, "state", &self.states, |s| s.name().to_owned())?;
+        part(f, first, "kind", &self.kinds, |k| k.name().to_owned())
     }
 }
 
@@ -324,14 +310,14 @@ mod tests {
 
     fn keys() -> Keys {
         Keys {
-            kind: proto::EventKind::StateChange,
+            kind: EventKind::StateChange,
             local: "198.51.100.1:40000".parse().unwrap(),
             remote: "198.51.100.2:443".parse().unwrap(),
             pid: Some(77),
             netns: 4026532000,
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-            direction: proto::Direction::Active,
-            state: proto::TcpState::Established,
+            direction: Direction::Active,
+            state: Some(TcpState::Established),
         }
     }
 
@@ -477,11 +463,11 @@ mod tests {
             "an unknown owner matches no comm"
         );
         assert!(!f.matches(&Keys {
-            direction: proto::Direction::Passive,
+            direction: Direction::Passive,
             ..keys()
         }));
         assert!(!f.matches(&Keys {
-            state: proto::TcpState::SynSent,
+            state: Some(TcpState::SynSent),
             ..keys()
         }));
     }

@@ -1,14 +1,15 @@
 //! tcp-trace: TCP connection lifecycles from eBPF, streamed over gRPC.
 //!
 //! Data flows one way: kernel record (`tcp-trace-ebpf`) -> [`capture`] (load, drain, decode) ->
-//! [`lifecycle`] (the connection table) -> [`bus`] (sequence numbers, fan-out) -> [`api`] (gRPC)
-//! and [`cli`].
+//! [`lifecycle`] (the connection table) -> [`event`] (clock, conversion, encoding) -> [`bus`]
+//! (sequence numbers, filters, fan-out, replay) -> [`api`] (gRPC) -> clients ([`cli`]).
 pub mod agent;
 pub mod api;
 pub mod bus;
 pub mod capture;
 pub mod cli;
 pub mod client;
+pub mod event;
 pub mod filter;
 pub mod json;
 pub mod lifecycle;

@@ -76,6 +76,38 @@ impl fmt::Display for TcpState {
     }
 }
 
+/// How a connection came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// connect(): CLOSE -> SYN_SENT.
+    Active,
+    /// A SYN at a listener: the child socket's LISTEN -> SYN_RECV.
+    Passive,
+    /// listen(): CLOSE -> LISTEN.
+    Listen,
+    /// First seen mid-life (it predates the agent, or its opening record was lost).
+    Unknown,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 4] = [
+        Direction::Active,
+        Direction::Passive,
+        Direction::Listen,
+        Direction::Unknown,
+    ];
+
+    /// The direction in the CLI's words (`--direction active`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Active => "active",
+            Direction::Passive => "passive",
+            Direction::Listen => "listen",
+            Direction::Unknown => "unknown",
+        }
+    }
+}
+
 /// A task as the kernel reports it: `bpf_get_current_pid_tgid()` and `bpf_get_current_comm()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Task {

@@ -15,6 +15,7 @@ use tcp_trace_common::counter;
 use crate::{
     bus::{BusSnapshot, SubscriberSnapshot},
     capture::{Hooks, KernelCounters},
+    event::EventKind,
     lifecycle::{Connection, Direction},
     proto,
 };
@@ -113,9 +114,7 @@ impl AgentStats {
         let events = bus
             .by_kind
             .iter()
-            .filter(|(kind, _)| {
-                !matches!(kind, proto::EventKind::Unspecified | proto::EventKind::Lost)
-            })
+            .filter(|&&(kind, _)| kind != EventKind::Lost)
             .map(|&(kind, count)| proto::KindCount {
                 kind: kind as i32,
                 count,

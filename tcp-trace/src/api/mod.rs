@@ -1,7 +1,5 @@
 //! The gRPC service: requests -> filters, bus deliveries -> event stream, errors -> Status, all
 //! here. Plus the standard health and reflection services, and the listeners.
-pub mod convert;
-pub mod encode;
 mod listen;
 
 use std::{
@@ -20,6 +18,7 @@ pub use listen::{Access, ListenAddr, ListenError, Listeners, TlsFiles};
 
 use crate::{
     bus::{self, Bus, Delivery, Start, SubscribeError, Subscription},
+    event::{Clock, EncodedEvent, EventKind, convert},
     filter::{Filter, FilterError},
     lifecycle::{Connection, Table},
     proto::{self, tcp_trace_server::TcpTrace},
@@ -98,69 +97,6 @@ pub struct EventStream {
     stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
-/// An `Event` already encoded: what the Subscribe stream sends (the server code is generated
-/// with this type for `tcptrace.v1.Event`, see build.rs), so that an event goes to any number of
-/// subscribers for one encoding and no copies of its strings.
-///
-/// The seq is written in front of the rest of the encoding as it is sent: field 1 comes first
-/// in prost's encoding too, so the bytes are the same as those of the whole message.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EncodedEvent {
-    seq: u64,
-    unnumbered: bytes::Bytes,
-}
-
-impl EncodedEvent {
-    pub fn of(published: &bus::Published) -> EncodedEvent {
-        EncodedEvent {
-            seq: published.seq,
-            unnumbered: published.unnumbered.clone(),
-        }
-    }
-
-    fn message(mut event: proto::Event) -> EncodedEvent {
-        use prost::Message as _;
-        let seq = std::mem::take(&mut event.seq);
-        EncodedEvent {
-            seq,
-            unnumbered: event.encode_to_vec().into(),
-        }
-    }
-}
-
-impl prost::Message for EncodedEvent {
-    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
-        if self.seq != 0 {
-            prost::encoding::uint64::encode(1, &self.seq, buf);
-        }
-        buf.put_slice(&self.unnumbered);
-    }
-
-    /// The server only sends events; should one ever be decoded, its fields are skipped.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: prost::encoding::WireType,
-        buf: &mut impl bytes::Buf,
-        ctx: prost::encoding::DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        let seq = if self.seq != 0 {
-            prost::encoding::uint64::encoded_len(1, &self.seq)
-        } else {
-            0
-        };
-        seq + self.unnumbered.len()
-    }
-
-    fn clear(&mut self) {
-        *self = EncodedEvent::default();
-    }
-}
-
 impl Stream for EventStream {
     type Item = Result<EncodedEvent, Status>;
 
@@ -171,7 +107,9 @@ impl Stream for EventStream {
         self.subscription.poll_next(cx).map(|delivery| {
             delivery.map(|d| {
                 Ok(match d {
-                    Delivery::Event(published) => EncodedEvent::of(&published),
+                    Delivery::Event(published) => {
+                        EncodedEvent::new(published.seq, published.unnumbered.clone())
+                    }
                     Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
                         EncodedEvent::message(convert::lost(count, last_seq))
                     }
@@ -244,22 +182,19 @@ impl TcpTrace for Service {
         let request = request.into_inner();
         let filter =
             Filter::try_from(request.filter.unwrap_or_default()).map_err(ApiError::from)?;
-        // A connection is not an event: the kind part of a filter does not apply.
-        let filter = Filter {
-            kinds: Vec::new(),
-            ..filter
-        };
         let order = proto::ConnectionOrder::try_from(request.order)
             .map_err(|_| ApiError::Order(request.order))?;
         let limit = match request.limit {
             0 => usize::MAX,
             n => n as usize,
         };
-        let clock = convert::Clock::now();
+        let clock = Clock::now();
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        // A connection is not an event: the kind part of a filter does not apply (nor the kind
+        // the keys are made with).
         let mut matching: Vec<&Connection> = table
             .connections()
-            .filter(|c| filter.matches(&convert::keys(c, proto::EventKind::Unspecified)))
+            .filter(|c| filter.matches_connection(&convert::keys(c, EventKind::StateChange)))
             .collect();
         let matched = matching.len() as u64;
         let key = |c: &&Connection| match order {

@@ -15,6 +15,8 @@ use std::{
 pub use peers::{PeerKey, PeerStats, Peers};
 use socket_map::SocketMap;
 
+pub use crate::model::Direction;
+
 use crate::model::{
     Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
     TcpState, Transition,
@@ -26,19 +28,6 @@ const EHOSTUNREACH: u32 = 113;
 const ECONNREFUSED: u32 = 111;
 const ETIMEDOUT: u32 = 110;
 const EPIPE: u32 = 32;
-
-/// How a connection came to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// connect(): CLOSE -> SYN_SENT.
-    Active,
-    /// A SYN at a listener: the child socket's LISTEN -> SYN_RECV.
-    Passive,
-    /// listen(): CLOSE -> LISTEN.
-    Listen,
-    /// First seen mid-life (it predates the agent, or its opening record was lost).
-    Unknown,
-}
 
 /// Why a process is named as a connection's owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use prost::{
     encoding::{WireType, encode_key, encode_varint, encoded_len_varint},
 };
 
-use super::convert::{self, Clock};
+use super::{Clock, convert};
 use crate::{
     lifecycle::Connection,
     model::{Task, TcpState, Transition},
@@ -180,7 +180,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        api::EncodedEvent,
+        event::EncodedEvent,
         lifecycle::{KeepaliveDefaults, Peers, Table},
         model::{Accept, Context, KeepaliveOption, SocketOption},
     };

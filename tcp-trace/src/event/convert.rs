@@ -1,51 +1,15 @@
 //! Domain types -> proto messages, in one place.
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
+use super::{Clock, EventKind, Keys, clock::clock_ns};
 use crate::{
-    filter::Keys,
     lifecycle::{
         Cause, Closer, Connection, Direction, KeepaliveChange, KeepaliveDefaults, OwnerSource,
         Peers, peers::FAILURE_CAUSES,
     },
-    model::{KeepaliveOption, Reset, Retransmit, Task, TcpState, Transition},
+    model::{KeepaliveOption, Reset, Retransmit, Task, TcpState},
     proto,
 };
-
-/// Maps the kernel's CLOCK_MONOTONIC timestamps to wall-clock time.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    /// CLOCK_REALTIME - CLOCK_MONOTONIC, in nanoseconds.
-    offset_ns: i128,
-}
-
-impl Clock {
-    pub fn now() -> Clock {
-        let real = clock_ns(libc::CLOCK_REALTIME);
-        let mono = clock_ns(libc::CLOCK_MONOTONIC);
-        Clock {
-            offset_ns: real - mono,
-        }
-    }
-
-    pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
-        let ns = i128::from(monotonic_ns) + self.offset_ns;
-        UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
-    }
-
-    pub fn timestamp(&self, monotonic_ns: u64) -> prost_types::Timestamp {
-        self.wall(monotonic_ns).into()
-    }
-}
-
-pub fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and a valid out pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-}
 
 pub fn state(s: TcpState) -> proto::TcpState {
     proto::TcpState::try_from(s as i32).unwrap_or(proto::TcpState::Unspecified)
@@ -153,7 +117,7 @@ pub fn connection(c: &Connection, clock: &Clock) -> proto::Connection {
     }
 }
 
-pub fn keys(c: &Connection, kind: proto::EventKind) -> Keys {
+pub fn keys(c: &Connection, kind: EventKind) -> Keys {
     Keys {
         kind,
         local: c.local(),
@@ -161,8 +125,8 @@ pub fn keys(c: &Connection, kind: proto::EventKind) -> Keys {
         pid: c.owner().map(|o| o.task.pid),
         netns: c.netns,
         comm: c.owner().map_or([0; 16], |o| o.task.comm),
-        direction: direction(c.direction),
-        state: state(c.state),
+        direction: c.direction,
+        state: Some(c.state),
     }
 }
 
@@ -229,8 +193,14 @@ pub(super) fn keepalive_settings(c: &Connection) -> Option<proto::KeepaliveSetti
     })
 }
 
-/// The state change event of one transition. `seq` is set by the bus.
-pub fn state_change(t: &Transition, c: &Connection, clock: &Clock) -> (proto::Event, Keys) {
+/// The state change event of one transition, built as a message: the reference the hand-written
+/// encoding (`Encoder::state_change`) is tested against.
+#[cfg(test)]
+pub fn state_change(
+    t: &crate::model::Transition,
+    c: &Connection,
+    clock: &Clock,
+) -> (proto::Event, Keys) {
     let task = match t.context.task() {
         Some(task) => process(task, proto::Attribution::ProcessContext),
         None => no_process(),
@@ -251,7 +221,7 @@ pub fn state_change(t: &Transition, c: &Connection, clock: &Clock) -> (proto::Ev
     let body = proto::event::Body::StateChange(change);
     (
         event(t.ts_ns, clock, connection(c, clock), body),
-        keys(c, proto::EventKind::StateChange),
+        keys(c, EventKind::StateChange),
     )
 }
 
@@ -317,7 +287,7 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
     let body = proto::event::Body::ConnectionClosed(summary);
     (
         event(c.last_ns, clock, connection(c, clock), body),
-        keys(c, proto::EventKind::ConnectionClosed),
+        keys(c, EventKind::ConnectionClosed),
     )
 }
 
@@ -328,7 +298,7 @@ pub fn retransmit(r: &Retransmit, c: &Connection, clock: &Clock) -> (proto::Even
     });
     (
         event(r.ts_ns, clock, connection(c, clock), body),
-        keys(c, proto::EventKind::Retransmit),
+        keys(c, EventKind::Retransmit),
     )
 }
 
@@ -340,7 +310,7 @@ pub fn reset(r: &Reset, c: Option<&Connection>, clock: &Clock) -> (proto::Event,
         without_socket: r.sock == 0,
     });
     let (conn, keys) = match c {
-        Some(c) => (connection(c, clock), keys(c, proto::EventKind::Reset)),
+        Some(c) => (connection(c, clock), keys(c, EventKind::Reset)),
         None => {
             let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
             let (local, remote) = r.tuple.unwrap_or((unspecified, unspecified));
@@ -355,14 +325,14 @@ pub fn reset(r: &Reset, c: Option<&Connection>, clock: &Clock) -> (proto::Event,
                 ..Default::default()
             };
             let keys = Keys {
-                kind: proto::EventKind::Reset,
+                kind: EventKind::Reset,
                 local,
                 remote,
                 pid: None,
                 netns: r.netns,
                 comm: [0; 16],
-                direction: proto::Direction::Unknown,
-                state: proto::TcpState::Unspecified,
+                direction: Direction::Unknown,
+                state: None,
             };
             (conn, keys)
         }
@@ -405,7 +375,7 @@ pub fn keepalive(
     });
     (
         event(ts_ns, clock, connection(c, clock), body),
-        keys(c, proto::EventKind::Keepalive),
+        keys(c, EventKind::Keepalive),
     )
 }
 
