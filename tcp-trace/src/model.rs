@@ -258,3 +258,14 @@ pub struct Accept {
     pub netns: u32,
     pub task: Task,
 }
+
+/// The socket errors (`sk_err`) that tell why a connection ended, as Linux numbers them.
+pub mod errno {
+    pub const EPIPE: u32 = 32;
+    pub const ENETUNREACH: u32 = 101;
+    pub const ECONNABORTED: u32 = 103;
+    pub const ECONNRESET: u32 = 104;
+    pub const ETIMEDOUT: u32 = 110;
+    pub const ECONNREFUSED: u32 = 111;
+    pub const EHOSTUNREACH: u32 = 113;
+}

@@ -7,7 +7,7 @@ use crate::{
         Cause, Closer, Connection, Direction, KeepaliveChange, KeepaliveDefaults, OwnerSource,
         Peers, peers::FAILURE_CAUSES,
     },
-    model::{KeepaliveOption, Reset, Retransmit, Task, TcpState},
+    model::{KeepaliveOption, Reset, Retransmit, Task, TcpState, errno},
     proto,
 };
 
@@ -158,13 +158,13 @@ pub fn errno_name(errno: u32) -> String {
 pub(super) fn errno_text(errno: u32) -> std::borrow::Cow<'static, str> {
     match errno {
         0 => "".into(),
-        32 => "EPIPE".into(),
-        101 => "ENETUNREACH".into(),
-        103 => "ECONNABORTED".into(),
-        104 => "ECONNRESET".into(),
-        110 => "ETIMEDOUT".into(),
-        111 => "ECONNREFUSED".into(),
-        113 => "EHOSTUNREACH".into(),
+        errno::EPIPE => "EPIPE".into(),
+        errno::ENETUNREACH => "ENETUNREACH".into(),
+        errno::ECONNABORTED => "ECONNABORTED".into(),
+        errno::ECONNRESET => "ECONNRESET".into(),
+        errno::ETIMEDOUT => "ETIMEDOUT".into(),
+        errno::ECONNREFUSED => "ECONNREFUSED".into(),
+        errno::EHOSTUNREACH => "EHOSTUNREACH".into(),
         n => format!("errno {n}").into(),
     }
 }

@@ -1,0 +1,351 @@
+//! The table of sockets followed now: each kernel record applied to its socket's connection,
+//! lives handed out once they end.
+use std::{collections::HashMap, num::NonZeroU32};
+
+use super::{
+    Connection, Direction, KeepaliveDefaults, OwnerSource, Path, Peers,
+    connection::{NO_HANDSHAKE, NO_TASK},
+    socket_map::SocketMap,
+};
+use crate::model::{
+    Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
+    TcpState, Transition,
+};
+
+/// What one transition did to the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// The connection after the transition.
+    pub connection: Connection,
+    /// The transition was to CLOSE: the connection's life is over and it left the table.
+    pub closed: bool,
+}
+
+/// What a keepalive record meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepaliveChange {
+    /// SO_KEEPALIVE turned on, or off, or one of its settings changed (by `task`).
+    Configured {
+        option: KeepaliveOption,
+        value: i32,
+        task: Task,
+    },
+    /// Probe number `probe` of the current unanswered series went out.
+    ProbeSent { probe: u32 },
+    /// The peer answered after `probes` probes: it is alive.
+    PeerAnswered { probes: u32 },
+}
+
+#[derive(Debug)]
+pub struct Table {
+    connections: SocketMap<Connection>,
+    /// Connections that reached CLOSE, held for one more drain so that what the kernel reports
+    /// right after tcp_done() (the reset a close sends, the keepalive timer's exit) still
+    /// joins them. Keyed by socket.
+    closing: SocketMap<(Connection, u64)>,
+    /// Closed lives completed early (their socket was reused), for the next end_batch.
+    finished: Vec<Connection>,
+    batch: u64,
+    /// (netns, port) of listening sockets -> their owner, to name the owner of accepted
+    /// connections: the passive open runs in softirq, where no process is current.
+    listeners: HashMap<(u32, u16), Task>,
+    max_connections: usize,
+    next_id: u64,
+    /// New connections not followed because the table was full.
+    pub table_full: u64,
+    /// Opening transitions for a socket the table still held: its CLOSE was never seen.
+    pub reopened: u64,
+    /// Aggregates per remote peer.
+    pub peers: Peers,
+}
+
+impl Table {
+    pub fn new(max_connections: usize, peers: Peers) -> Table {
+        Table {
+            connections: SocketMap::default(),
+            closing: SocketMap::default(),
+            finished: Vec::new(),
+            batch: 0,
+            listeners: HashMap::new(),
+            max_connections,
+            next_id: 1,
+            table_full: 0,
+            reopened: 0,
+            peers,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    /// Connections the table holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.connections.capacity()
+    }
+
+    pub fn connections(&self) -> impl Iterator<Item = &Connection> {
+        self.connections.values()
+    }
+
+    /// Ends a drain: returns (into `out`) the connections that reached CLOSE in an earlier
+    /// drain, whose lives are now complete.
+    pub fn end_batch(&mut self, out: &mut Vec<Connection>) {
+        let batch = self.batch;
+        out.append(&mut self.finished);
+        let done = self
+            .closing
+            .extract_if(|_, (_, closed_in)| *closed_in < batch)
+            .map(|(_, (connection, _))| connection);
+        out.extend(done);
+        for connection in out.iter() {
+            self.peers.closed(connection);
+        }
+        self.batch += 1;
+    }
+
+    /// Every connection still held as closing (at shutdown).
+    pub fn flush_closing(&mut self, out: &mut Vec<Connection>) {
+        out.append(&mut self.finished);
+        out.extend(self.closing.drain().map(|(_, (c, _))| c));
+    }
+
+    /// The live connection of a socket, or the one that just closed.
+    fn connection_mut(&mut self, sock: u64) -> Option<&mut Connection> {
+        match self.connections.get_mut(&sock) {
+            Some(c) => Some(c),
+            None => self.closing.get_mut(&sock).map(|(c, _)| c),
+        }
+    }
+
+    pub fn retransmit(&mut self, r: &Retransmit) -> Option<Connection> {
+        if r.syn_ack {
+            // The request socket is not a connection yet; the child's handshake carries the
+            // kernel's count of SYN-ACK retransmits once it exists.
+            return None;
+        }
+        let c = self.connection_mut(r.sock)?;
+        c.details_mut().retransmits += 1;
+        Some(c.clone())
+    }
+
+    /// accept() returned the socket to a process: that process owns the connection now.
+    pub fn accepted(&mut self, a: &Accept) -> Option<Connection> {
+        let c = self.connection_mut(a.sock)?;
+        c.set_owner(a.task, OwnerSource::Accepted);
+        Some(c.clone())
+    }
+
+    pub fn reset(&mut self, r: &Reset) -> Option<Connection> {
+        let c = self.connection_mut(r.sock)?;
+        let details = c.details_mut();
+        if r.sent {
+            details.resets_sent += 1;
+        } else {
+            details.resets_received += 1;
+        }
+        Some(c.clone())
+    }
+
+    /// What a run of the keepalive timer meant: the peer answering the previous series (its
+    /// ACK reset the kernel's count to 0), a probe going out, or both.
+    pub fn keepalive_timer(
+        &mut self,
+        k: &KeepaliveTimer,
+    ) -> Option<(Connection, [Option<KeepaliveChange>; 2])> {
+        let c = self.connection_mut(k.sock)?;
+        let mut changes = [None, None];
+        if k.probes_before == 0 && c.keepalive().unanswered > 0 {
+            let probes = std::mem::take(&mut c.details_mut().keepalive.unanswered);
+            changes[0] = Some(KeepaliveChange::PeerAnswered { probes });
+        }
+        if k.probes_after > k.probes_before {
+            let keepalive = &mut c.details_mut().keepalive;
+            keepalive.unanswered = u32::from(k.probes_after);
+            keepalive.probes += 1;
+            changes[1] = Some(KeepaliveChange::ProbeSent {
+                probe: u32::from(k.probes_after),
+            });
+        }
+        if changes == [None, None] {
+            return None;
+        }
+        Some((c.clone(), changes))
+    }
+
+    pub fn socket_option(
+        &mut self,
+        o: &SocketOption,
+        defaults: KeepaliveDefaults,
+    ) -> Option<(Connection, KeepaliveChange)> {
+        let c = self.connection_mut(o.sock)?;
+        let details = c.details_mut();
+        details.keepalive_defaults = Some(defaults);
+        let keepalive = &mut details.keepalive;
+        let value = u32::try_from(o.value).ok().and_then(NonZeroU32::new);
+        match o.option {
+            KeepaliveOption::Enabled => keepalive.enabled = o.value != 0,
+            KeepaliveOption::Idle => keepalive.idle_s = value,
+            KeepaliveOption::Interval => keepalive.interval_s = value,
+            KeepaliveOption::Count => keepalive.count = value,
+        }
+        Some((
+            c.clone(),
+            KeepaliveChange::Configured {
+                option: o.option,
+                value: o.value,
+                task: o.task,
+            },
+        ))
+    }
+
+    pub fn apply(&mut self, t: &Transition) -> Applied {
+        let opening = opening(t);
+        if opening.is_some() {
+            // A socket the table still holds: its CLOSE was never seen. Summarize the old life
+            // as it stands, cause unknown.
+            if let Some(mut old) = self.connections.remove(&t.sock) {
+                self.reopened += 1;
+                old.details_mut().end_missed = true;
+                self.finished.push(old);
+            }
+            // A socket reused after CLOSE: the old life is complete now.
+            if let Some((old, _)) = self.closing.remove(&t.sock) {
+                self.finished.push(old);
+            }
+        }
+        let mut connection = match self.connections.get(&t.sock) {
+            Some(existing) => existing.clone(),
+            None => self.open(t, opening),
+        };
+        let entered_from = connection.state;
+        connection.enter(t.new);
+        connection.last_ns = t.ts_ns;
+        match t.new {
+            TcpState::Established => {
+                connection.srtt_us = t.srtt_us;
+                match entered_from {
+                    TcpState::SynSent => {
+                        // An active open's life starts at connect()'s SYN_SENT.
+                        connection.handshake_ns = if connection.direction == Direction::Active {
+                            t.ts_ns.saturating_sub(connection.opened_ns)
+                        } else {
+                            NO_HANDSHAKE
+                        };
+                        connection.set_detail(t.total_retrans, |d| &mut d.handshake_retransmits);
+                    }
+                    TcpState::SynRecv => {
+                        connection.handshake_ns = u64::from(t.srtt_us) * 1000;
+                        connection.set_detail(t.total_retrans, |d| &mut d.handshake_retransmits);
+                    }
+                    _ => {}
+                }
+            }
+            TcpState::Close => {
+                connection.set_detail(t.error, |d| &mut d.error);
+                connection.set_detail(t.bytes_acked, |d| &mut d.bytes_sent);
+                connection.set_detail(t.bytes_received, |d| &mut d.bytes_received);
+                if t.srtt_us != 0 {
+                    connection.srtt_us = t.srtt_us;
+                }
+                // The kernel's own count of retransmitted segments, SYNs included.
+                let retransmits = connection.retransmits().max(t.total_retrans);
+                connection.set_detail(retransmits, |d| &mut d.retransmits);
+                if !connection.visited(TcpState::Established) {
+                    connection.set_detail(t.total_retrans, |d| &mut d.handshake_retransmits);
+                }
+            }
+            _ => {}
+        }
+        // Ports and addresses fill in as the kernel assigns them (connect() reports SYN_SENT
+        // before the source port is chosen).
+        connection.set_endpoints(t.local, t.remote);
+        if connection.owner_source.is_none()
+            && let Context::Process(task) = t.context
+        {
+            connection.set_owner(task, OwnerSource::ProcessContext);
+        }
+        self.track_listener(t, &connection);
+        if opening.is_some() {
+            self.peers.opened(&connection);
+        }
+        if t.new == TcpState::Established {
+            self.peers.established(&connection);
+        }
+        let closed = t.new == TcpState::Close;
+        if closed {
+            self.connections.remove(&t.sock);
+            self.closing
+                .insert(t.sock, (connection.clone(), self.batch));
+        } else if let Some(slot) = self.connections.get_mut(&t.sock) {
+            slot.clone_from(&connection);
+        } else if self.connections.len() < self.max_connections {
+            self.connections.insert(t.sock, connection.clone());
+        } else {
+            self.table_full += 1;
+        }
+        Applied { connection, closed }
+    }
+
+    fn open(&mut self, t: &Transition, opening: Option<Direction>) -> Connection {
+        let id = self.next_id;
+        self.next_id += 1;
+        let direction = opening.unwrap_or(Direction::Unknown);
+        let listener = match direction {
+            Direction::Passive => self.listeners.get(&(t.netns, t.local.port())).copied(),
+            _ => None,
+        };
+        Connection {
+            id,
+            sock: t.sock,
+            netns: t.netns,
+            local_ip: t.local.ip(),
+            local_port: t.local.port(),
+            remote_ip: t.remote.ip(),
+            remote_port: t.remote.port(),
+            direction,
+            owner_task: listener.unwrap_or(NO_TASK),
+            owner_source: listener.map(|_| OwnerSource::Listener),
+            state: t.old,
+            opened_ns: t.ts_ns,
+            last_ns: t.ts_ns,
+            path: Path::starting_at(t.old),
+            handshake_ns: NO_HANDSHAKE,
+            srtt_us: 0,
+            details: None,
+        }
+    }
+
+    fn track_listener(&mut self, t: &Transition, connection: &Connection) {
+        let key = (t.netns, t.local.port());
+        match (t.old, t.new) {
+            (_, TcpState::Listen) => {
+                if let Some(owner) = connection.owner() {
+                    self.listeners.insert(key, owner.task);
+                }
+            }
+            (TcpState::Listen, TcpState::Close) => {
+                self.listeners.remove(&key);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The transitions that start a socket's life, and what kind of life.
+fn opening(t: &Transition) -> Option<Direction> {
+    match (t.old, t.new) {
+        (TcpState::Close, TcpState::SynSent) => Some(Direction::Active),
+        (TcpState::Close, TcpState::Listen) => Some(Direction::Listen),
+        (TcpState::Listen, TcpState::SynRecv) => Some(Direction::Passive),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;

@@ -1,0 +1,374 @@
+//! The table, fed transitions by hand: what each kind of life means.
+use super::*;
+use crate::{
+    lifecycle::{Cause, Closer, KeepaliveSettings},
+    model::{KeepaliveOption, KeepaliveTimer, Reset, SocketOption, errno::*},
+};
+use TcpState::*;
+
+fn task(pid: u32) -> Task {
+    let mut comm = [0u8; 16];
+    comm[..3].copy_from_slice(b"app");
+    Task {
+        pid,
+        tid: pid,
+        comm,
+    }
+}
+
+fn t(sock: u64, ts: u64, old: TcpState, new: TcpState, context: Context) -> Transition {
+    Transition {
+        ts_ns: ts,
+        sock,
+        netns: 7,
+        old,
+        new,
+        local: "127.0.0.1:8080".parse().unwrap(),
+        remote: "127.0.0.1:40000".parse().unwrap(),
+        context,
+        cpu: 0,
+        error: 0,
+        srtt_us: 0,
+        total_retrans: 0,
+        bytes_acked: 0,
+        bytes_received: 0,
+    }
+}
+
+const KERNEL: Context = Context::Kernel;
+
+#[test]
+fn an_active_connection_lives_from_syn_sent_to_close() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    let p = Context::Process(task(100));
+    let steps = [
+        (Close, SynSent, p),
+        (SynSent, Established, KERNEL),
+        (Established, FinWait1, p),
+        (FinWait1, FinWait2, KERNEL),
+        (FinWait2, Close, KERNEL),
+    ];
+    let mut last = None;
+    for (i, (old, new, ctx)) in steps.into_iter().enumerate() {
+        last = Some(table.apply(&t(1, 1000 * i as u64, old, new, ctx)));
+    }
+    let last = last.unwrap();
+    assert!(last.closed);
+    let c = last.connection;
+    assert_eq!(c.direction, Direction::Active);
+    assert!(c.seen_open());
+    assert_eq!(
+        c.path.states().collect::<Vec<_>>(),
+        [Close, SynSent, Established, FinWait1, FinWait2, Close]
+    );
+    assert_eq!(c.duration_ns(), 4000);
+    assert_eq!(c.owner().unwrap().task.pid, 100);
+    assert_eq!(c.owner().unwrap().source, OwnerSource::ProcessContext);
+    assert!(table.is_empty());
+}
+
+#[test]
+fn kernel_context_transitions_never_name_the_interrupted_task_as_owner() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    let applied = table.apply(&t(1, 0, Listen, SynRecv, KERNEL));
+    assert_eq!(applied.connection.owner(), None);
+    assert_eq!(applied.connection.direction, Direction::Passive);
+}
+
+#[test]
+fn accepted_connections_inherit_the_listeners_owner() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    table.apply(&t(1, 0, Close, Listen, Context::Process(task(42))));
+    let child = table.apply(&t(2, 5, Listen, SynRecv, KERNEL)).connection;
+    let owner = child.owner().unwrap();
+    assert_eq!((owner.task.pid, owner.source), (42, OwnerSource::Listener));
+    // Once the listener closes, new children have no owner to inherit.
+    table.apply(&t(1, 6, Listen, Close, Context::Process(task(42))));
+    assert_eq!(
+        table
+            .apply(&t(3, 7, Listen, SynRecv, KERNEL))
+            .connection
+            .owner(),
+        None
+    );
+}
+
+#[test]
+fn a_reused_socket_address_is_a_new_connection() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    let p = Context::Process(task(1));
+    let first = table.apply(&t(1, 0, Close, SynSent, p)).connection.id;
+    table.apply(&t(1, 1, SynSent, Close, KERNEL));
+    let second = table.apply(&t(1, 2, Close, SynSent, p)).connection.id;
+    assert_ne!(first, second);
+    assert_eq!(table.reopened, 0);
+    // An opening transition for a socket still in the table: its CLOSE was lost.
+    let third = table.apply(&t(1, 3, Close, SynSent, p)).connection.id;
+    assert_ne!(second, third);
+    assert_eq!(table.reopened, 1);
+    assert_eq!(table.len(), 1);
+    // The life whose end was missed is still summarized, with no cause made up.
+    let mut done = Vec::new();
+    table.end_batch(&mut done);
+    let missed = done.iter().find(|c| c.id == second).unwrap();
+    assert_eq!(missed.cause(), Cause::Unknown);
+    assert_eq!(missed.state, SynSent);
+}
+
+#[test]
+fn connections_first_seen_mid_life_say_so() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    let c = table
+        .apply(&t(9, 50, Established, FinWait1, KERNEL))
+        .connection;
+    assert_eq!(c.direction, Direction::Unknown);
+    assert!(!c.seen_open());
+    assert_eq!(c.path.states().collect::<Vec<_>>(), [Established, FinWait1]);
+}
+
+#[test]
+fn a_full_table_counts_what_it_could_not_follow() {
+    let mut table = Table::new(1, Peers::new(10, 1_000));
+    let p = Context::Process(task(1));
+    table.apply(&t(1, 0, Close, SynSent, p));
+    let applied = table.apply(&t(2, 0, Close, SynSent, p));
+    assert_eq!(applied.connection.state, SynSent); // the event itself is still reported
+    assert_eq!(table.len(), 1);
+    assert_eq!(table.table_full, 1);
+}
+
+#[test]
+fn long_paths_keep_their_first_states_and_count_the_rest() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    let mut last = None;
+    for i in 0..20u64 {
+        let (old, new) = if i % 2 == 0 {
+            (Established, CloseWait)
+        } else {
+            (CloseWait, Established)
+        };
+        last = Some(table.apply(&t(1, i, old, new, KERNEL)).connection);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.path.states().len(), Path::CAPACITY);
+    assert_eq!(last.path_truncated(), 21 - Path::CAPACITY as u32);
+}
+
+fn finish(table: &mut Table) -> Vec<Connection> {
+    let mut out = Vec::new();
+    table.end_batch(&mut out);
+    table.end_batch(&mut out);
+    out
+}
+
+fn close_with(error: u32, from: TcpState) -> Transition {
+    Transition {
+        error,
+        ..t(1, 10, from, Close, KERNEL)
+    }
+}
+
+#[test]
+fn a_refused_connect_is_a_failure_with_its_reason_not_a_short_connection() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    table.apply(&close_with(ECONNREFUSED, SynSent));
+    let [c] = &finish(&mut table)[..] else {
+        panic!("one life completes")
+    };
+    assert_eq!(c.cause(), Cause::Refused);
+    assert_eq!(c.first_closer(), Closer::None);
+    assert_eq!(c.handshake_ns(), None);
+}
+
+#[test]
+fn a_summary_waits_one_drain_so_a_reset_sent_after_close_joins_it() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    table.apply(&t(1, 1, SynSent, Established, KERNEL));
+    table.apply(&t(1, 2, Established, Close, Context::Process(task(1))));
+    let mut out = Vec::new();
+    table.end_batch(&mut out);
+    assert!(out.is_empty(), "held for one more drain");
+    // tcp_disconnect() moves to CLOSE first and sends the reset after.
+    let reset = Reset {
+        ts_ns: 3,
+        sock: 1,
+        netns: 7,
+        sent: true,
+        reason: 0,
+        tuple: None,
+    };
+    assert!(table.reset(&reset).is_some());
+    table.end_batch(&mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].cause(), Cause::ResetSent);
+}
+
+#[test]
+fn causes_follow_the_socket_error_and_what_the_connection_went_through() {
+    let established = |table: &mut Table| {
+        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+        table.apply(&Transition {
+            srtt_us: 50,
+            total_retrans: 1,
+            ..t(1, 1_000_000, SynSent, Established, KERNEL)
+        });
+    };
+    let cases = [
+        (ETIMEDOUT, true, Cause::KeepaliveTimeout),
+        (ETIMEDOUT, false, Cause::RetransmitTimeout),
+        (ECONNRESET, false, Cause::ResetReceived),
+        (0, false, Cause::Unknown),
+    ];
+    for (error, probing, expected) in cases {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        established(&mut table);
+        if probing {
+            let timer = KeepaliveTimer {
+                ts_ns: 2,
+                sock: 1,
+                netns: 7,
+                probes_before: 0,
+                probes_after: 1,
+            };
+            table.keepalive_timer(&timer).unwrap();
+        }
+        table.apply(&close_with(error, Established));
+        let [c] = &finish(&mut table)[..] else {
+            panic!()
+        };
+        assert_eq!(c.cause(), expected, "error {error}, probing {probing}");
+        assert_eq!(
+            (c.handshake_ns(), c.handshake_retransmits()),
+            (Some(1_000_000), 1)
+        );
+    }
+}
+
+#[test]
+fn keepalive_probes_count_up_and_an_answer_resets_the_series() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    let timer = |before, after| KeepaliveTimer {
+        ts_ns: 5,
+        sock: 1,
+        netns: 7,
+        probes_before: before,
+        probes_after: after,
+    };
+    let (_, changes) = table.keepalive_timer(&timer(0, 1)).unwrap();
+    assert_eq!(
+        changes,
+        [None, Some(KeepaliveChange::ProbeSent { probe: 1 })]
+    );
+    let (_, changes) = table.keepalive_timer(&timer(1, 2)).unwrap();
+    assert_eq!(
+        changes,
+        [None, Some(KeepaliveChange::ProbeSent { probe: 2 })]
+    );
+    // The peer's ACK zeroed the count; this run sends the next series' first probe.
+    let (c, changes) = table.keepalive_timer(&timer(0, 1)).unwrap();
+    assert_eq!(
+        changes,
+        [
+            Some(KeepaliveChange::PeerAnswered { probes: 2 }),
+            Some(KeepaliveChange::ProbeSent { probe: 1 })
+        ]
+    );
+    assert_eq!((c.keepalive().probes, c.keepalive().unanswered), (3, 1));
+    assert!(
+        table.keepalive_timer(&timer(1, 1)).is_none(),
+        "a run that changes nothing says nothing"
+    );
+}
+
+#[test]
+fn socket_options_set_their_own_settings_over_the_namespace_defaults() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    let defaults = KeepaliveDefaults {
+        idle_s: 600,
+        interval_s: 30,
+        count: 5,
+    };
+    let set = |option, value| SocketOption {
+        ts_ns: 1,
+        sock: 1,
+        netns: 7,
+        option,
+        value,
+        task: task(1),
+    };
+    table
+        .socket_option(&set(KeepaliveOption::Enabled, 1), defaults)
+        .unwrap();
+    let (c, _) = table
+        .socket_option(&set(KeepaliveOption::Idle, 10), defaults)
+        .unwrap();
+    assert!(c.keepalive().enabled);
+    let effective = c.keepalive().effective(c.keepalive_defaults().unwrap());
+    assert_eq!(
+        effective,
+        KeepaliveSettings {
+            idle_s: 10,
+            interval_s: 30,
+            count: 5
+        }
+    );
+}
+
+#[test]
+fn an_established_connection_without_keepalive_allocates_nothing_beyond_its_slot() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    let c = table
+        .apply(&Transition {
+            srtt_us: 50,
+            ..t(1, 1_000, SynSent, Established, KERNEL)
+        })
+        .connection;
+    assert_eq!(c.details, None);
+    assert_eq!((c.handshake_ns(), c.srtt_us), (Some(1_000), 50));
+}
+
+#[test]
+fn ipv6_endpoints_come_back_as_they_were_reported() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    let (local, remote) = (
+        "[fd00::1]:443".parse().unwrap(),
+        "[fd00::2]:50000".parse().unwrap(),
+    );
+    let c = table
+        .apply(&Transition {
+            local,
+            remote,
+            ..t(1, 0, Close, SynSent, Context::Process(task(1)))
+        })
+        .connection;
+    assert_eq!((c.local(), c.remote()), (local, remote));
+}
+
+#[test]
+fn the_first_fin_names_who_closed() {
+    let mut table = Table::new(10, Peers::new(10, 1_000));
+    for (i, (old, new)) in [
+        (Listen, SynRecv),
+        (SynRecv, Established),
+        (Established, CloseWait),
+        (CloseWait, LastAck),
+        (LastAck, Close),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        table.apply(&t(2, i as u64, old, new, KERNEL));
+    }
+    let [c] = &finish(&mut table)[..] else {
+        panic!()
+    };
+    assert_eq!(
+        (c.first_closer(), c.cause()),
+        (Closer::Remote, Cause::Orderly)
+    );
+}
