@@ -340,7 +340,8 @@ pub struct ConnsArgs {
     pub client: ClientArgs,
     #[command(flatten)]
     pub filter: FilterArgs,
-    /// JSON (the proto3 JSON mapping of ListConnectionsResponse).
+    /// JSON: the proto3 JSON mapping of one ListConnectionsResponse holding every page's
+    /// connections.
     #[arg(long)]
     pub json: bool,
     /// Order of the list.
@@ -349,6 +350,10 @@ pub struct ConnsArgs {
     /// Show at most this many (the first in --sort order); 0 = all.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub limit: u32,
+    /// Connections asked for per request; the agent sends fewer where a response would pass
+    /// 3.5 MiB. Every page is fetched and shown either way. 0 = the agent's default (1000).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub page_size: u32,
 }
 
 #[derive(Debug, Args)]

@@ -92,31 +92,44 @@ async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fetches page after page until the agent says there are no more, and shows them as one list.
 async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
     let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
-    let request = proto::ListConnectionsRequest {
+    let mut request = proto::ListConnectionsRequest {
         filter: Some(args.filter.to_proto()),
         order: proto::ConnectionOrder::from(args.sort) as i32,
         limit: args.limit,
+        page_size: args.page_size,
+        page_token: String::new(),
     };
-    let response = client
-        .list_connections(request)
-        .await
-        .map_err(status)?
-        .into_inner();
+    let mut all = proto::ListConnectionsResponse::default();
+    loop {
+        let page = client
+            .list_connections(request.clone())
+            .await
+            .map_err(status)?
+            .into_inner();
+        all.connections.extend(page.connections);
+        // The latest count: connections open and close while the pages come.
+        all.matched = page.matched;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    if args.limit == 0 {
+        // Every page was shown: "N of M" would only tell how the table moved meanwhile.
+        all.matched = all.connections.len() as u64;
+    }
     if args.json {
         println!(
             "{}",
-            json::to_json(&response, "tcptrace.v1.ListConnectionsResponse")
+            json::to_json(&all, "tcptrace.v1.ListConnectionsResponse")
         );
     } else {
         println!(
             "{}",
-            cli::connections_table(
-                &response.connections,
-                response.matched,
-                std::time::SystemTime::now()
-            )
+            cli::connections_table(&all.connections, all.matched, std::time::SystemTime::now())
         );
     }
     Ok(())

@@ -577,6 +577,7 @@ async fn list_connections_sorts_by_age_and_limits_with_the_full_count() {
         }),
         order: order as i32,
         limit,
+        ..Default::default()
     };
     let until = tokio::time::Instant::now() + 10 * SECOND;
     let response = loop {

@@ -872,5 +872,6 @@ async fn tracked_in(
         .list_connections(request)
         .await
         .context("ListConnections")?;
-    Ok(response.into_inner().connections.len() as u64)
+    // All of them, not only the first page's.
+    Ok(response.into_inner().matched)
 }

@@ -1,6 +1,7 @@
 //! The gRPC service: requests -> filters, bus deliveries -> event stream, errors -> Status, all
 //! here. Plus the standard health and reflection services, and the listeners.
 mod listen;
+pub mod page;
 
 use std::{
     pin::Pin,
@@ -40,6 +41,8 @@ pub enum ApiError {
     SinceAndLast,
     #[error("order {0} is not a ConnectionOrder")]
     Order(i32),
+    #[error(transparent)]
+    PageToken(#[from] page::TokenError),
 }
 
 impl From<ApiError> for Status {
@@ -48,7 +51,8 @@ impl From<ApiError> for Status {
             ApiError::Filter(_)
             | ApiError::Queue(..)
             | ApiError::SinceAndLast
-            | ApiError::Order(_) => Status::invalid_argument(err.to_string()),
+            | ApiError::Order(_)
+            | ApiError::PageToken(_) => Status::invalid_argument(err.to_string()),
             ApiError::Subscribe(SubscribeError::TooMany(_)) => {
                 Status::resource_exhausted(err.to_string())
             }
@@ -68,6 +72,8 @@ pub struct Limits {
     pub max_subscribers: usize,
     /// Largest request accepted, in bytes: a filter at its value limit fits many times over.
     pub max_request_bytes: usize,
+    /// Most bytes of connections in one ListConnections response (see [`page::MAX_PAGE_BYTES`]).
+    pub max_page_bytes: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +83,7 @@ impl Default for Limits {
             max_queue: 1 << 20,
             max_subscribers: 1024,
             max_request_bytes: 64 << 10,
+            max_page_bytes: page::MAX_PAGE_BYTES,
         }
     }
 }
@@ -180,45 +187,42 @@ impl TcpTrace for Service {
         request: Request<proto::ListConnectionsRequest>,
     ) -> Result<Response<proto::ListConnectionsResponse>, Status> {
         let request = request.into_inner();
-        let filter =
-            Filter::try_from(request.filter.unwrap_or_default()).map_err(ApiError::from)?;
+        let wire_filter = request.filter.unwrap_or_default();
+        let filter = Filter::try_from(wire_filter.clone()).map_err(ApiError::from)?;
         let order = proto::ConnectionOrder::try_from(request.order)
             .map_err(|_| ApiError::Order(request.order))?;
-        let limit = match request.limit {
-            0 => usize::MAX,
-            n => n as usize,
-        };
+        // Ids start again with the agent, so a token names the run that gave it out.
+        let run = self
+            .stats
+            .started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let listing = page::Listing::new(run, &wire_filter, request.order, request.limit);
+        let resume = listing
+            .resume(&request.page_token)
+            .map_err(ApiError::from)?;
         let clock = Clock::now();
+        let mut matched = 0u64;
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        // A connection is not an event: the kind part of a filter does not apply (nor the kind
-        // the keys are made with).
-        let mut matching: Vec<&Connection> = table
+        let candidates = table
             .connections()
+            // A connection is not an event: the kind part of a filter does not apply (nor the
+            // kind the keys are made with).
             .filter(|c| filter.matches_connection(&convert::keys(c, EventKind::StateChange)))
-            .collect();
-        let matched = matching.len() as u64;
-        let key = |c: &&Connection| match order {
-            proto::ConnectionOrder::Unspecified | proto::ConnectionOrder::Id => (0, c.id),
-            proto::ConnectionOrder::Age => (c.opened_ns, c.id),
-            // Slowest first; no handshake measured sorts last.
-            proto::ConnectionOrder::HandshakeLatency => {
-                (u64::MAX - c.handshake_ns().unwrap_or(0), c.id)
-            }
-        };
-        if limit < matching.len() {
-            // Only the first `limit` need sorting.
-            matching.select_nth_unstable_by_key(limit, key);
-            matching.truncate(limit);
-        }
-        matching.sort_unstable_by_key(key);
-        let connections = matching
-            .into_iter()
-            .map(|c| convert::connection(c, &clock))
-            .collect();
+            .inspect(|_| matched += 1)
+            .map(|c| (page::Position::of(order, c), c));
+        let page = listing.page(
+            resume,
+            candidates,
+            request.page_size,
+            self.limits.max_page_bytes,
+            |c: &Connection| convert::connection(c, &clock),
+        );
         drop(table);
         Ok(Response::new(proto::ListConnectionsResponse {
-            connections,
+            connections: page.items,
             matched,
+            next_page_token: page.next_token,
         }))
     }
 
