@@ -228,19 +228,9 @@ impl Agent {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Runs until SIGINT, SIGTERM or SIGHUP, then shuts down. SIGHUP (a closed terminal, or
-    /// a supervisor's "reload") stops it cleanly too: there is no configuration to reload, and
-    /// its default action would kill the agent without removing its socket.
-    pub async fn run_until_signal(self) -> std::io::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {}
-        }
+    /// Runs until one of `signals` arrives, then shuts down.
+    pub async fn run_until_signal(self, mut signals: StopSignals) {
+        signals.recv().await;
         // Graceful, but bounded: a client that never lets go of its connection, or a second
         // signal, does not keep the agent (and its programs) around.
         tokio::select! {
@@ -248,11 +238,37 @@ impl Agent {
             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
                 tracing::warn!("shutdown took over 5 s; exiting anyway");
             }
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {}
+            _ = signals.recv() => {}
         }
-        Ok(())
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment this is made. Make it before saying the
+/// agent is ready: until then a signal's default action kills the agent with no cleanup, and
+/// one that arrives while it starts is kept and stops it as soon as it runs. SIGHUP (a closed
+/// terminal, or a supervisor's "reload") stops it too: there is no configuration to reload.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.hup.recv() => {}
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use tcp_trace::{
-    agent::Agent,
+    agent::{Agent, StopSignals},
     api::ListenAddr,
     cli::{self, Cli, Command},
     client, json, proto,
@@ -53,6 +53,7 @@ async fn agent(args: cli::AgentArgs) -> anyhow::Result<()> {
              it and /run/netns names none): --netns {inode} traces nothing until one does"
         );
     }
+    let signals = StopSignals::new().context("catching SIGINT/SIGTERM/SIGHUP")?;
     let agent = Agent::start(args.config()).await?;
     for hook in &agent.hooks.attached {
         eprintln!("tcp-trace: attached {hook}");
@@ -71,10 +72,7 @@ async fn agent(args: cli::AgentArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("tcp-trace: tracing; Ctrl-C to stop");
-    agent
-        .run_until_signal()
-        .await
-        .context("waiting for SIGINT/SIGTERM/SIGHUP")?;
+    agent.run_until_signal(signals).await;
     eprintln!("tcp-trace: stopped");
     Ok(())
 }
