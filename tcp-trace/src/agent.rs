@@ -67,18 +67,8 @@ pub struct Agent {
     /// Where it listens, with TCP port 0 resolved.
     pub listening: Vec<ListenAddr>,
     pub hooks: capture::Hooks,
-    _listeners_cleanup: ListenerFiles,
-}
-
-/// Removes Unix socket files when the agent is gone.
-struct ListenerFiles(Vec<std::path::PathBuf>);
-
-impl Drop for ListenerFiles {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    /// Removed when the agent is gone, each if it is still the agent's socket.
+    _socket_files: Vec<api::SocketFile>,
 }
 
 /// An agent dropped without [`Agent::shutdown`] (a panicking caller) still stops its drain
@@ -93,7 +83,8 @@ impl Agent {
     /// Loads and attaches the programs, binds the listeners and starts serving. Returns once
     /// events are being captured.
     pub async fn start(config: AgentConfig) -> Result<Agent, AgentError> {
-        // Say what is missing before touching /run or the kernel.
+        // Say what is missing before touching /run or the kernel, and check every file given
+        // before anything is bound or loaded: nothing to undo when one is bad.
         capture::check_privileges()?;
         let tls = match &config.access.tls {
             Some(files) => Some(files.server_config()?),
@@ -136,6 +127,9 @@ impl Agent {
             capture.run(&drain_cancel, &mut pipeline);
             // `capture` drops here: the programs detach.
         });
+        // From here an early return must stop the drain thread: nothing else would (the
+        // runtime would wait for it forever, with the programs attached).
+        let stop_on_error = cancel.clone().drop_guard();
 
         let service = Arc::new(api::Service {
             bus,
@@ -171,11 +165,16 @@ impl Agent {
         // Unix sockets are guarded by file permissions; TLS is for TCP.
         let router = routes(server());
         let tcp_router = match tls {
-            Some(tls) => routes(
-                server()
-                    .tls_config(tls)
-                    .map_err(|err| api::ListenError::Tls(err.to_string()))?,
-            ),
+            Some(tls) => match server().tls_config(tls) {
+                Ok(server) => routes(server),
+                Err(err) => {
+                    // The files were checked above, so not expected; but if it happens, detach
+                    // before saying so.
+                    drop(stop_on_error);
+                    while tasks.join_next().await.is_some() {}
+                    return Err(api::ListenError::Tls(err.to_string()).into());
+                }
+            },
             None => router.clone(),
         };
 
@@ -210,12 +209,13 @@ impl Agent {
             });
         }
         drop(listeners);
+        stop_on_error.disarm();
         Ok(Agent {
             cancel,
             tasks,
             listening,
             hooks,
-            _listeners_cleanup: ListenerFiles(socket_files),
+            _socket_files: socket_files,
         })
     }
 
@@ -225,15 +225,9 @@ impl Agent {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Runs until SIGINT or SIGTERM, then shuts down.
-    pub async fn run_until_signal(self) -> std::io::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+    /// Runs until one of `signals` arrives, then shuts down.
+    pub async fn run_until_signal(self, mut signals: StopSignals) {
+        signals.recv().await;
         // Graceful, but bounded: a client that never lets go of its connection, or a second
         // signal, does not keep the agent (and its programs) around.
         tokio::select! {
@@ -241,10 +235,37 @@ impl Agent {
             _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {
                 tracing::warn!("shutdown took over 5 s; exiting anyway");
             }
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = signals.recv() => {}
         }
-        Ok(())
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment this is made. Make it before saying the
+/// agent is ready: until then a signal's default action kills the agent with no cleanup, and
+/// one that arrives while it starts is kept and stops it as soon as it runs. SIGHUP (a closed
+/// terminal, or a supervisor's "reload") stops it too: there is no configuration to reload.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.hup.recv() => {}
+        }
     }
 }
 

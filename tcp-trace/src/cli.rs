@@ -1,7 +1,7 @@
 //! The command line: one binary that is the agent and its clients.
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::RangedU64ValueParser};
 
 use crate::{
     agent::AgentConfig,
@@ -48,16 +48,18 @@ pub struct AgentArgs {
         default_value = "unix:/run/tcp-trace/tcp-trace.sock"
     )]
     pub listen: Vec<ListenAddr>,
-    /// Kernel ring buffer size in bytes (a power of two, at least 4096). Records that find it
-    /// full are lost in the kernel and counted (`stats`: kernel ring full).
+    /// Kernel ring buffer size in bytes (a power of two, 4096 to 1 GiB; resident memory is twice
+    /// this). Records that find it full are lost in the kernel and counted (`stats`: kernel
+    /// ring full).
     #[arg(long, value_name = "BYTES", default_value_t = crate::capture::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
     /// Only trace sockets in this network namespace (inode, as `stat -L -c %i /proc/PID/ns/net`
     /// prints); filtered in the kernel. Default: every namespace.
-    #[arg(long, value_name = "INODE")]
+    #[arg(long, value_name = "INODE", value_parser = parse_netns)]
     pub netns: Option<u32>,
-    /// Most connections followed at once; beyond it new connections are counted, not followed.
-    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    /// Most connections followed at once (1 to 10,000,000; about 500 bytes each); beyond it new
+    /// connections are counted, not followed.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     pub max_connections: usize,
     /// Longest a record may wait in the kernel before the agent reads it, in microseconds.
     /// Lower is fresher, higher costs less CPU under heavy churn.
@@ -74,15 +76,17 @@ pub struct AgentArgs {
     /// as short-lived (churn that pooling or keepalive would avoid).
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub long_lived: u64,
-    /// Most remote peers aggregated in `stats`; connections to more are counted, not aggregated.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    /// Most remote peers aggregated in `stats` (0 to 1,000,000); connections to more are
+    /// counted, not aggregated.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = RangedU64ValueParser::<usize>::new().range(0..=1_000_000))]
     pub max_peers: usize,
-    /// Most subscribers at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    /// Most subscribers at once (1 to 65,536); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub max_subscribers: usize,
     /// Latest events kept for clients that reconnect (`watch --since-seq`) or ask for history
-    /// (`--replay-last`); 0 turns replay off. Each held event costs about 350 bytes (its encoding).
-    #[arg(long, value_name = "EVENTS", default_value_t = crate::bus::DEFAULT_REPLAY)]
+    /// (`--replay-last`); 0 turns replay off, at most 1,000,000. Each held event costs about
+    /// 350 bytes (its encoding).
+    #[arg(long, value_name = "EVENTS", default_value_t = crate::bus::DEFAULT_REPLAY, value_parser = parse_replay)]
     pub replay: usize,
     /// Give the Unix sockets to this group (name or number): its members may connect. The
     /// mode stays 0660.
@@ -142,7 +146,46 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
             "{n} is not a power of two of at least 4096 (e.g. 8388608 for 8 MiB)"
         ));
     }
+    if n > MAX_RING_BYTES {
+        return Err(format!(
+            "{n} bytes would keep {} MiB resident (twice the ring); at most {MAX_RING_BYTES} \
+             (1 GiB)",
+            (u64::from(n) * 2) >> 20
+        ));
+    }
     Ok(n)
+}
+
+/// The kernel maps a ring twice (for records that wrap around), all of it resident.
+const MAX_RING_BYTES: u32 = 1 << 30;
+/// Most events `--replay` may keep, and what each costs (measured by the service test).
+const MAX_REPLAY: usize = 1_000_000;
+const REPLAY_SLOT_BYTES: usize = 350;
+
+fn parse_replay(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of events"))?;
+    if n > MAX_REPLAY {
+        return Err(format!(
+            "{n} events would take about {} MiB (about {REPLAY_SLOT_BYTES} bytes each); at most \
+             {MAX_REPLAY} (about {} MiB)",
+            n.saturating_mul(REPLAY_SLOT_BYTES) >> 20,
+            (MAX_REPLAY * REPLAY_SLOT_BYTES) >> 20
+        ));
+    }
+    Ok(n)
+}
+
+/// 0 is no namespace's inode: a filter on it would trace nothing, silently.
+fn parse_netns(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 is no namespace's inode; see `stat -L -c %i /proc/PID/ns/net`".into()),
+        Ok(inode) => Ok(inode),
+        Err(_) => Err(format!(
+            "{s:?} is not a namespace inode (a number, as `stat -L -c %i /proc/PID/ns/net` prints)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -1037,6 +1080,39 @@ mod tests {
                 .contains("power of two")
         );
         assert!(parse_ring_bytes("lots").is_err());
+        assert!(
+            parse_ring_bytes("2147483648")
+                .unwrap_err()
+                .contains("4096 MiB")
+        );
+    }
+
+    #[test]
+    fn agent_sizes_beyond_their_bounds_are_refused_with_their_cost() {
+        let agent = |flags: &[&str]| {
+            Cli::try_parse_from(["tcp-trace", "agent"].iter().chain(flags))
+                .map(|_| ())
+                .map_err(|err| err.to_string())
+        };
+        assert!(agent(&["--replay", "1000000"]).is_ok());
+        let replay = agent(&["--replay", "100000000"]).unwrap_err();
+        assert!(replay.contains("about 33378 MiB"), "{replay}");
+        assert!(
+            agent(&["--netns", "0"])
+                .unwrap_err()
+                .contains("no namespace")
+        );
+        assert!(agent(&["--netns", "4026531840"]).is_ok());
+        for flag in ["--max-connections", "--max-subscribers"] {
+            assert!(agent(&[flag, "0"]).is_err(), "{flag} 0");
+        }
+        assert!(agent(&["--max-connections", "10000001"]).is_err());
+        assert!(
+            agent(&["--max-peers", "0"]).is_ok(),
+            "peers: aggregation off"
+        );
+        assert!(agent(&["--max-peers", "1000001"]).is_err());
+        assert!(agent(&["--subscriber-queue", "1048577"]).is_err());
     }
 
     #[test]

@@ -4,15 +4,20 @@ use std::{
     ffi::CString,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     str::FromStr,
 };
 
 use tokio::net::{TcpListener, UnixListener};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+mod tls;
+mod unix;
+pub use tls::TlsFiles;
+pub use unix::SocketFile;
 
 pub const DEFAULT_SOCKET: &str = "/run/tcp-trace/tcp-trace.sock";
+/// The one directory the agent creates for a socket: the default's, under /run (root's).
+const DEFAULT_SOCKET_DIR: &str = "/run/tcp-trace";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -89,10 +94,30 @@ pub enum ListenError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{flag} {path}: {problem}")]
+    TlsMaterial {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
     #[error(
-        "the TLS configuration does not work: {0} (are --tls-cert and --tls-key PEM files of one key pair?)"
+        "--tls-key {key} is not the private key of the certificate in --tls-cert {cert}; \
+         give the two halves of one key pair"
     )]
+    TlsKeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("the TLS configuration does not work: {0}")]
     Tls(String),
+    #[error(
+        "refusing to listen on {path}: it is {what}, not a socket; remove it yourself or \
+         choose another --listen"
+    )]
+    NotASocket { path: PathBuf, what: &'static str },
+    #[error(
+        "cannot listen on {path}: the directory {dir} does not exist; create it (the agent \
+         creates only {default_dir}) or choose another --listen",
+        default_dir = DEFAULT_SOCKET_DIR
+    )]
+    NoDirectory { path: PathBuf, dir: PathBuf },
 }
 
 /// Who may connect, besides where.
@@ -102,39 +127,6 @@ pub struct Access {
     pub socket_group: Option<String>,
     /// TLS for the TCP listeners; required for addresses other than loopback.
     pub tls: Option<TlsFiles>,
-}
-
-/// PEM files for serving TLS.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Clients must present a certificate signed by one of these (mutual TLS).
-    pub client_ca: Option<PathBuf>,
-}
-
-impl TlsFiles {
-    /// Reads the files. The key pair itself is checked when the server is built with it.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, ListenError> {
-        let read = |flag, path: &Path| {
-            std::fs::read(path).map_err(|source| ListenError::TlsFile {
-                flag,
-                path: path.to_owned(),
-                source,
-            })
-        };
-        let identity = Identity::from_pem(
-            read("--tls-cert", &self.cert)?,
-            read("--tls-key", &self.key)?,
-        );
-        let mut config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            // Without client_auth_optional, a client without a certificate from this CA is
-            // refused in the handshake.
-            config = config.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
-        }
-        Ok(config)
-    }
 }
 
 /// A group name (or number) as a gid.
@@ -177,25 +169,21 @@ pub struct Listeners {
     pub tcp: Vec<TcpListener>,
     /// Where each listener ended up (TCP port 0 resolved).
     pub bound: Vec<ListenAddr>,
-    socket_files: Vec<PathBuf>,
-}
-
-impl Drop for Listeners {
-    fn drop(&mut self) {
-        for path in &self.socket_files {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    socket_files: Vec<SocketFile>,
 }
 
 impl Listeners {
-    /// Hands over the Unix socket files: removing them becomes the caller's job.
-    pub fn take_socket_files(&mut self) -> Vec<PathBuf> {
+    /// Hands over the Unix socket files: each removes itself when dropped.
+    pub fn take_socket_files(&mut self) -> Vec<SocketFile> {
         std::mem::take(&mut self.socket_files)
     }
 
     pub async fn bind(addrs: &[ListenAddr], access: &Access) -> Result<Listeners, ListenError> {
-        let gid = access.socket_group.as_deref().map(group_id).transpose()?;
+        let group = access
+            .socket_group
+            .as_deref()
+            .map(|name| group_id(name).map(|gid| (gid, name)))
+            .transpose()?;
         let mut listeners = Listeners {
             unix: vec![],
             tcp: vec![],
@@ -205,8 +193,8 @@ impl Listeners {
         for addr in addrs {
             match addr {
                 ListenAddr::Unix(path) => {
-                    let listener = bind_unix(path, gid, access.socket_group.as_deref()).await?;
-                    listeners.socket_files.push(path.clone());
+                    let (listener, file) = unix::bind(path, group).await?;
+                    listeners.socket_files.push(file);
                     listeners.unix.push((path.clone(), listener));
                     listeners.bound.push(addr.clone());
                 }
@@ -230,40 +218,10 @@ impl Listeners {
     }
 }
 
-async fn bind_unix(
-    path: &Path,
-    gid: Option<u32>,
-    group: Option<&str>,
-) -> Result<UnixListener, ListenError> {
-    let io = |source| ListenError::Io {
-        addr: format!("unix:{}", path.display()),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    if path.exists() {
-        // A live agent answers; a stale file from a crash does not and is replaced.
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(ListenError::InUse(path.to_owned()));
-        }
-        std::fs::remove_file(path).map_err(io)?;
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    // Owner and group only: the stream shows every connection on the host.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
-    if let (Some(gid), Some(group)) = (gid, group) {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|source| ListenError::Chown {
-            path: path.to_owned(),
-            group: group.to_owned(),
-            source,
-        })?;
-    }
-    Ok(listener)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -306,34 +264,107 @@ mod tests {
         ));
     }
 
+    /// A directory of its own under the temporary directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir()
+                .join(format!("tcp-trace-listen-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    async fn bind_one(path: &Path, access: &Access) -> Result<Listeners, ListenError> {
+        Listeners::bind(&[ListenAddr::Unix(path.to_owned())], access).await
+    }
+
     #[tokio::test]
-    async fn unix_sockets_are_0660_replace_stale_files_and_vanish_on_drop() {
-        let dir = std::env::temp_dir().join(format!("tcp-trace-listen-{}", std::process::id()));
-        let path = dir.join("a.sock");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(&path, b"stale").unwrap();
+    async fn unix_sockets_are_0660_replace_stale_sockets_and_vanish_on_drop() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        let dir = Scratch::new("stale");
+        let path = dir.0.join("a.sock");
+        // A socket nobody serves any more: what a crashed agent leaves.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let access = Access {
             socket_group: Some("4242".into()),
             tls: None,
         };
-        let listeners = Listeners::bind(&[ListenAddr::Unix(path.clone())], &access)
-            .await
-            .unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
+        let listeners = bind_one(&path, &access).await.unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o660);
-        assert_eq!(
-            std::os::unix::fs::MetadataExt::gid(&meta),
-            4242,
-            "--socket-group"
-        );
-        let second = Listeners::bind(&[ListenAddr::Unix(path.clone())], &Access::default()).await;
+        assert_eq!(meta.gid(), 4242, "--socket-group");
+        let second = bind_one(&path, &Access::default()).await;
         assert!(
             matches!(second, Err(ListenError::InUse(_))),
             "a live agent's socket is not taken over"
         );
         drop(listeners);
         assert!(!path.exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+        assert!(left.is_empty(), "nothing left behind: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn anything_but_a_socket_at_the_path_is_refused_and_left_intact() {
+        let dir = Scratch::new("refuse");
+        let file = dir.0.join("file");
+        std::fs::write(&file, b"precious").unwrap();
+        let link = dir.0.join("link");
+        std::os::unix::fs::symlink(dir.0.join("nowhere"), &link).unwrap();
+        let subdir = dir.0.join("subdir");
+        std::fs::create_dir(&subdir).unwrap();
+        for (path, what) in [
+            (&file, "a regular file"),
+            (&link, "a symbolic link"),
+            (&subdir, "a directory"),
+        ] {
+            let err = bind_one(path, &Access::default()).await.err().unwrap();
+            assert!(
+                matches!(&err, ListenError::NotASocket { what: w, .. } if *w == what),
+                "{}: {err}",
+                path.display()
+            );
+            assert!(err.to_string().contains(&path.display().to_string()));
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(subdir.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&dir.0).unwrap().count(),
+            3,
+            "no leftovers"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_refused_not_created() {
+        let dir = Scratch::new("missing");
+        let path = dir.0.join("not/there/a.sock");
+        let err = bind_one(&path, &Access::default()).await.err().unwrap();
+        assert!(matches!(err, ListenError::NoDirectory { .. }), "{err}");
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(!dir.0.join("not").exists());
+    }
+
+    #[tokio::test]
+    async fn on_drop_a_file_that_replaced_the_socket_is_left_alone() {
+        let dir = Scratch::new("replaced");
+        let path = dir.0.join("a.sock");
+        let listeners = bind_one(&path, &Access::default()).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        drop(listeners);
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
     }
 
     #[test]

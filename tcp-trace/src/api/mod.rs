@@ -15,7 +15,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
-pub use listen::{Access, ListenAddr, ListenError, Listeners, TlsFiles};
+pub use listen::{Access, ListenAddr, ListenError, Listeners, SocketFile, TlsFiles};
 
 use crate::{
     bus::{self, Bus, Delivery, Start, SubscribeError, Subscription},
