@@ -151,9 +151,17 @@ impl Agent {
         health_reporter
             .set_serving::<proto::tcp_trace_server::TcpTraceServer<api::Service>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        // Both reflection protocols: v1alpha is what grpcio-reflection, older grpcurl, Postman and
+        // evans speak.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
             .build_v1()
+            .expect("the embedded descriptor set is valid");
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
             .expect("the embedded descriptor set is valid");
         let server = || {
             // Keepalive pings find clients that vanished without closing (a host gone, a
@@ -169,7 +177,8 @@ impl Agent {
             builder
                 .add_service(tcptrace)
                 .add_service(health.clone())
-                .add_service(reflection.clone())
+                .add_service(reflection_v1.clone())
+                .add_service(reflection_v1alpha.clone())
         };
         // Unix sockets are guarded by file permissions; TLS is for TCP.
         let router = routes(server());
@@ -190,7 +199,11 @@ impl Agent {
             let router = router.clone();
             let stop = cancel.clone();
             tasks.spawn(async move {
-                let incoming = UnixListenerStream::new(listener);
+                // C-core and Java clients send the socket path as :authority (api/authority.rs).
+                let incoming =
+                    tokio_stream::StreamExt::map(UnixListenerStream::new(listener), |accepted| {
+                        accepted.map(api::LocalAuthority::new)
+                    });
                 if let Err(err) = router
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await
