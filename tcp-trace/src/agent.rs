@@ -152,10 +152,11 @@ impl Agent {
             .set_serving::<proto::tcp_trace_server::TcpTraceServer<api::Service>>()
             .await;
         // Both reflection protocols: v1alpha is what grpcio-reflection, older grpcurl, Postman and
-        // evans speak.
+        // evans speak. They describe the health service too.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection()
             .build_v1()
