@@ -47,6 +47,10 @@ const TABLE_SIZE: usize = 4_096;
 /// Largest header block buffered. hyper refuses header lists over 16 KiB; this only bounds
 /// the memory a broken client can make the adapter hold.
 const MAX_BLOCK: usize = 1 << 20;
+/// Largest header list re-encoded, counted as HTTP/2 does (name + value + 32 per field). One
+/// byte can name a 4 KiB table entry, so this bounds what a small block expands to; it is far
+/// above the 16 KiB hyper accepts, so only requests h2 would refuse anyway are cut short.
+const MAX_LIST: usize = 1 << 20;
 /// What an unusable authority becomes.
 const LOCALHOST: &[u8] = b"localhost";
 
@@ -330,8 +334,13 @@ impl Rewriter {
     /// Re-encodes a complete header block and writes it out as HEADERS (+ CONTINUATION) frames.
     fn emit(&mut self, block: Block) -> io::Result<()> {
         let mut fields = BytesMut::with_capacity(block.fragments.len() * 2);
+        let mut listed = 0;
         self.decoder
             .decode_with_cb(&block.fragments, |name, value| {
+                listed += name.len() + value.len() + 32;
+                if listed > MAX_LIST {
+                    return;
+                }
                 let value = if &*name == b":authority" && Authority::try_from(&*value).is_err() {
                     LOCALHOST
                 } else {
@@ -341,6 +350,9 @@ impl Rewriter {
             })
             // h2 would answer the same block with a COMPRESSION_ERROR, a connection error.
             .map_err(|err| malformed(&format!("an undecodable header block ({err:?})")))?;
+        if listed > MAX_LIST {
+            return Err(malformed("a header list over 1 MiB"));
+        }
         let mut rest = &fields[..];
         let mut first = true;
         loop {
@@ -581,6 +593,24 @@ mod tests {
                 (CONTINUATION, END_HEADERS)
             ]
         );
+    }
+
+    #[test]
+    fn a_block_that_expands_past_the_header_list_bound_ends_the_connection() {
+        let mut input = PREFACE.to_vec();
+        // One 4,000-byte entry in the table, then 300 one-byte references to it: 1.2 MB.
+        let mut block = vec![0x40, 1, b'x'];
+        let mut len = BytesMut::new();
+        put_integer(&mut len, 0, 7, 4_000);
+        block.extend_from_slice(&len);
+        block.extend_from_slice(&[b'y'; 4_000]);
+        block.extend_from_slice(&[0x80 | 62; 300]);
+        input.extend(headers_frame(1, END_HEADERS, &block));
+        let mut rewriter = Rewriter::default();
+        rewriter.input.extend_from_slice(&input);
+        let err = rewriter.rewrite().unwrap_err();
+        assert!(err.to_string().contains("over 1 MiB"), "{err}");
+        assert!(rewriter.output.len() < 100, "nothing of it was passed on");
     }
 
     #[test]
