@@ -7,7 +7,7 @@ use std::{
 
 use bytes::Bytes;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -217,7 +217,10 @@ impl Agent {
             let router = tcp_router.clone();
             let stop = cancel.clone();
             tasks.spawn(async move {
-                let incoming = TcpListenerStream::new(listener);
+                // Without TCP_NODELAY a small response waits for the client's delayed ACK:
+                // unary calls from grpcio took 46 ms each on loopback.
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 if let Err(err) = router
                     .serve_with_incoming_shutdown(incoming, stop.cancelled())
                     .await

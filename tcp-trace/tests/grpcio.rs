@@ -184,6 +184,15 @@ fn check_report(report: &Value, trips: &[Roundtrip], kept: (u16, u16), inode: u6
         report["undecodable_request"], "INVALID_ARGUMENT",
         "{target}"
     );
+
+    // Loopback answers in about a millisecond; Nagle's algorithm against the client's delayed
+    // ACK made each unary call over TCP take 40+ ms.
+    let seconds = report["unary_call_seconds"].as_f64().expect("a time");
+    assert!(
+        seconds < 0.02,
+        "{target}: a unary call took {:.1} ms",
+        seconds * 1e3
+    );
 }
 
 /// A namespace, and an agent that traces only it, serving its Unix socket (returned) and `tcp`.

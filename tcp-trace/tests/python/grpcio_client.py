@@ -15,6 +15,7 @@ import importlib.resources
 import json
 import sys
 import tempfile
+import time
 
 import grpc
 from google.protobuf import json_format
@@ -26,6 +27,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from grpc_tools import protoc
 
 TIMEOUT = 30
+# Timed one after another: a reply held back for a delayed ACK (Nagle) shows as ~40 ms each.
+UNARY_CALLS = 20
 
 
 def generate_stubs(proto_dir, out):
@@ -113,6 +116,10 @@ def main():
         stats = stub.GetStats(pb.GetStatsRequest(), timeout=TIMEOUT)
         result["stats"] = json_format.MessageToDict(stats)
         events.cancel()
+        start = time.perf_counter()
+        for _ in range(UNARY_CALLS):
+            stub.GetStats(pb.GetStatsRequest(), timeout=TIMEOUT)
+        result["unary_call_seconds"] = (time.perf_counter() - start) / UNARY_CALLS
         result["undecodable_request"] = undecodable_request_status(channel)
         channel.close()
     print(json.dumps(result), flush=True)
