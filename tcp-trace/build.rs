@@ -26,11 +26,13 @@ fn compile_protos() {
         )
         .expect("proto/tcptrace/v1/tcptrace.proto compiles");
     // The server, over the same messages, except that the events it streams are sent already
-    // encoded: an event is encoded once however many subscribers it goes to.
+    // encoded: an event is encoded once however many subscribers it goes to. Its codec answers
+    // undecodable requests with INVALID_ARGUMENT (src/api/codec.rs).
     let server_out = out.join("server");
     std::fs::create_dir_all(&server_out).expect("OUT_DIR is writable");
     tonic_prost_build::configure()
         .build_client(false)
+        .codec_path("crate::api::codec::Codec")
         .out_dir(&server_out)
         .extern_path(".tcptrace.v1", "crate::proto")
         .extern_path(".tcptrace.v1.Event", "crate::event::EncodedEvent")

@@ -29,7 +29,8 @@ pub const TEST_TOOLS: &[Tool] = &[
 
 pub fn run() -> Result<()> {
     toolchain()?;
-    system_tools(TEST_TOOLS)
+    system_tools(TEST_TOOLS)?;
+    python_packages(TEST_PYTHON_PACKAGES)
 }
 
 /// What any cargo build of the workspace needs: nightly's rust-src (aya-build uses
@@ -167,5 +168,84 @@ pub fn system_tools(tools: &[Tool]) -> Result<()> {
             tool.package
         );
     }
+    Ok(())
+}
+
+/// A PyPI package and the top-level module that shows it is installed.
+pub struct PythonPackage {
+    pub module: &'static str,
+    pub package: &'static str,
+}
+
+/// What tests/grpcio.rs runs: stock gRPC for Python, a client no one here wrote.
+pub const TEST_PYTHON_PACKAGES: &[PythonPackage] = &[
+    PythonPackage {
+        module: "grpc",
+        package: "grpcio",
+    },
+    PythonPackage {
+        module: "grpc_tools",
+        package: "grpcio-tools",
+    },
+    PythonPackage {
+        module: "grpc_health",
+        package: "grpcio-health-checking",
+    },
+    PythonPackage {
+        module: "grpc_reflection",
+        package: "grpcio-reflection",
+    },
+];
+
+/// Installs the packages of missing modules with `python3 -m pip` (python3 and pip from Debian
+/// first if need be). When all are there it costs one quick python3 start and prints nothing.
+pub fn python_packages(packages: &[PythonPackage]) -> Result<()> {
+    system_tools(&[Tool {
+        program: "python3",
+        package: "python3",
+    }])?;
+    // find_spec locates a module without importing it.
+    let probe = "import importlib.util, sys\n\
+                 print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))";
+    let modules = packages.iter().map(|p| p.module);
+    let missing = cmd::capture(
+        Command::new("python3")
+            .args(["-c", probe])
+            .args(modules.clone()),
+    )?;
+    let missing: Vec<&str> = missing.split_whitespace().collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !cmd::succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+        system_tools(&[Tool {
+            program: "pip3",
+            package: "python3-pip",
+        }])?;
+    }
+    let wanted = packages
+        .iter()
+        .filter(|p| missing.contains(&p.module))
+        .map(|p| p.package);
+    cmd::run(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            // Debian marks its python3 externally managed; these are test tools, not the system's.
+            .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .args(wanted),
+    )?;
+    let still = cmd::capture(Command::new("python3").args(["-c", probe]).args(modules))?;
+    ensure!(
+        still.trim().is_empty(),
+        "Python modules {} are still missing after pip install",
+        still.trim()
+    );
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The gRPC service: requests -> filters, bus deliveries -> event stream, errors -> Status, all
 //! here. Plus the standard health and reflection services, and the listeners.
+mod authority;
+pub(crate) mod codec;
 mod listen;
 pub mod page;
 
@@ -15,6 +17,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
+pub use authority::LocalAuthority;
 pub use listen::{Access, ListenAddr, ListenError, Listeners, SocketFile, TlsFiles};
 
 use crate::{
