@@ -1,6 +1,7 @@
 //! The only code that touches the kernel: load and attach the eBPF programs, drain the ring
 //! buffer, decode records, read the kernel-side counters.
 mod btf;
+mod counters;
 pub mod decode;
 pub mod tracefs;
 
@@ -17,12 +18,10 @@ use aya::{
 };
 use tcp_trace_common::globals;
 
+pub use counters::{KernelCounterReader, KernelCounters};
 pub use decode::{DecodeError, Record};
 
-use crate::{
-    model::{Context, TcpState},
-    stats::KernelCounterReader,
-};
+use crate::model::{Context, TcpState};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
 
@@ -95,16 +94,6 @@ impl Default for CaptureConfig {
 pub struct Hooks {
     pub attached: Vec<String>,
     pub missing: Vec<String>,
-}
-
-/// Counters kept by the programs, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
-    pub ring_full: u64,
-    pub filtered: u64,
-    /// Program runs the kernel skipped because another BPF tracing program was running on that
-    /// CPU (summed over our programs).
-    pub missed: u64,
 }
 
 /// Receives what [`Capture::run`] drains.
