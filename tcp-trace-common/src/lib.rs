@@ -217,46 +217,53 @@ pub mod sockopt {
 /// Globals the agent sets at load time (`EbpfLoader::set_global`). The eBPF side reads them
 /// through `read_volatile` so the compiler cannot fold the defaults in.
 pub mod globals {
-    /// Offset of `sock.__sk_common.skc_net` in the running kernel (from its BTF); 0 = unknown.
-    pub const NETNS_NET_OFFSET: &str = "NETNS_NET_OFFSET";
-    /// Offset of `net.ns.inum`; 0 = unknown.
-    pub const NETNS_INUM_OFFSET: &str = "NETNS_INUM_OFFSET";
     /// Only report sockets in this network namespace (inode); 0 = all.
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     /// Minimum nanoseconds between two consumer wake-ups forced by the programs.
     pub const WAKEUP_INTERVAL_NS: &str = "WAKEUP_INTERVAL_NS";
-    /// Offset of `sock.sk_err`; 0 = unknown.
-    pub const SK_ERR_OFFSET: &str = "SK_ERR_OFFSET";
-    /// Offsets of `tcp_sock.srtt_us` and `tcp_sock.total_retrans`; 0 = unknown.
-    pub const SRTT_OFFSET: &str = "SRTT_OFFSET";
-    pub const TOTAL_RETRANS_OFFSET: &str = "TOTAL_RETRANS_OFFSET";
-    /// Offsets of `tcp_sock.bytes_acked` and `tcp_sock.bytes_received`; 0 = unknown.
-    pub const BYTES_ACKED_OFFSET: &str = "BYTES_ACKED_OFFSET";
-    pub const BYTES_RECEIVED_OFFSET: &str = "BYTES_RECEIVED_OFFSET";
-    /// Offset of `sock.sk_timer` (the keepalive timer); 0 = unknown.
-    pub const SK_TIMER_OFFSET: &str = "SK_TIMER_OFFSET";
-    /// Offset of `inet_connection_sock.icsk_probes_out`; 0 = unknown.
-    pub const PROBES_OUT_OFFSET: &str = "PROBES_OUT_OFFSET";
-    /// Offsets of `sk_buff.dev` and `net_device.nd_net.net`, for the netns of resets sent
-    /// without a socket; 0 = unknown.
-    pub const SKB_DEV_OFFSET: &str = "SKB_DEV_OFFSET";
-    pub const DEV_NET_OFFSET: &str = "DEV_NET_OFFSET";
-    /// Offsets from the current task to an fd's socket: `task_struct.files`, `files_struct.fdt`,
-    /// `fdtable.max_fds`, `fdtable.fd`, `file.private_data`, `socket.sk`; 0 = unknown.
-    pub const TASK_FILES_OFFSET: &str = "TASK_FILES_OFFSET";
-    pub const FILES_FDT_OFFSET: &str = "FILES_FDT_OFFSET";
-    pub const FDT_MAX_FDS_OFFSET: &str = "FDT_MAX_FDS_OFFSET";
-    pub const FDT_FD_OFFSET: &str = "FDT_FD_OFFSET";
-    pub const FILE_PRIVATE_DATA_OFFSET: &str = "FILE_PRIVATE_DATA_OFFSET";
-    pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
-    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms); 0 = unknown.
-    pub const KEEPALIVE_TIMER_FN: &str = "KEEPALIVE_TIMER_FN";
-    /// Offset of `sock.sk_protocol`, so accept() of other sockets is skipped; 0 = unknown.
-    pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
-    /// Offset of `sock.sk_lock.owned` (a process holds the socket); 0 = unknown.
-    pub const SK_LOCK_OWNED_OFFSET: &str = "SK_LOCK_OWNED_OFFSET";
-    /// A [`SockLayout`](super::SockLayout), for the BTF tracepoint program.
-    pub const SOCK_LAYOUT: &str = "SOCK_LAYOUT";
+    /// The running kernel's [`KernelOffsets`](super::KernelOffsets).
+    pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+}
+
+/// What the programs need to know about the running kernel, found by the agent before loading
+/// (member offsets from its BTF, one address from /proc/kallsyms) and set as one global in
+/// frozen .rodata, so the verifier sees each value as a constant. 0 = unknown, except in
+/// [`SockLayout`]; the programs skip what needs an unknown offset. Each field's BTF member path,
+/// and what is lost without it, is in the agent's one table (tcp-trace/src/capture/offsets.rs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// The network namespace of a socket: its `net`, and that net's inode number.
+    pub net: u32,
+    pub inum: u32,
+    /// `struct sock` members.
+    pub sk_err: u32,
+    pub sk_lock_owned: u32,
+    pub sk_protocol: u32,
+    /// `struct tcp_sock` members.
+    pub srtt: u32,
+    pub total_retrans: u32,
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    /// The keepalive timer in a socket, and its count of unanswered probes.
+    pub sk_timer: u32,
+    pub probes_out: u32,
+    /// The netns of resets sent without a socket: a packet's device, and that device's net.
+    pub skb_dev: u32,
+    pub dev_net: u32,
+    /// From the current task to an fd's socket.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub _reserved: u32,
+    /// Address of `tcp_keepalive_timer` (from /proc/kallsyms), which the keepalive programs
+    /// compare every expiring timer's function with.
+    pub keepalive_timer_fn: u64,
+    /// What the BTF tracepoint program loads from sockets.
+    pub sock: SockLayout,
 }
 
 /// Member offsets the BTF tracepoint program loads directly from a `struct sock` (and the
@@ -303,6 +310,7 @@ mod user {
     unsafe impl aya::Pod for super::SocketOption {}
     unsafe impl aya::Pod for super::Accept {}
     unsafe impl aya::Pod for super::SockLayout {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
 // No implicit padding: the sizes below are the sums of the fields.
@@ -313,3 +321,5 @@ const _: () = assert!(core::mem::size_of::<Reset>() == 24 + 8 + 8 + 8 + 32);
 const _: () = assert!(core::mem::size_of::<Keepalive>() == 24 + 8);
 const _: () = assert!(core::mem::size_of::<SocketOption>() == 24 + 16 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<Accept>() == 24 + 8 + 8 + 16);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 8 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 20 * 4 + 8 + 8 * 4);

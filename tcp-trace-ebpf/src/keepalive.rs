@@ -17,7 +17,11 @@ use aya_ebpf::{
 };
 use tcp_trace_common::{Header, Keepalive, SocketOption, kind, sockopt};
 
-use crate::{fields::field, kernel, maps};
+use crate::{
+    fields::field,
+    kernel,
+    maps::{self, offset},
+};
 
 /// The keepalive timer running on this CPU, between entry and exit (timer callbacks do not
 /// nest on a CPU).
@@ -33,13 +37,13 @@ static RUNNING: PerCpuArray<Running> = PerCpuArray::with_max_entries(1, 0);
 
 #[tracepoint(category = "timer", name = "timer_expire_entry")]
 pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
-    let target = maps::keepalive_timer_fn();
+    let target = offset!(keepalive_timer_fn);
     // Every timer in the kernel comes here: leave at once for all but the keepalive timer.
     if target == 0 || field::<u64>(&ctx, 24) != target {
         return 0;
     }
     let timer: u64 = field(&ctx, 8);
-    let sock = timer.wrapping_sub(maps::sk_timer_offset() as u64);
+    let sock = timer.wrapping_sub(offset!(sk_timer) as u64);
     let Some(slot) = RUNNING.get_ptr_mut(0) else {
         return 0;
     };
@@ -64,7 +68,7 @@ pub fn timer_expire_exit(ctx: TracePointContext) -> u32 {
     }
     unsafe { (*slot).sock = 0 };
     let timer: u64 = field(&ctx, 8);
-    if timer.wrapping_sub(maps::sk_timer_offset() as u64) != running.sock
+    if timer.wrapping_sub(offset!(sk_timer) as u64) != running.sock
         || !maps::netns_wanted(running.netns)
     {
         return 0;

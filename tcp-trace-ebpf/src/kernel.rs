@@ -4,7 +4,7 @@
 //! pointer yields 0, never a fault.
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 
-use crate::{fields::load, maps};
+use crate::{fields::load, maps::offset};
 
 #[inline(always)]
 pub fn read<T: Copy + Default>(addr: u64) -> T {
@@ -14,7 +14,7 @@ pub fn read<T: Copy + Default>(addr: u64) -> T {
 /// `net->ns.inum`.
 #[inline(always)]
 fn inum_of_net(net: u64) -> u32 {
-    let (_, inum_offset) = maps::netns_offsets();
+    let inum_offset = offset!(inum);
     if net == 0 || inum_offset == 0 {
         return 0;
     }
@@ -25,7 +25,7 @@ fn inum_of_net(net: u64) -> u32 {
 /// sockets share `sock_common`, so this works for them too.
 #[inline(always)]
 pub fn netns_of_sock(sock: u64) -> u32 {
-    let (net_offset, _) = maps::netns_offsets();
+    let net_offset = offset!(net);
     if sock == 0 || net_offset == 0 {
         return 0;
     }
@@ -57,7 +57,7 @@ static NETNS_CACHE: PerCpuArray<NetCache> = PerCpuArray::with_max_entries(1, 0);
 /// The network namespace of a received packet, through its device (`skb->dev->nd_net.net`).
 #[inline(always)]
 pub fn netns_of_skb(skb: u64) -> u32 {
-    let (dev_offset, net_offset) = maps::skb_dev_offsets();
+    let (dev_offset, net_offset) = (offset!(skb_dev), offset!(dev_net));
     if skb == 0 || dev_offset == 0 || net_offset == 0 {
         return 0;
     }
@@ -71,7 +71,7 @@ pub fn netns_of_skb(skb: u64) -> u32 {
 /// `sk->sk_err`.
 #[inline(always)]
 pub fn sk_err(sock: u64) -> u32 {
-    let offset = maps::sk_err_offset();
+    let offset = offset!(sk_err);
     if offset == 0 {
         return 0;
     }
@@ -83,21 +83,21 @@ pub fn sk_err(sock: u64) -> u32 {
 /// listen()'s.
 #[inline(always)]
 pub fn lock_owned(sock: u64) -> bool {
-    let offset = maps::sk_lock_owned_offset();
+    let offset = offset!(sk_lock_owned);
     offset == 0 || read::<i32>(sock + offset as u64) != 0
 }
 
 /// Whether `sock` is a TCP socket (`sk->sk_protocol`); true where the offset is unknown.
 #[inline(always)]
 pub fn is_tcp(sock: u64) -> bool {
-    let offset = maps::sk_protocol_offset();
+    let offset = offset!(sk_protocol);
     offset == 0 || read::<u16>(sock + offset as u64) == tcp_trace_common::IPPROTO_TCP
 }
 
 /// `inet_csk(sk)->icsk_probes_out`: keepalive probes sent and not answered.
 #[inline(always)]
 pub fn probes_out(sock: u64) -> u8 {
-    let offset = maps::probes_out_offset();
+    let offset = offset!(probes_out);
     if offset == 0 {
         return 0;
     }
@@ -107,7 +107,7 @@ pub fn probes_out(sock: u64) -> u8 {
 /// `(tcp_sk(sk)->srtt_us >> 3, tcp_sk(sk)->total_retrans)`.
 #[inline(always)]
 pub fn rtt_and_retransmits(sock: u64) -> (u32, u32) {
-    let (srtt, retrans) = maps::tcp_sock_offsets();
+    let (srtt, retrans) = (offset!(srtt), offset!(total_retrans));
     if srtt == 0 || retrans == 0 {
         return (0, 0);
     }
@@ -120,7 +120,7 @@ pub fn rtt_and_retransmits(sock: u64) -> (u32, u32) {
 /// `(tcp_sk(sk)->bytes_acked, tcp_sk(sk)->bytes_received)`.
 #[inline(always)]
 pub fn bytes(sock: u64) -> (u64, u64) {
-    let (acked, received) = maps::bytes_offsets();
+    let (acked, received) = (offset!(bytes_acked), offset!(bytes_received));
     if acked == 0 || received == 0 {
         return (0, 0);
     }
@@ -134,31 +134,34 @@ pub fn bytes(sock: u64) -> (u64, u64) {
 /// indexed element, and `void *private_data`, have no type the verifier can follow).
 #[inline(always)]
 pub fn sock_of_fd(fd: u64) -> u64 {
-    let p = maps::fd_path();
-    if p.task_files == 0
-        || p.files_fdt == 0
-        || p.fdt_fd == 0
-        || p.file_private_data == 0
-        || p.socket_sk == 0
+    let (task_files, files_fdt, fdt_max_fds, fdt_fd, file_private_data, socket_sk) = (
+        offset!(task_files),
+        offset!(files_fdt),
+        offset!(fdt_max_fds),
+        offset!(fdt_fd),
+        offset!(file_private_data),
+        offset!(socket_sk),
+    );
+    if task_files == 0 || files_fdt == 0 || fdt_fd == 0 || file_private_data == 0 || socket_sk == 0
     {
         return 0;
     }
     let task = unsafe { aya_ebpf::helpers::bpf_get_current_task_btf() } as *const u8;
-    let files: *const u8 = load(task, p.task_files);
-    let fdt: *const u8 = load(files, p.files_fdt);
-    if fd >= u64::from(load::<u32>(fdt, p.fdt_max_fds)) {
+    let files: *const u8 = load(task, task_files);
+    let fdt: *const u8 = load(files, files_fdt);
+    if fd >= u64::from(load::<u32>(fdt, fdt_max_fds)) {
         return 0;
     }
-    let fds: u64 = load(fdt, p.fdt_fd);
+    let fds: u64 = load(fdt, fdt_fd);
     let file: u64 = if fds == 0 { 0 } else { read(fds + fd * 8) };
     let socket: u64 = if file == 0 {
         0
     } else {
-        read(file + p.file_private_data as u64)
+        read(file + file_private_data as u64)
     };
     if socket == 0 {
         0
     } else {
-        read(socket + p.socket_sk as u64)
+        read(socket + socket_sk as u64)
     }
 }

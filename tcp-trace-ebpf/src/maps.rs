@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use tcp_trace_common::{SockLayout, counter};
+use tcp_trace_common::{KernelOffsets, SockLayout, counter};
 
 /// The records, in the order the kernel reserved them. Its size is set by the agent (`--ring-bytes`).
 #[map(name = "EVENTS")]
@@ -20,69 +20,54 @@ static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
 
 // Globals: the agent overwrites these in .rodata before loading (EbpfLoader::set_global).
 #[unsafe(no_mangle)]
-static NETNS_NET_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static NETNS_INUM_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
 static NETNS_FILTER: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_INTERVAL_NS: u64 = 1_000_000;
-#[unsafe(no_mangle)]
-static SK_ERR_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_LOCK_OWNED_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_PROTOCOL_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SRTT_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static TOTAL_RETRANS_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static BYTES_ACKED_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static BYTES_RECEIVED_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SK_TIMER_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static PROBES_OUT_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SKB_DEV_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static DEV_NET_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static KEEPALIVE_TIMER_FN: u64 = 0;
-#[unsafe(no_mangle)]
-static TASK_FILES_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static FILES_FDT_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static FDT_MAX_FDS_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static FDT_FD_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static FILE_PRIVATE_DATA_OFFSET: u32 = 0;
-#[unsafe(no_mangle)]
-static SOCKET_SK_OFFSET: u32 = 0;
 
 #[unsafe(no_mangle)]
-pub(crate) static SOCK_LAYOUT: SockLayout = SockLayout {
-    family: 0,
-    dport: 0,
-    daddr: 0,
-    v6_saddr: 0,
-    v6_daddr: 0,
-    inet_sport: 0,
-    inet_saddr: 0,
-    task_comm: 0,
+pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    net: 0,
+    inum: 0,
+    sk_err: 0,
+    sk_lock_owned: 0,
+    sk_protocol: 0,
+    srtt: 0,
+    total_retrans: 0,
+    bytes_acked: 0,
+    bytes_received: 0,
+    sk_timer: 0,
+    probes_out: 0,
+    skb_dev: 0,
+    dev_net: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    _reserved: 0,
+    keepalive_timer_fn: 0,
+    sock: SockLayout {
+        family: 0,
+        dport: 0,
+        daddr: 0,
+        v6_saddr: 0,
+        v6_daddr: 0,
+        inet_sport: 0,
+        inet_saddr: 0,
+        task_comm: 0,
+    },
 };
 
-/// A member offset from [`SockLayout`], as a constant the verifier knows.
-macro_rules! layout {
-    ($field:ident) => {
-        unsafe { core::ptr::read_volatile(&raw const $crate::maps::SOCK_LAYOUT.$field) }
+/// A member of [`KernelOffsets`] (`offset!(sk_err)`, `offset!(sock.family)`), read through a
+/// volatile load so the compiler cannot fold in the default. The verifier knows the value as a
+/// constant: the global sits in frozen, read-only .rodata.
+macro_rules! offset {
+    ($($field:ident).+) => {
+        unsafe { core::ptr::read_volatile(&raw const $crate::maps::KERNEL_OFFSETS.$($field).+) }
     };
 }
-pub(crate) use layout;
+pub(crate) use offset;
 
 /// Read a global through a volatile load so the compiler cannot fold in the default.
 macro_rules! global {
@@ -91,69 +76,8 @@ macro_rules! global {
     };
 }
 
-pub fn netns_offsets() -> (u32, u32) {
-    (global!(NETNS_NET_OFFSET), global!(NETNS_INUM_OFFSET))
-}
-
 pub fn netns_filter() -> u32 {
     global!(NETNS_FILTER)
-}
-
-pub fn sk_err_offset() -> u32 {
-    global!(SK_ERR_OFFSET)
-}
-
-pub fn sk_lock_owned_offset() -> u32 {
-    global!(SK_LOCK_OWNED_OFFSET)
-}
-
-pub fn sk_protocol_offset() -> u32 {
-    global!(SK_PROTOCOL_OFFSET)
-}
-
-pub fn tcp_sock_offsets() -> (u32, u32) {
-    (global!(SRTT_OFFSET), global!(TOTAL_RETRANS_OFFSET))
-}
-
-pub fn bytes_offsets() -> (u32, u32) {
-    (global!(BYTES_ACKED_OFFSET), global!(BYTES_RECEIVED_OFFSET))
-}
-
-pub fn sk_timer_offset() -> u32 {
-    global!(SK_TIMER_OFFSET)
-}
-
-pub fn probes_out_offset() -> u32 {
-    global!(PROBES_OUT_OFFSET)
-}
-
-pub fn skb_dev_offsets() -> (u32, u32) {
-    (global!(SKB_DEV_OFFSET), global!(DEV_NET_OFFSET))
-}
-
-/// Offsets from a task to an fd's socket (see `tcp_trace_common::globals`).
-pub struct FdPath {
-    pub task_files: u32,
-    pub files_fdt: u32,
-    pub fdt_max_fds: u32,
-    pub fdt_fd: u32,
-    pub file_private_data: u32,
-    pub socket_sk: u32,
-}
-
-pub fn fd_path() -> FdPath {
-    FdPath {
-        task_files: global!(TASK_FILES_OFFSET),
-        files_fdt: global!(FILES_FDT_OFFSET),
-        fdt_max_fds: global!(FDT_MAX_FDS_OFFSET),
-        fdt_fd: global!(FDT_FD_OFFSET),
-        file_private_data: global!(FILE_PRIVATE_DATA_OFFSET),
-        socket_sk: global!(SOCKET_SK_OFFSET),
-    }
-}
-
-pub fn keepalive_timer_fn() -> u64 {
-    global!(KEEPALIVE_TIMER_FN)
 }
 
 /// Whether a record for this network namespace passes the agent's `--netns` filter; counts

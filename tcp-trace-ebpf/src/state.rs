@@ -18,7 +18,7 @@ use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, t
 use crate::{
     fields::{address, field, load, load_bytes16, widen},
     kernel,
-    maps::{self, layout},
+    maps::{self, offset},
 };
 
 // Field offsets in the tracepoint record (/sys/kernel/tracing/events/sock/inet_sock_set_state/format);
@@ -100,16 +100,16 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let new_state = ctx.arg::<i32>(2) as u8;
-    let family: u16 = load(tp, layout!(family));
+    let family: u16 = load(tp, offset!(sock.family));
     let (saddr, daddr) = if family == AF_INET {
         (
-            widen(load(tp, layout!(inet_saddr))),
-            widen(load(tp, layout!(daddr))),
+            widen(load(tp, offset!(sock.inet_saddr))),
+            widen(load(tp, offset!(sock.daddr))),
         )
     } else {
         (
-            load_bytes16(tp, layout!(v6_saddr)),
-            load_bytes16(tp, layout!(v6_daddr)),
+            load_bytes16(tp, offset!(sock.v6_saddr)),
+            load_bytes16(tp, offset!(sock.v6_daddr)),
         )
     };
     let transition = Transition {
@@ -119,23 +119,23 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
         new_state,
         family,
         // Host order, as the classic tracepoint reports them.
-        sport: u16::from_be(load(tp, layout!(inet_sport))),
-        dport: u16::from_be(load(tp, layout!(dport))),
+        sport: u16::from_be(load(tp, offset!(sock.inet_sport))),
+        dport: u16::from_be(load(tp, offset!(sock.dport))),
         saddr,
         daddr,
     };
-    let (srtt, retrans) = maps::tcp_sock_offsets();
-    let (acked, received) = maps::bytes_offsets();
+    let (srtt, retrans) = (offset!(srtt), offset!(total_retrans));
+    let (acked, received) = (offset!(bytes_acked), offset!(bytes_received));
     let fields = SockFields::at(
         new_state,
-        || load::<i32>(tp, maps::sk_err_offset()) as u32,
+        || load::<i32>(tp, offset!(sk_err)) as u32,
         || (load::<u32>(tp, srtt) >> 3, load(tp, retrans)),
         || (load(tp, acked), load(tp, received)),
     );
-    let owned = load::<i32>(tp, maps::sk_lock_owned_offset()) != 0;
+    let owned = load::<i32>(tp, offset!(sk_lock_owned)) != 0;
     let task = Task::current(owned, || {
         let task = unsafe { bpf_get_current_task_btf() } as *const u8;
-        load_bytes16(task, layout!(task_comm))
+        load_bytes16(task, offset!(sock.task_comm))
     });
     entry.write(transition.record(now, task, fields));
     maps::submit(entry, now);
@@ -252,7 +252,6 @@ impl Task {
 /// `sk->__sk_common.skc_net.net->ns.inum`, by two loads.
 #[inline(always)]
 fn netns_of(sk: *const u8) -> u32 {
-    let (net_offset, inum_offset) = maps::netns_offsets();
-    let net: *const u8 = load(sk, net_offset);
-    load(net, inum_offset)
+    let net: *const u8 = load(sk, offset!(net));
+    load(net, offset!(inum))
 }

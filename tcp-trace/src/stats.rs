@@ -1,69 +1,16 @@
 //! The agent's own counters, and the snapshot GetStats returns.
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-
-use aya::maps::{MapData, PerCpuArray};
-use tcp_trace_common::counter;
-
 use crate::{
     bus::{BusSnapshot, SubscriberSnapshot},
-    capture::{Hooks, KernelCounters},
+    capture::{Hooks, KernelCounterReader},
     event::EventKind,
     lifecycle::{Connection, Direction},
     proto,
 };
-
-/// Reads the programs' per-CPU counters and the kernel's own per-program miss counts; shared
-/// between the drain task and the API.
-#[derive(Clone)]
-pub struct KernelCounterReader {
-    map: Arc<Mutex<PerCpuArray<MapData, u64>>>,
-    /// Duplicates of the attached programs' fds, for their fdinfo.
-    programs: Arc<Vec<OwnedFd>>,
-}
-
-impl KernelCounterReader {
-    pub fn new(map: PerCpuArray<MapData, u64>, programs: Vec<OwnedFd>) -> Self {
-        KernelCounterReader {
-            map: Arc::new(Mutex::new(map)),
-            programs: Arc::new(programs),
-        }
-    }
-
-    pub fn read(&self) -> KernelCounters {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-        KernelCounters {
-            ring_full: sum(counter::RING_FULL),
-            filtered: sum(counter::FILTERED),
-            missed: self
-                .programs
-                .iter()
-                .map(|fd| recursion_misses(fd.as_raw_fd()))
-                .sum(),
-        }
-    }
-}
-
-/// How often the kernel skipped a program because another BPF tracing program was already
-/// running on that CPU (`recursion_misses` in the program fd's fdinfo; the kernel does not nest
-/// tracing programs). Each skip of the state program is a transition lost.
-fn recursion_misses(fd: RawFd) -> u64 {
-    let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
-        return 0;
-    };
-    info.lines()
-        .find_map(|line| line.strip_prefix("recursion_misses:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 pub struct AgentStats {
     pub records_decoded: AtomicU64,

@@ -1,6 +1,7 @@
 //! Member offsets from the running kernel's BTF (`/sys/kernel/btf/vmlinux`). aya's eBPF side has
-//! no CO-RE relocations, so the agent resolves the few offsets the programs need and hands them
-//! over as globals. Only what that needs is parsed: type records, names, struct/union members.
+//! no CO-RE relocations, so the agent resolves the few offsets the programs need (offsets.rs) and
+//! hands them over as one global. Only what that needs is parsed: type records, names,
+//! struct/union members.
 use std::collections::HashMap;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,9 @@
 //! The only code that touches the kernel: load and attach the eBPF programs, drain the ring
 //! buffer, decode records, read the kernel-side counters.
 mod btf;
+mod counters;
 pub mod decode;
+mod offsets;
 pub mod tracefs;
 
 use std::{
@@ -17,12 +19,10 @@ use aya::{
 };
 use tcp_trace_common::globals;
 
+pub use counters::{KernelCounterReader, KernelCounters};
 pub use decode::{DecodeError, Record};
 
-use crate::{
-    model::{Context, TcpState},
-    stats::KernelCounterReader,
-};
+use crate::model::{Context, TcpState};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
 
@@ -97,16 +97,6 @@ pub struct Hooks {
     pub missing: Vec<String>,
 }
 
-/// Counters kept by the programs, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounters {
-    pub ring_full: u64,
-    pub filtered: u64,
-    /// Program runs the kernel skipped because another BPF tracing program was running on that
-    /// CPU (summed over our programs).
-    pub missed: u64,
-}
-
 /// Receives what [`Capture::run`] drains.
 pub trait Sink {
     fn record(&mut self, record: Result<Record, DecodeError>);
@@ -133,57 +123,28 @@ impl Capture {
         check_privileges()?;
         tracefs::ensure_mounted().map_err(CaptureError::Tracefs)?;
         let mut hooks = Hooks::default();
-        let offsets = Offsets::resolve(&mut hooks);
-        let sock_layout = offsets.sock_layout.unwrap_or_default();
-        let keepalive_timer = kallsyms_address("tcp_keepalive_timer");
+        let kernel = offsets::resolve(&mut hooks);
         let netns_filter = config.netns.unwrap_or(0);
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
-            // No CO-RE relocations to resolve (offsets come from `Offsets`), so aya need not
-            // parse the kernel's BTF again: that costs tens of MiB while loading.
+            // No CO-RE relocations to resolve (offsets come from `offsets::resolve`), so aya need
+            // not parse the kernel's BTF again: that costs tens of MiB while loading.
             .btf(None)
-            .override_global(globals::NETNS_NET_OFFSET, &offsets.net, true)
-            .override_global(globals::NETNS_INUM_OFFSET, &offsets.inum, true)
             .override_global(globals::NETNS_FILTER, &netns_filter, true)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
-            .override_global(globals::SK_ERR_OFFSET, &offsets.sk_err, true)
-            .override_global(globals::SK_LOCK_OWNED_OFFSET, &offsets.sk_lock_owned, true)
-            .override_global(globals::SK_PROTOCOL_OFFSET, &offsets.sk_protocol, true)
-            .override_global(globals::SRTT_OFFSET, &offsets.srtt, true)
-            .override_global(globals::TOTAL_RETRANS_OFFSET, &offsets.total_retrans, true)
-            .override_global(globals::BYTES_ACKED_OFFSET, &offsets.bytes_acked, true)
-            .override_global(
-                globals::BYTES_RECEIVED_OFFSET,
-                &offsets.bytes_received,
-                true,
-            )
-            .override_global(globals::SK_TIMER_OFFSET, &offsets.sk_timer, true)
-            .override_global(globals::PROBES_OUT_OFFSET, &offsets.probes_out, true)
-            .override_global(globals::SKB_DEV_OFFSET, &offsets.skb_dev, true)
-            .override_global(globals::DEV_NET_OFFSET, &offsets.dev_net, true)
-            .override_global(globals::TASK_FILES_OFFSET, &offsets.task_files, true)
-            .override_global(globals::FILES_FDT_OFFSET, &offsets.files_fdt, true)
-            .override_global(globals::FDT_MAX_FDS_OFFSET, &offsets.fdt_max_fds, true)
-            .override_global(globals::FDT_FD_OFFSET, &offsets.fdt_fd, true)
-            .override_global(
-                globals::FILE_PRIVATE_DATA_OFFSET,
-                &offsets.file_private_data,
-                true,
-            )
-            .override_global(globals::SOCKET_SK_OFFSET, &offsets.socket_sk, true)
-            .override_global(globals::SOCK_LAYOUT, &sock_layout, true)
-            .override_global(
-                globals::KEEPALIVE_TIMER_FN,
-                &keepalive_timer.unwrap_or(0),
-                true,
-            )
+            .override_global(globals::KERNEL_OFFSETS, &kernel.offsets, true)
             .map_max_entries("EVENTS", config.ring_bytes)
             .load(EBPF_OBJECT)?;
 
         // Without the socket lock's owner flag a transition's task is only trusted where it
-        // always runs in a system call (Offsets::resolve named what is missing).
-        let context_tracked = offsets.sk_lock_owned != 0;
-        attach_state(&mut ebpf, &offsets, config.classic_tracepoint, &mut hooks)?;
+        // always runs in a system call (offsets::resolve named what is missing).
+        let context_tracked = kernel.offsets.sk_lock_owned != 0;
+        attach_state(
+            &mut ebpf,
+            kernel.direct_missing,
+            config.classic_tracepoint,
+            &mut hooks,
+        )?;
 
         for (event, lost) in [
             (
@@ -217,15 +178,22 @@ impl Capture {
             );
         }
         let keepalive_lost = "keepalive probes and answers (a dead peer still shows as ETIMEDOUT)";
-        match keepalive_timer {
-            Some(_) if offsets.sk_timer != 0 && offsets.probes_out != 0 => {
-                for event in ["timer_expire_entry", "timer_expire_exit"] {
-                    optional(&mut hooks, format!("timer:{event}"), keepalive_lost, attach(&mut ebpf, event, "timer", event));
-                }
+        let o = &kernel.offsets;
+        if o.keepalive_timer_fn != 0 && o.sk_timer != 0 && o.probes_out != 0 {
+            for event in ["timer_expire_entry", "timer_expire_exit"] {
+                let attached = attach(&mut ebpf, event, "timer", event);
+                optional(
+                    &mut hooks,
+                    format!("timer:{event}"),
+                    keepalive_lost,
+                    attached,
+                );
             }
-            _ => hooks.missing.push(format!(
-                "timer:timer_expire_entry/exit (tcp_keepalive_timer not in /proc/kallsyms, or sock.sk_timer/icsk_probes_out not in BTF): {keepalive_lost}"
-            )),
+        } else {
+            hooks.missing.push(format!(
+                "timer:timer_expire_entry/exit (tcp_keepalive_timer not in /proc/kallsyms, or \
+                 sock.sk_timer/icsk_probes_out not in BTF): {keepalive_lost}"
+            ));
         }
         optional(
             &mut hooks,
@@ -362,13 +330,13 @@ fn distrust_context(t: &mut crate::model::Transition) {
 /// (which needs the tracepoint's record to have the layout it reads).
 fn attach_state(
     ebpf: &mut Ebpf,
-    offsets: &Offsets,
+    direct_missing: Option<&str>,
     classic: bool,
     hooks: &mut Hooks,
 ) -> Result<(), CaptureError> {
-    let why_not_btf = match offsets.direct_loads() {
+    let why_not_btf = match direct_missing {
         _ if classic => "--classic-tracepoint".to_owned(),
-        Ok(()) => {
+        None => {
             match attach_btf_tracepoint(ebpf, "inet_sock_set_state_btf", "inet_sock_set_state") {
                 Ok(()) => {
                     hooks.attached.push("tp_btf:inet_sock_set_state".into());
@@ -377,7 +345,7 @@ fn attach_state(
                 Err(err) => error_chain(&err),
             }
         }
-        Err(missing) => format!("no offset for {missing} in the kernel BTF"),
+        Some(missing) => format!("no offset for {missing} in the kernel BTF"),
     };
     tracing::info!(
         "tp_btf/inet_sock_set_state ({why_not_btf}): using the classic tracepoint, which costs more per transition"
@@ -454,130 +422,6 @@ fn privileged() -> bool {
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
 }
 
-/// Struct member offsets in the running kernel, from its BTF; 0 where unknown (the programs
-/// then skip what needs them).
-#[derive(Default)]
-struct Offsets {
-    net: u32,
-    inum: u32,
-    sk_err: u32,
-    sk_lock_owned: u32,
-    sk_protocol: u32,
-    srtt: u32,
-    total_retrans: u32,
-    bytes_acked: u32,
-    bytes_received: u32,
-    sk_timer: u32,
-    probes_out: u32,
-    skb_dev: u32,
-    dev_net: u32,
-    task_files: u32,
-    files_fdt: u32,
-    fdt_max_fds: u32,
-    fdt_fd: u32,
-    file_private_data: u32,
-    socket_sk: u32,
-    /// What the BTF tracepoint program loads from sockets; None if any is unknown.
-    sock_layout: Option<tcp_trace_common::SockLayout>,
-}
-
-const ACCEPTOR: &str = "the process that accepted a connection";
-
-impl Offsets {
-    fn resolve(hooks: &mut Hooks) -> Offsets {
-        let btf = match btf::Btf::from_sys_fs() {
-            Ok(btf) => btf,
-            Err(err) => {
-                hooks.missing.push(format!(
-                    "kernel BTF (/sys/kernel/btf/vmlinux: {err}): no network namespaces, close errors, \
-                     handshake retransmits or keepalive probes"
-                ));
-                return Offsets::default();
-            }
-        };
-        let mut offset = |path: &str, needed_for: &str| match btf.member_offset(path) {
-            Ok(offset) => offset,
-            Err(err) => {
-                hooks.missing.push(format!("{path} ({err}): {needed_for}"));
-                0
-            }
-        };
-        Offsets {
-            net: offset(
-                "sock.__sk_common.skc_net.net",
-                "network namespace of sockets",
-            ),
-            inum: offset("net.ns.inum", "network namespace of sockets"),
-            sk_err: offset("sock.sk_err", "why connections closed"),
-            sk_lock_owned: offset(
-                "sock.sk_lock.owned",
-                "telling a socket's own system calls from packets and timers, so only connect() \
-                 and listen() transitions name a process",
-            ),
-            sk_protocol: offset(
-                "sock.sk_protocol",
-                "skipping accept() of sockets other than TCP in the kernel",
-            ),
-            srtt: offset("tcp_sock.srtt_us", "passive handshake latency"),
-            total_retrans: offset("tcp_sock.total_retrans", "handshake retransmits"),
-            bytes_acked: offset("tcp_sock.bytes_acked", "bytes sent"),
-            bytes_received: offset("tcp_sock.bytes_received", "bytes received"),
-            sk_timer: offset("sock.sk_timer", "keepalive probes"),
-            probes_out: offset("inet_connection_sock.icsk_probes_out", "keepalive probes"),
-            skb_dev: offset(
-                "sk_buff.dev",
-                "network namespace of resets sent without a socket",
-            ),
-            dev_net: offset(
-                "net_device.nd_net.net",
-                "network namespace of resets sent without a socket",
-            ),
-            task_files: offset("task_struct.files", ACCEPTOR),
-            files_fdt: offset("files_struct.fdt", ACCEPTOR),
-            fdt_max_fds: offset("fdtable.max_fds", ACCEPTOR),
-            fdt_fd: offset("fdtable.fd", ACCEPTOR),
-            file_private_data: offset("file.private_data", ACCEPTOR),
-            socket_sk: offset("socket.sk", ACCEPTOR),
-            sock_layout: sock_layout(&btf),
-        }
-    }
-
-    /// Whether the BTF tracepoint program has every offset it loads at (it has no fallbacks:
-    /// a load at an unknown offset would not pass the verifier). Else the first one missing.
-    fn direct_loads(&self) -> Result<(), &'static str> {
-        let needed = [
-            (self.net, "sock.__sk_common.skc_net"),
-            (self.inum, "net.ns.inum"),
-            (self.sk_err, "sock.sk_err"),
-            (self.sk_lock_owned, "sock.sk_lock.owned"),
-            (self.srtt, "tcp_sock.srtt_us"),
-            (self.total_retrans, "tcp_sock.total_retrans"),
-            (self.bytes_acked, "tcp_sock.bytes_acked"),
-            (self.bytes_received, "tcp_sock.bytes_received"),
-        ];
-        if let Some((_, name)) = needed.iter().find(|(offset, _)| *offset == 0) {
-            return Err(name);
-        }
-        self.sock_layout
-            .map(|_| ())
-            .ok_or("the socket's addresses and ports")
-    }
-}
-
-fn sock_layout(btf: &btf::Btf) -> Option<tcp_trace_common::SockLayout> {
-    let offset = |path: &str| btf.member_offset(path).ok();
-    Some(tcp_trace_common::SockLayout {
-        family: offset("sock.__sk_common.skc_family")?,
-        dport: offset("sock.__sk_common.skc_dport")?,
-        daddr: offset("sock.__sk_common.skc_daddr")?,
-        v6_saddr: offset("sock.__sk_common.skc_v6_rcv_saddr")?,
-        v6_daddr: offset("sock.__sk_common.skc_v6_daddr")?,
-        inet_sport: offset("inet_sock.inet_sport")?,
-        inet_saddr: offset("inet_sock.inet_saddr")?,
-        task_comm: offset("task_struct.comm")?,
-    })
-}
-
 /// Records an optional hook as attached, or as missing with what is lost without it.
 fn optional<E: std::error::Error>(
     hooks: &mut Hooks,
@@ -602,19 +446,6 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// The address of a kernel function, from /proc/kallsyms (zeros there mean kptr_restrict hides it).
-fn kallsyms_address(symbol: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
-    text.lines().find_map(|line| {
-        let mut parts = line.split_whitespace();
-        let (addr, _kind, name) = (parts.next()?, parts.next()?, parts.next()?);
-        (name == symbol)
-            .then(|| u64::from_str_radix(addr, 16).ok())
-            .flatten()
-            .filter(|&a| a != 0)
-    })
 }
 
 /// The cgroup v2 mount point, from /proc/mounts (hybrid layouts mount it at .../unified).

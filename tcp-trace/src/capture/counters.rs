@@ -1,0 +1,64 @@
+//! The programs' own counters (ring-full losses, netns filter skips) and the kernel's per-program
+//! miss counts, readable from any task.
+use std::{
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use tcp_trace_common::counter;
+
+/// Counters kept by the programs, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub ring_full: u64,
+    pub filtered: u64,
+    /// Program runs the kernel skipped because another BPF tracing program was running on that
+    /// CPU (summed over our programs).
+    pub missed: u64,
+}
+
+/// Reads the programs' per-CPU counters and the kernel's own per-program miss counts; shared
+/// between the drain task and the API.
+#[derive(Clone)]
+pub struct KernelCounterReader {
+    map: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    /// Duplicates of the attached programs' fds, for their fdinfo.
+    programs: Arc<Vec<OwnedFd>>,
+}
+
+impl KernelCounterReader {
+    pub fn new(map: PerCpuArray<MapData, u64>, programs: Vec<OwnedFd>) -> Self {
+        KernelCounterReader {
+            map: Arc::new(Mutex::new(map)),
+            programs: Arc::new(programs),
+        }
+    }
+
+    pub fn read(&self) -> KernelCounters {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        KernelCounters {
+            ring_full: sum(counter::RING_FULL),
+            filtered: sum(counter::FILTERED),
+            missed: self
+                .programs
+                .iter()
+                .map(|fd| recursion_misses(fd.as_raw_fd()))
+                .sum(),
+        }
+    }
+}
+
+/// How often the kernel skipped a program because another BPF tracing program was already
+/// running on that CPU (`recursion_misses` in the program fd's fdinfo; the kernel does not nest
+/// tracing programs). Each skip of the state program is a transition lost.
+fn recursion_misses(fd: RawFd) -> u64 {
+    let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+        return 0;
+    };
+    info.lines()
+        .find_map(|line| line.strip_prefix("recursion_misses:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
