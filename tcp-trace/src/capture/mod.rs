@@ -2,6 +2,7 @@
 //! buffer, decode records, read the kernel-side counters.
 mod btf;
 pub mod decode;
+pub mod sockdiag;
 pub mod tracefs;
 
 use std::{

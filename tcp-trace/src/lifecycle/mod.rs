@@ -3,6 +3,7 @@
 //!
 //! Per socket that order is the order of the transitions: `tcp_set_state()` runs under the socket
 //! lock, and the record is reserved inside the tracepoint, before the lock is released.
+mod heal;
 pub mod peers;
 mod socket_map;
 
@@ -12,6 +13,7 @@ use std::{
     num::NonZeroU32,
 };
 
+pub use heal::Healed;
 pub use peers::{PeerKey, PeerStats, Peers};
 use socket_map::SocketMap;
 
@@ -514,6 +516,8 @@ pub struct Table {
     pub reopened: u64,
     /// Aggregates per remote peer.
     pub peers: Peers,
+    /// What healing against the kernel's socket list remembers (see `heal`).
+    healing: heal::Healing,
 }
 
 impl Table {
@@ -529,6 +533,7 @@ impl Table {
             table_full: 0,
             reopened: 0,
             peers,
+            healing: heal::Healing::default(),
         }
     }
 
@@ -674,6 +679,8 @@ impl Table {
             if let Some((old, _)) = self.closing.remove(&t.sock) {
                 self.finished.push(old);
             }
+        } else {
+            self.claim_adopted(t);
         }
         let mut connection = match self.connections.get(&t.sock) {
             Some(existing) => existing.clone(),
