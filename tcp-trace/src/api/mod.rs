@@ -172,9 +172,16 @@ impl Stream for EventStream {
             delivery.map(|d| {
                 Ok(match d {
                     Delivery::Event(published) => EncodedEvent::of(&published),
-                    Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
-                        EncodedEvent::message(convert::lost(count, last_seq))
-                    }
+                    Delivery::Lost { count, last_seq } => EncodedEvent::message(convert::lost(
+                        count,
+                        last_seq,
+                        proto::LossStage::Queue,
+                    )),
+                    Delivery::Expired { count, last_seq } => EncodedEvent::message(convert::lost(
+                        count,
+                        last_seq,
+                        proto::LossStage::Replay,
+                    )),
                 })
             })
         })
