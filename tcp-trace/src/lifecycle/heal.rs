@@ -20,7 +20,7 @@ use std::{
 
 use super::{Connection, Direction, NO_HANDSHAKE, NO_TASK, Path, Table};
 use crate::{
-    capture::sockdiag::{DUMPED_STATES, SocketList},
+    capture::sockdiag::SocketList,
     model::{TcpState, Transition},
 };
 
@@ -56,25 +56,23 @@ pub struct Healed {
     pub pending: bool,
 }
 
-/// Whether a connection in this state can be compared with the list (TIME_WAIT and request
-/// sockets are not listed; SYN_RECV children live microseconds).
-fn listed(state: TcpState) -> bool {
-    DUMPED_STATES.contains(&state)
-}
+/// Per key, how many sockets the list has, and the state of the last one.
+type Listed = HashMap<Key, (u32, TcpState)>;
 
 impl Table {
     /// Compares the table with the kernel's list of sockets. Closed connections go out with the
     /// next [`Table::end_batch`], as if their CLOSE had come.
     pub fn heal(&mut self, list: &SocketList) -> Healed {
         let dumped: HashSet<u32> = list.netns.iter().copied().collect();
-        let mut listed_keys: HashMap<Key, u32> = HashMap::new();
+        let mut listed_keys = Listed::new();
         // Sockets listed in SYN_SENT by remote: connect() reports SYN_SENT before it picks the
         // local port, so the table may hold such a connection with port 0.
         let mut connecting: HashSet<(u32, SocketAddr)> = HashSet::new();
         for s in &list.sockets {
-            *listed_keys
+            let entry = listed_keys
                 .entry(key(s.netns, s.local, s.remote))
-                .or_default() += 1;
+                .or_insert((0, s.state));
+            *entry = (entry.0 + 1, s.state);
             if s.state == TcpState::SynSent {
                 connecting.insert((s.netns, key(0, s.local, s.remote).2));
             }
@@ -92,14 +90,17 @@ impl Table {
         &mut self,
         list: &SocketList,
         dumped: &HashSet<u32>,
-        listed_keys: &HashMap<Key, u32>,
+        listed_keys: &Listed,
         connecting: &HashSet<(u32, SocketAddr)>,
     ) -> u64 {
         // Per key, the connections that may claim a listed socket: the ones that moved since
         // the dump began first (they are surely alive), then the most recently active.
         let mut claims: Vec<(Key, bool, u64, u64, u64)> = Vec::new();
         for (&sock, c) in self.connections.iter() {
-            if !dumped.contains(&c.netns) || !listed(c.state) {
+            // Every state is judged: the table never holds TIME_WAIT or request sockets, and a
+            // child in SYN_RECV older than the dump is stale (it leaves SYN_RECV in the same
+            // softirq that made it).
+            if !dumped.contains(&c.netns) {
                 continue;
             }
             if c.local_port == 0 && connecting.contains(&(c.netns, key(0, c.local(), c.remote()).2))
@@ -118,13 +119,20 @@ impl Table {
         claims.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
         let mut absent = HashSet::new();
         let mut doomed = Vec::new();
+        let mut stale = Vec::new();
         let mut i = 0;
         while i < claims.len() {
             let group = claims[i..]
                 .iter()
                 .take_while(|c| c.0 == claims[i].0)
                 .count();
-            let slots = listed_keys.get(&claims[i].0).copied().unwrap_or(0) as usize;
+            let (slots, state) = listed_keys
+                .get(&claims[i].0)
+                .map_or((0, None), |&(n, state)| (n as usize, Some(state)));
+            // One socket, one claim: the connection missed a transition if its state differs.
+            if let (1, Some(state), (_, false, _, _, sock)) = (slots, state, claims[i]) {
+                stale.push((sock, state));
+            }
             for &(_, recent, _, id, sock) in claims[i..i + group].iter().skip(slots) {
                 if recent {
                     continue;
@@ -138,6 +146,13 @@ impl Table {
             i += group;
         }
         self.healing.absent = absent;
+        for (sock, state) in stale {
+            if let Some(c) = self.connections.get_mut(&sock)
+                && c.state != state
+            {
+                c.enter(state);
+            }
+        }
         for sock in &doomed {
             if let Some(mut c) = self.connections.remove(sock) {
                 self.healing.adopted.retain(|_, cookie| cookie != sock);
@@ -148,7 +163,7 @@ impl Table {
         doomed.len() as u64
     }
 
-    fn adopt_unknown(&mut self, list: &SocketList, listed_keys: &HashMap<Key, u32>) -> u64 {
+    fn adopt_unknown(&mut self, list: &SocketList, listed_keys: &Listed) -> u64 {
         let mut known: HashMap<Key, u32> = HashMap::new();
         let tracked = self
             .connections
@@ -169,7 +184,7 @@ impl Table {
         for s in &list.sockets {
             let k = key(s.netns, s.local, s.remote);
             let excess = spare.entry(k).or_insert_with(|| {
-                let listed = listed_keys.get(&k).copied().unwrap_or(0);
+                let listed = listed_keys.get(&k).map_or(0, |&(n, _)| n);
                 listed.saturating_sub(known.get(&k).copied().unwrap_or(0))
             });
             let already = self.connections.contains_key(&s.cookie);
@@ -409,6 +424,19 @@ mod tests {
             );
         }
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_connection_that_missed_a_transition_takes_the_listed_state() {
+        let mut table = Table::new(10, Peers::new(10, 1_000));
+        table.apply(&t(1, 10, Listen, SynRecv, 40001)); // its ESTABLISHED was lost
+        let healed = table.heal(&list(100, vec![socket(900, Established, 40001)]));
+        assert_eq!(healed, Healed::default());
+        let c = table.connections().next().unwrap();
+        assert_eq!(
+            (c.state, c.path.states().collect::<Vec<_>>()),
+            (Established, vec![Listen, SynRecv, Established])
+        );
     }
 
     #[test]
