@@ -1,8 +1,8 @@
 //! The agent: capture -> lifecycle -> bus -> gRPC, wired together and shut down as one.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, atomic::Ordering},
-    time::Duration,
+    sync::{Arc, Mutex, atomic::Ordering, mpsc},
+    time::{Duration, Instant},
 };
 
 use tokio::task::JoinSet;
@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     api::{self, Access, Limits, ListenAddr, Listeners},
     bus::{Bus, BusConfig},
-    capture::{self, Capture, CaptureConfig, DecodeError, Record},
+    capture::{
+        self, Capture, CaptureConfig, DecodeError, Record,
+        sockdiag::{SockDiag, SocketList},
+    },
     event::Events,
     lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
     model::TcpState,
@@ -35,6 +38,9 @@ pub struct AgentConfig {
     pub replay: usize,
     /// Socket group and TLS.
     pub access: Access,
+    /// How often the table is healed against the kernel's socket list (also right after any
+    /// kernel-side loss); zero turns healing off.
+    pub heal_interval: Duration,
 }
 
 impl Default for AgentConfig {
@@ -48,9 +54,13 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             replay: BusConfig::default().replay,
             access: Access::default(),
+            heal_interval: DEFAULT_HEAL_INTERVAL,
         }
     }
 }
+
+/// Between heals when nothing was lost: a ghost a skipped run left lives at most this long.
+pub const DEFAULT_HEAL_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -119,6 +129,7 @@ impl Agent {
             keepalive_defaults: HashMap::new(),
             warned_malformed: false,
             table_capacity: 0,
+            heal: Heal::start(config.heal_interval, config.capture.netns, &stats),
         };
         let drain_cancel = cancel.clone();
         // The drain loop sleeps in sub-millisecond steps, finer than tokio's timers: it gets a
@@ -298,6 +309,117 @@ struct Pipeline {
     warned_malformed: bool,
     /// The table's capacity after the last drain, to see it grow.
     table_capacity: usize,
+    heal: Heal,
+}
+
+/// The pipeline's side of healing: tells subscribers of kernel-side losses, asks the heal
+/// thread for the kernel's socket list (after a loss, and to confirm suspects), and compares a
+/// list with the table once a whole drain began after the list was complete.
+struct Heal {
+    /// None when healing is off.
+    requests: Option<mpsc::SyncSender<()>>,
+    lists: Option<mpsc::Receiver<SocketList>>,
+    /// A list received at the end of the drain before.
+    received: Option<SocketList>,
+    /// The kernel counters when last checked, and when.
+    counters: capture::KernelCounters,
+    checked: Instant,
+    /// Heals asked for in a row only to confirm suspects, bounded so a table that never
+    /// settles costs one list per interval, not one a second.
+    confirming: u32,
+}
+
+/// How often the drain looks at the kernel's loss counters (a read of each program's fdinfo).
+const LOSS_CHECK: Duration = Duration::from_millis(250);
+/// At most one socket list per this, however many losses ask for one.
+const HEAL_SPACING: Duration = Duration::from_secs(1);
+const MAX_CONFIRMING: u32 = 5;
+
+impl Heal {
+    fn start(interval: Duration, netns: Option<u32>, stats: &AgentStats) -> Heal {
+        let mut heal = Heal {
+            requests: None,
+            lists: None,
+            received: None,
+            counters: stats.kernel.read(),
+            checked: Instant::now(),
+            confirming: 0,
+        };
+        if interval.is_zero() {
+            return heal;
+        }
+        let (requests, requested) = mpsc::sync_channel(1);
+        let (send_list, lists) = mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("heal".into())
+            .spawn(move || heal_thread(interval, netns, &requested, &send_list));
+        match spawned {
+            Ok(_) => (heal.requests, heal.lists) = (Some(requests), Some(lists)),
+            Err(err) => tracing::warn!("no healing of the connection table: {err}"),
+        }
+        heal
+    }
+
+    fn request(&self) {
+        if let Some(requests) = &self.requests {
+            // Full: a list is already asked for.
+            let _ = requests.try_send(());
+        }
+    }
+
+    /// Kernel-side losses since the last check, as (ring full, runs skipped), at most every
+    /// LOSS_CHECK.
+    fn kernel_losses(&mut self, stats: &AgentStats) -> Option<(u64, u64)> {
+        if self.checked.elapsed() < LOSS_CHECK {
+            return None;
+        }
+        self.checked = Instant::now();
+        let now = stats.kernel.read();
+        let before = std::mem::replace(&mut self.counters, now);
+        let lost = (
+            now.ring_full.saturating_sub(before.ring_full),
+            now.missed.saturating_sub(before.missed),
+        );
+        (lost != (0, 0)).then_some(lost)
+    }
+}
+
+/// Lists the kernel's sockets every `interval`, or sooner when asked, until the pipeline is
+/// gone. Its own thread: a list of 60,000 sockets takes tens of milliseconds, which the drain
+/// must not wait for.
+fn heal_thread(
+    interval: Duration,
+    netns: Option<u32>,
+    requested: &mpsc::Receiver<()>,
+    lists: &mpsc::SyncSender<SocketList>,
+) {
+    let mut diag = SockDiag::default();
+    let mut warned = false;
+    loop {
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = requested.recv_timeout(interval) {
+            return;
+        }
+        let started = Instant::now();
+        let (list, errors) = diag.list(netns);
+        for err in &errors {
+            if !warned {
+                tracing::warn!("healing the connection table: {err}");
+            } else {
+                tracing::debug!("healing the connection table: {err}");
+            }
+        }
+        warned |= !errors.is_empty();
+        tracing::debug!(
+            "listed {} sockets in {} namespaces in {:?}",
+            list.sockets.len(),
+            list.netns.len(),
+            started.elapsed()
+        );
+        if lists.send(list).is_err() {
+            return;
+        }
+        std::thread::sleep(HEAL_SPACING.saturating_sub(started.elapsed()));
+    }
 }
 
 impl Pipeline {
@@ -375,6 +497,22 @@ impl capture::Sink for Pipeline {
 
     fn batch_done(&mut self) {
         let mut closed = std::mem::take(&mut self.closed);
+        // Compared only now: this drain began after the list was complete, so the table has
+        // every CLOSE the kernel wrote before the list missed a socket.
+        let healed = self
+            .heal
+            .received
+            .take()
+            .map(|list| self.table().heal(&list));
+        if let Some(healed) = healed {
+            self.stats.healed(&healed);
+            if healed.pending && self.heal.confirming < MAX_CONFIRMING {
+                self.heal.confirming += 1;
+                self.heal.request();
+            } else if !healed.pending {
+                self.heal.confirming = 0;
+            }
+        }
         let (long_lived_ns, table_capacity) = {
             let mut table = self.table();
             table.end_batch(&mut closed);
@@ -396,7 +534,14 @@ impl capture::Sink for Pipeline {
             self.events.closed(&connection, long_lived_ns);
         }
         self.closed = closed;
+        if let Some((ring_full, skipped)) = self.heal.kernel_losses(&self.stats) {
+            self.events.kernel_lost(ring_full, skipped);
+            self.heal.request();
+        }
         self.bus.publish(&mut self.events.batch);
+        if let Some(list) = self.heal.lists.as_ref().and_then(|l| l.try_recv().ok()) {
+            self.heal.received = Some(list);
+        }
         self.events.drain_done();
     }
 }

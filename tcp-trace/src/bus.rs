@@ -7,6 +7,10 @@
 //! queue a drain's events at a time: one lock and at most one wake-up per subscriber and drain,
 //! not per event.
 //!
+//! Losses upstream of the bus (records the kernel could not write) are published as events of
+//! kind LOST, numbered like any other, and every subscriber gets them whatever its filter:
+//! which connections the lost records were about is unknown.
+//!
 //! The replay buffer holds the latest events, so a client that reconnects with the last seq it
 //! saw gets exactly what it missed. Publishing, subscribing and snapshotting the buffer all take
 //! the one bus lock, so a new subscriber's replay ends exactly where its live events begin.
@@ -200,6 +204,12 @@ const KINDS: usize = 32;
 
 fn kind_index(kind: EventKind) -> usize {
     (kind as usize).min(KINDS - 1)
+}
+
+/// Whether a subscriber with `filter` gets an event: a published LOST (a kernel loss) goes to
+/// everyone.
+fn delivers(filter: &Filter, keys: &Keys) -> bool {
+    keys.kind == EventKind::Lost || filter.matches(keys)
 }
 
 /// A live subscription: replay first, then live events. Dropping it unsubscribes and frees its
@@ -399,7 +409,7 @@ impl State {
         start: Start,
     ) -> Result<VecDeque<Delivery>, SubscribeError> {
         let latest = self.next_seq - 1;
-        let matching = |p: &&Arc<Published>| filter.matches(&p.keys);
+        let matching = |p: &&Arc<Published>| delivers(filter, &p.keys);
         let event = |p: &Arc<Published>| Delivery::Event(Arc::clone(p));
         let mut replay = VecDeque::new();
         match start {
@@ -443,7 +453,7 @@ impl Subscriber {
     fn offer(&self, batch: &[Arc<Published>]) {
         let (mut matched, mut dropped) = (0, 0);
         let mut queue = self.shared.queue();
-        for published in batch.iter().filter(|p| self.filter.matches(&p.keys)) {
+        for published in batch.iter().filter(|p| delivers(&self.filter, &p.keys)) {
             matched += 1;
             if queue.items.len() < self.shared.capacity {
                 let item = Queued {
@@ -796,6 +806,23 @@ mod tests {
             .chain(["lost1@13".to_string()])
             .collect();
         assert_eq!(seqs(&mut sub), expected);
+    }
+
+    #[test]
+    fn a_kernel_loss_reaches_every_subscriber_whatever_its_filter_live_and_in_replay() {
+        let bus = bus(10);
+        let only_80 = Filter {
+            ports: vec![80],
+            kinds: vec![EventKind::ConnectionClosed],
+            ..Default::default()
+        };
+        let mut live = subscribe(&bus, only_80.clone(), 10, Start::Live);
+        let mut batch = events(1);
+        batch.push(event(EventKind::Lost, 0));
+        bus.publish(&mut batch);
+        assert_eq!(seqs(&mut live), ["2"]);
+        let mut resumed = subscribe(&bus, only_80, 10, Start::After(0));
+        assert_eq!(seqs(&mut resumed), ["2"]);
     }
 
     #[test]

@@ -80,6 +80,11 @@ pub struct AgentArgs {
     /// counted, not aggregated.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = RangedU64ValueParser::<usize>::new().range(0..=1_000_000))]
     pub max_peers: usize,
+    /// Seconds between comparisons of the connection table with the kernel's own socket list
+    /// (also done right after the kernel loses records): connections whose CLOSE was lost are
+    /// closed (cause UNKNOWN), sockets whose opening was lost are adopted. 0 turns it off.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::agent::DEFAULT_HEAL_INTERVAL.as_secs())]
+    pub heal_interval: u64,
     /// Most subscribers at once (1 to 65,536); more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub max_subscribers: usize,
@@ -116,6 +121,7 @@ impl AgentArgs {
             max_connections: self.max_connections,
             long_lived: Duration::from_secs(self.long_lived),
             max_peers: self.max_peers,
+            heal_interval: Duration::from_secs(self.heal_interval),
             limits: Limits {
                 subscriber_queue: self.subscriber_queue as usize,
                 max_subscribers: self.max_subscribers,
@@ -537,6 +543,14 @@ pub fn event_line(event: &proto::Event) -> String {
     match &event.body {
         Some(proto::event::Body::StateChange(change)) => state_change_text(&mut line, change, conn),
         Some(proto::event::Body::ConnectionClosed(closed)) => closed_text(&mut line, closed),
+        Some(proto::event::Body::Lost(lost)) if lost.stage == proto::LossStage::Kernel as i32 => {
+            let _ = write!(
+                line,
+                "LOST up to {} transitions in the kernel ({} ring full, {} runs skipped): \
+                 connections are healed from the kernel's socket list",
+                lost.count, lost.ring_full, lost.runs_skipped
+            );
+        }
         Some(proto::event::Body::Lost(lost)) => {
             let _ = write!(
                 line,
@@ -840,6 +854,10 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("live connections", s.live_connections.to_string());
     row("not followed (table full)", s.table_full.to_string());
     row("ends missed (cause unknown)", s.ends_missed.to_string());
+    row(
+        "healed: closed / adopted (heals)",
+        format!("{} / {} ({})", s.healed_closed, s.healed_adopted, s.heals),
+    );
     if let Some(r) = &s.replay {
         let held = match r.oldest_seq {
             0 => format!("{} of {} events", r.held, r.capacity),

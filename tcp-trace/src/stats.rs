@@ -7,7 +7,6 @@ use std::{
 use crate::{
     bus::{BusSnapshot, SubscriberSnapshot},
     capture::{Hooks, KernelCounterReader},
-    event::EventKind,
     lifecycle::{Connection, Direction},
     proto,
 };
@@ -22,6 +21,11 @@ pub struct AgentStats {
     pub connection_duration: Histogram,
     /// Handshake latencies, as each connection is established.
     pub handshake_latency: Histogram,
+    /// Healing against the kernel's socket list: lists compared, connections closed and
+    /// sockets adopted by them.
+    pub heals: AtomicU64,
+    pub healed_closed: AtomicU64,
+    pub healed_adopted: AtomicU64,
 }
 
 impl AgentStats {
@@ -34,7 +38,19 @@ impl AgentStats {
             started_at: SystemTime::now(),
             connection_duration: Histogram::new(DURATION_BOUNDS_NS),
             handshake_latency: Histogram::new(DURATION_BOUNDS_NS),
+            heals: AtomicU64::new(0),
+            healed_closed: AtomicU64::new(0),
+            healed_adopted: AtomicU64::new(0),
         }
+    }
+
+    /// One list of the kernel's sockets compared with the table.
+    pub fn healed(&self, healed: &crate::lifecycle::Healed) {
+        self.heals.fetch_add(1, Ordering::Relaxed);
+        self.healed_closed
+            .fetch_add(healed.closed, Ordering::Relaxed);
+        self.healed_adopted
+            .fetch_add(healed.adopted, Ordering::Relaxed);
     }
 
     /// A connection established, after a handshake of `ns`.
@@ -57,11 +73,11 @@ impl AgentStats {
         table_full: u64,
     ) -> proto::Stats {
         let kernel = self.kernel.read();
-        // Every kind an event can have, seen or not; Lost is per subscriber (subscriber_drops).
+        // Every kind an event can have, seen or not. Lost counts the kernel losses published
+        // (queue drops are per subscriber: subscriber_drops).
         let events = bus
             .by_kind
             .iter()
-            .filter(|&&(kind, _)| kind != EventKind::Lost)
             .map(|&(kind, count)| proto::KindCount {
                 kind: kind as i32,
                 count,
@@ -99,6 +115,9 @@ impl AgentStats {
             }),
             connection_duration: Some(self.connection_duration.to_proto()),
             handshake_latency: Some(self.handshake_latency.to_proto()),
+            heals: self.heals.load(Ordering::Relaxed),
+            healed_closed: self.healed_closed.load(Ordering::Relaxed),
+            healed_adopted: self.healed_adopted.load(Ordering::Relaxed),
             // The lifecycle aggregates are added by the caller, which holds the table.
             ..Default::default()
         }

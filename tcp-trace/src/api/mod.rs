@@ -120,9 +120,16 @@ impl Stream for EventStream {
                     Delivery::Event(published) => {
                         EncodedEvent::new(published.seq, published.unnumbered.clone())
                     }
-                    Delivery::Lost { count, last_seq } | Delivery::Expired { count, last_seq } => {
-                        EncodedEvent::message(convert::lost(count, last_seq))
-                    }
+                    Delivery::Lost { count, last_seq } => EncodedEvent::message(convert::lost(
+                        count,
+                        last_seq,
+                        proto::LossStage::Queue,
+                    )),
+                    Delivery::Expired { count, last_seq } => EncodedEvent::message(convert::lost(
+                        count,
+                        last_seq,
+                        proto::LossStage::Replay,
+                    )),
                 })
             })
         })

@@ -4,6 +4,7 @@ mod btf;
 mod counters;
 pub mod decode;
 mod offsets;
+pub mod sockdiag;
 pub mod tracefs;
 
 use std::{

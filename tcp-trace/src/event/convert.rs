@@ -379,14 +379,44 @@ pub fn keepalive(
     )
 }
 
-pub fn lost(count: u64, last_seq: u64) -> proto::Event {
+pub fn lost(count: u64, last_seq: u64, stage: proto::LossStage) -> proto::Event {
     proto::Event {
         seq: last_seq,
         time: Some(SystemTime::now().into()),
         kernel_time_ns: 0,
         connection: None,
-        body: Some(proto::event::Body::Lost(proto::Lost { count })),
+        body: Some(proto::event::Body::Lost(proto::Lost {
+            count,
+            stage: stage as i32,
+            ..Default::default()
+        })),
     }
+}
+
+/// Records lost in the kernel (a full ring, skipped runs): an event of its own, for every
+/// subscriber (the bus delivers kind LOST whatever the filter).
+pub fn kernel_lost(ring_full: u64, runs_skipped: u64) -> (proto::Event, Keys) {
+    let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let event = proto::Event {
+        body: Some(proto::event::Body::Lost(proto::Lost {
+            count: ring_full + runs_skipped,
+            stage: proto::LossStage::Kernel as i32,
+            ring_full,
+            runs_skipped,
+        })),
+        ..lost(0, 0, proto::LossStage::Kernel)
+    };
+    let keys = Keys {
+        kind: EventKind::Lost,
+        local: unspecified,
+        remote: unspecified,
+        pid: None,
+        netns: 0,
+        comm: [0; 16],
+        direction: Direction::Unknown,
+        state: None,
+    };
+    (event, keys)
 }
 
 /// The per-peer aggregates, busiest first.

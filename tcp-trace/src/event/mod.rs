@@ -122,6 +122,13 @@ impl Events {
         self.push(event);
     }
 
+    /// The kernel lost records since the last check: `ring_full` found the ring full, `skipped`
+    /// program runs the kernel skipped. Goes to every subscriber.
+    pub fn kernel_lost(&mut self, ring_full: u64, skipped: u64) {
+        let event = convert::kernel_lost(ring_full, skipped);
+        self.push(event);
+    }
+
     /// Called when a drain's batch was published.
     pub fn drain_done(&mut self) {
         self.clock = Clock::now();

@@ -6,8 +6,10 @@
 //!
 //! - [`connection`]: one connection's life and what it means (cause, who closed, bytes);
 //! - [`table`]: the sockets followed now, fed the kernel's records;
+//! - [`heal`]: the table held against the kernel's own socket list, after a loss;
 //! - [`peers`]: aggregates per remote peer.
 mod connection;
+mod heal;
 pub mod peers;
 mod socket_map;
 mod table;
@@ -16,6 +18,7 @@ pub use connection::{
     Cause, Closer, Connection, Keepalive, KeepaliveDefaults, KeepaliveSettings, Owner, OwnerSource,
     Path,
 };
+pub use heal::Healed;
 pub use peers::{PeerKey, PeerStats, Peers};
 pub use table::{Applied, KeepaliveChange, Table};
 

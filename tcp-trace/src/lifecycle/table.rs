@@ -38,25 +38,27 @@ pub enum KeepaliveChange {
 
 #[derive(Debug)]
 pub struct Table {
-    connections: SocketMap<Connection>,
+    pub(super) connections: SocketMap<Connection>,
     /// Connections that reached CLOSE, held for one more drain so that what the kernel reports
     /// right after tcp_done() (the reset a close sends, the keepalive timer's exit) still
     /// joins them. Keyed by socket.
-    closing: SocketMap<(Connection, u64)>,
+    pub(super) closing: SocketMap<(Connection, u64)>,
     /// Closed lives completed early (their socket was reused), for the next end_batch.
-    finished: Vec<Connection>,
-    batch: u64,
+    pub(super) finished: Vec<Connection>,
+    pub(super) batch: u64,
     /// (netns, port) of listening sockets -> their owner, to name the owner of accepted
     /// connections: the passive open runs in softirq, where no process is current.
-    listeners: HashMap<(u32, u16), Task>,
-    max_connections: usize,
-    next_id: u64,
+    pub(super) listeners: HashMap<(u32, u16), Task>,
+    pub(super) max_connections: usize,
+    pub(super) next_id: u64,
     /// New connections not followed because the table was full.
     pub table_full: u64,
     /// Opening transitions for a socket the table still held: its CLOSE was never seen.
     pub reopened: u64,
     /// Aggregates per remote peer.
     pub peers: Peers,
+    /// What healing against the kernel's socket list remembers (see `heal`).
+    pub(super) healing: super::heal::Healing,
 }
 
 impl Table {
@@ -72,6 +74,7 @@ impl Table {
             table_full: 0,
             reopened: 0,
             peers,
+            healing: super::heal::Healing::default(),
         }
     }
 
@@ -217,6 +220,8 @@ impl Table {
             if let Some((old, _)) = self.closing.remove(&t.sock) {
                 self.finished.push(old);
             }
+        } else {
+            self.claim_adopted(t);
         }
         let mut connection = match self.connections.get(&t.sock) {
             Some(existing) => existing.clone(),
