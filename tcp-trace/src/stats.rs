@@ -7,7 +7,8 @@ use std::{
 use crate::{
     bus::{BusSnapshot, SubscriberSnapshot},
     capture::{Hooks, KernelCounterReader},
-    lifecycle::{Connection, Direction},
+    event::convert,
+    lifecycle::{Connection, Direction, Table},
     proto,
 };
 
@@ -66,12 +67,9 @@ impl AgentStats {
         }
     }
 
-    pub fn snapshot(
-        &self,
-        bus: &BusSnapshot,
-        live_connections: u64,
-        table_full: u64,
-    ) -> proto::Stats {
+    /// Everything GetStats answers: these counters, the bus's, and the table's (its lock held
+    /// by the caller, briefly).
+    pub fn snapshot(&self, bus: &BusSnapshot, table: &Table) -> proto::Stats {
         let kernel = self.kernel.read();
         // Every kind an event can have, seen or not. Lost counts the kernel losses published
         // (queue drops are per subscriber: subscriber_drops).
@@ -93,8 +91,15 @@ impl AgentStats {
             records_decoded: self.records_decoded.load(Ordering::Relaxed),
             records_malformed: self.records_malformed.load(Ordering::Relaxed),
             subscribers: u32::try_from(bus.subscribers.len()).unwrap_or(u32::MAX),
-            live_connections,
-            table_full,
+            live_connections: table.len() as u64,
+            table_full: table.table_full,
+            ends_missed: table.reopened,
+            peers: convert::peers(&table.peers),
+            peers_full: table.peers.peers_full,
+            long_lived_threshold: prost_types::Duration::try_from(Duration::from_nanos(
+                table.peers.long_lived_ns(),
+            ))
+            .ok(),
             subscriber_drops: bus.totals.dropped,
             hooks_attached: self.hooks.attached.clone(),
             hooks_missing: self.hooks.missing.clone(),
@@ -118,8 +123,6 @@ impl AgentStats {
             heals: self.heals.load(Ordering::Relaxed),
             healed_closed: self.healed_closed.load(Ordering::Relaxed),
             healed_adopted: self.healed_adopted.load(Ordering::Relaxed),
-            // The lifecycle aggregates are added by the caller, which holds the table.
-            ..Default::default()
         }
     }
 }

@@ -240,19 +240,10 @@ impl TcpTrace for Service {
         &self,
         _request: Request<proto::GetStatsRequest>,
     ) -> Result<Response<proto::Stats>, Status> {
+        let bus = self.bus.snapshot();
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        let (live, table_full, ends_missed) =
-            (table.len() as u64, table.table_full, table.reopened);
-        let peers = convert::peers(&table.peers);
-        let peers_full = table.peers.peers_full;
-        let long_lived = table.peers.long_lived_ns();
+        let stats = self.stats.snapshot(&bus, &table);
         drop(table);
-        let mut stats = self.stats.snapshot(&self.bus.snapshot(), live, table_full);
-        stats.ends_missed = ends_missed;
-        stats.peers = peers;
-        stats.peers_full = peers_full;
-        stats.long_lived_threshold =
-            prost_types::Duration::try_from(std::time::Duration::from_nanos(long_lived)).ok();
         Ok(Response::new(stats))
     }
 }
