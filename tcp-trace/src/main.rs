@@ -82,7 +82,7 @@ async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
     let mut stream = client
         .subscribe(request)
         .await
-        .map_err(status)?
+        .map_err(|s| status(&args.client, s))?
         .into_inner();
     let mut out = Output::new();
     let mut json = json::EventWriter::default();
@@ -99,7 +99,7 @@ async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
             }
         };
         let Some(event) = next else { break };
-        let event = event.map_err(status)?;
+        let event = event.map_err(|s| status(&args.client, s))?;
         if args.json {
             json.write(&mut out.buf, &event);
         } else {
@@ -136,7 +136,7 @@ async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
     let response = client
         .list_connections(request)
         .await
-        .map_err(status)?
+        .map_err(|s| status(&args.client, s))?
         .into_inner();
     let text = if args.json {
         json::to_json(&response, "tcptrace.v1.ListConnectionsResponse")
@@ -155,7 +155,7 @@ async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
     let stats = client
         .get_stats(proto::GetStatsRequest {})
         .await
-        .map_err(status)?
+        .map_err(|s| status(&args.client, s))?
         .into_inner();
     let text = if args.json {
         json::to_json(&stats, "tcptrace.v1.Stats")
@@ -178,7 +178,7 @@ async fn top(args: cli::TopArgs) -> anyhow::Result<()> {
         let stats = client
             .get_stats(proto::GetStatsRequest {})
             .await
-            .map_err(status)?
+            .map_err(|s| status(&args.client, s))?
             .into_inner();
         let elapsed = last.map_or(interval, |last| now - last);
         let frame = top.frame(&stats, elapsed, &filter, args.rows);
@@ -255,7 +255,16 @@ impl StdoutError {
     }
 }
 
-/// The agent's answer, in its own words.
-fn status(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("the agent said {:?}: {}", status.code(), status.message())
+/// Why a call failed: a TLS mismatch says what to pass, anything else is the agent's answer in
+/// its own words, with the transport's causes when it has them.
+fn status(args: &cli::ClientArgs, status: tonic::Status) -> anyhow::Error {
+    if let Some(mismatch) = client::mismatch(&args.connect, &args.options(), true, &status) {
+        return mismatch.into();
+    }
+    let mut said = format!("the agent said {:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(&status) {
+        said.push_str(": ");
+        said.push_str(&client::causes(source));
+    }
+    anyhow::anyhow!(said)
 }
