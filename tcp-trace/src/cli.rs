@@ -469,37 +469,71 @@ fn state_name(value: i32) -> &'static str {
 }
 
 /// `HH:MM:SS.micros` (UTC) of a timestamp.
-fn time_of_day(ts: Option<&prost_types::Timestamp>) -> String {
+fn write_time_of_day(out: &mut String, ts: Option<&prost_types::Timestamp>) {
     let Some(ts) = ts else {
-        return "--:--:--.------".into();
+        out.push_str("--:--:--.------");
+        return;
     };
-    let secs = ts.seconds.rem_euclid(86_400);
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60,
-        ts.nanos / 1000
-    )
+    let secs = ts.seconds.rem_euclid(86_400) as u32;
+    let micros = (ts.nanos / 1000).clamp(0, 999_999) as u32;
+    push_digits(out, secs / 3600, 2);
+    out.push(':');
+    push_digits(out, secs / 60 % 60, 2);
+    out.push(':');
+    push_digits(out, secs % 60, 2);
+    out.push('.');
+    push_digits(out, micros, 6);
 }
 
-fn endpoint(e: Option<&proto::Endpoint>) -> String {
-    match e {
-        Some(e) if e.address.contains(':') => format!("[{}]:{}", e.address, e.port),
-        Some(e) => format!("{}:{}", e.address, e.port),
-        None => "?".into(),
+/// `value` as exactly `width` decimal digits (zero-padded; `value` fits).
+fn push_digits(out: &mut String, mut value: u32, width: usize) {
+    let mut digits = [b'0'; 10];
+    for d in digits[..width].iter_mut().rev() {
+        *d = b'0' + (value % 10) as u8;
+        value /= 10;
     }
+    out.extend(digits[..width].iter().map(|&d| char::from(d)));
+}
+
+fn write_endpoint(out: &mut String, e: Option<&proto::Endpoint>) {
+    match e {
+        Some(e) if e.address.contains(':') => {
+            let _ = write!(out, "[{}]:{}", e.address, e.port);
+        }
+        Some(e) => {
+            let _ = write!(out, "{}:{}", e.address, e.port);
+        }
+        None => out.push('?'),
+    }
+}
+
+#[cfg(test)]
+fn endpoint(e: Option<&proto::Endpoint>) -> String {
+    let mut out = String::new();
+    write_endpoint(&mut out, e);
+    out
 }
 
 /// Local and remote, with the arrow pointing from client to server.
+fn write_tuple(out: &mut String, c: &proto::Connection) {
+    write_endpoint(out, c.local.as_ref());
+    let arrow = match proto::Direction::try_from(c.direction) {
+        Ok(proto::Direction::Active) => " -> ",
+        Ok(proto::Direction::Passive) => " <- ",
+        Ok(proto::Direction::Listen) => {
+            out.push_str(" (listening)");
+            return;
+        }
+        _ => " -- ",
+    };
+    out.push_str(arrow);
+    write_endpoint(out, c.remote.as_ref());
+}
+
 fn tuple(c: &proto::Connection) -> String {
-    let (local, remote) = (endpoint(c.local.as_ref()), endpoint(c.remote.as_ref()));
-    match proto::Direction::try_from(c.direction) {
-        Ok(proto::Direction::Active) => format!("{local} -> {remote}"),
-        Ok(proto::Direction::Passive) => format!("{local} <- {remote}"),
-        Ok(proto::Direction::Listen) => format!("{local} (listening)"),
-        _ => format!("{local} -- {remote}"),
-    }
+    let mut out = String::new();
+    write_tuple(&mut out, c);
+    out
 }
 
 fn direction_name(value: i32) -> &'static str {
@@ -511,38 +545,62 @@ fn direction_name(value: i32) -> &'static str {
     }
 }
 
-fn owner(p: Option<&proto::Process>) -> String {
+fn write_owner(out: &mut String, p: Option<&proto::Process>) {
     match p {
         Some(p) if p.attribution != proto::Attribution::None as i32 && p.pid != 0 => {
-            format!("{}/{}", p.pid, p.comm)
+            let _ = write!(out, "{}/{}", p.pid, p.comm);
         }
-        _ => "-".into(),
+        _ => out.push('-'),
     }
 }
 
-fn duration(d: Option<&prost_types::Duration>) -> String {
-    let Some(d) = d else { return "?".into() };
+fn owner(p: Option<&proto::Process>) -> String {
+    let mut out = String::new();
+    write_owner(&mut out, p);
+    out
+}
+
+fn write_duration(out: &mut String, d: Option<&prost_types::Duration>) {
+    let Some(d) = d else {
+        out.push('?');
+        return;
+    };
     let secs = d.seconds as f64 + f64::from(d.nanos) / 1e9;
-    match secs {
-        s if s < 1e-3 => format!("{:.0}us", s * 1e6),
-        s if s < 1.0 => format!("{:.1}ms", s * 1e3),
-        s => format!("{s:.2}s"),
-    }
+    let _ = match secs {
+        s if s < 1e-3 => write!(out, "{:.0}us", s * 1e6),
+        s if s < 1.0 => write!(out, "{:.1}ms", s * 1e3),
+        s => write!(out, "{s:.2}s"),
+    };
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> String {
+    let mut out = String::new();
+    write_duration(&mut out, d);
+    out
 }
 
 /// One readable line per event.
 pub fn event_line(event: &proto::Event) -> String {
-    let mut line = format!("{} {:>7} ", time_of_day(event.time.as_ref()), event.seq);
+    let mut line = String::new();
+    write_event_line(&mut line, event);
+    line
+}
+
+/// [`event_line`], appended to `line` (a buffer reused from event to event), with no newline.
+pub fn write_event_line(line: &mut String, event: &proto::Event) {
+    write_time_of_day(line, event.time.as_ref());
+    let _ = write!(line, " {:>7} ", event.seq);
     let conn = event.connection.as_ref();
     if let Some(c) = conn {
         if c.id != 0 {
             let _ = write!(line, "conn {} ", c.id);
         }
-        let _ = write!(line, "{} ", tuple(c));
+        write_tuple(line, c);
+        line.push(' ');
     }
     match &event.body {
-        Some(proto::event::Body::StateChange(change)) => state_change_text(&mut line, change, conn),
-        Some(proto::event::Body::ConnectionClosed(closed)) => closed_text(&mut line, closed),
+        Some(proto::event::Body::StateChange(change)) => state_change_text(line, change, conn),
+        Some(proto::event::Body::ConnectionClosed(closed)) => closed_text(line, closed),
         Some(proto::event::Body::Lost(lost)) if lost.stage == proto::LossStage::Kernel as i32 => {
             let _ = write!(
                 line,
@@ -581,13 +639,12 @@ pub fn event_line(event: &proto::Event) -> String {
                 line.push_str(" (no socket: nothing listens there)");
             }
         }
-        Some(proto::event::Body::Keepalive(k)) => keepalive_text(&mut line, k),
+        Some(proto::event::Body::Keepalive(k)) => keepalive_text(line, k),
         None => line.push_str("(empty event)"),
     }
     if let Some(c) = conn {
         let _ = write!(line, "  netns {}", c.netns);
     }
-    line
 }
 
 fn state_change_text(
@@ -595,48 +652,61 @@ fn state_change_text(
     change: &proto::StateChange,
     conn: Option<&proto::Connection>,
 ) {
-    let _ = write!(
-        line,
-        "{} -> {}",
-        state_name(change.old_state),
-        state_name(change.new_state)
-    );
+    line.push_str(state_name(change.old_state));
+    line.push_str(" -> ");
+    line.push_str(state_name(change.new_state));
     if let Some(h) = &change.handshake {
-        let _ = write!(line, "  handshake {}", duration(h.latency.as_ref()));
+        line.push_str("  handshake ");
+        write_duration(line, h.latency.as_ref());
         if h.retransmits > 0 {
             let _ = write!(line, " after {} retransmit(s)", h.retransmits);
         }
     }
     if !change.error_name.is_empty() {
-        let _ = write!(line, "  {}", change.error_name);
+        line.push_str("  ");
+        line.push_str(&change.error_name);
     }
     match change.task.as_ref() {
         Some(t) if t.attribution == proto::Attribution::ProcessContext as i32 => {
             let _ = write!(line, "  by {}/{}", t.pid, t.comm);
         }
         _ => {
-            let _ = write!(line, "  in {}", change.context);
+            line.push_str("  in ");
+            line.push_str(&change.context);
             if let Some(c) = conn {
-                let _ = write!(line, ", owner {}", owner(c.owner.as_ref()));
+                line.push_str(", owner ");
+                write_owner(line, c.owner.as_ref());
             }
         }
     }
 }
 
+/// An enum value's name without its prefix, in lower case with spaces: `reset received`.
+fn write_enum_name(out: &mut String, name: Option<&str>, prefix: &str) {
+    match name {
+        Some(name) => out.extend(name.trim_start_matches(prefix).chars().map(|c| {
+            if c == '_' {
+                ' '
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })),
+        None => out.push('?'),
+    }
+}
+
 fn enum_name(name: Option<&str>, prefix: &str) -> String {
-    name.map(|n| {
-        n.trim_start_matches(prefix)
-            .to_lowercase()
-            .replace('_', " ")
-    })
-    .unwrap_or_else(|| "?".into())
+    let mut out = String::new();
+    write_enum_name(&mut out, name, prefix);
+    out
 }
 
 fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
     let cause = proto::CloseCause::try_from(closed.cause)
         .ok()
         .map(|c| c.as_str_name());
-    let _ = write!(line, "CLOSED {}", enum_name(cause, "CLOSE_CAUSE_"));
+    line.push_str("CLOSED ");
+    write_enum_name(line, cause, "CLOSE_CAUSE_");
     if !closed.error_name.is_empty() {
         let _ = write!(line, " ({})", closed.error_name);
     }
@@ -652,13 +722,12 @@ fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
     } else {
         "short-lived"
     };
-    let _ = write!(
-        line,
-        " after {} ({lifetime})",
-        duration(closed.duration.as_ref())
-    );
+    line.push_str(" after ");
+    write_duration(line, closed.duration.as_ref());
+    let _ = write!(line, " ({lifetime})");
     if let Some(h) = &closed.handshake {
-        let _ = write!(line, ", handshake {}", duration(h.latency.as_ref()));
+        line.push_str(", handshake ");
+        write_duration(line, h.latency.as_ref());
         if h.retransmits > 0 {
             let _ = write!(line, " with {} retransmit(s)", h.retransmits);
         }
@@ -682,8 +751,13 @@ fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
     if closed.keepalive_probes > 0 {
         let _ = write!(line, ", {} keepalive probe(s)", closed.keepalive_probes);
     }
-    let path: Vec<_> = closed.path.iter().map(|&s| state_name(s)).collect();
-    let _ = write!(line, ": {}", path.join(" > "));
+    line.push_str(": ");
+    for (i, &state) in closed.path.iter().enumerate() {
+        if i > 0 {
+            line.push_str(" > ");
+        }
+        line.push_str(state_name(state));
+    }
     if !closed.seen_open {
         line.push_str(" (opened before the agent saw it)");
     }
@@ -691,23 +765,24 @@ fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
 
 fn keepalive_text(line: &mut String, k: &proto::Keepalive) {
     use proto::keepalive::What;
-    let settings = k
-        .settings
-        .as_ref()
-        .map(|s| {
-            format!(
+    let settings = |line: &mut String| {
+        if let Some(s) = &k.settings {
+            let _ = write!(
+                line,
                 " (idle {}s, every {}s, {} probes)",
                 s.idle_seconds, s.interval_seconds, s.count
-            )
-        })
-        .unwrap_or_default();
+            );
+        }
+    };
     match What::try_from(k.what) {
         Ok(What::Enabled) => {
-            let _ = write!(line, "KEEPALIVE on{settings}");
+            line.push_str("KEEPALIVE on");
+            settings(line);
         }
         Ok(What::Disabled) => line.push_str("KEEPALIVE off"),
         Ok(What::Changed) => {
-            let _ = write!(line, "KEEPALIVE changed{settings}");
+            line.push_str("KEEPALIVE changed");
+            settings(line);
         }
         Ok(What::ProbeSent) => {
             let count = k.settings.as_ref().map(|s| s.count).unwrap_or(0);

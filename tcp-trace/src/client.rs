@@ -30,6 +30,95 @@ pub enum ConnectError {
     TlsOverUnix,
     #[error("the TLS configuration does not work: {0}")]
     Tls(tonic::transport::Error),
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
+}
+
+/// The client and the agent disagree on TLS. The transport reports these as TLS alerts or
+/// HTTP/2 framing errors ("h2 protocol error", "transport error"), which say nothing a user can
+/// act on; these say what to pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error(
+        "the agent requires a client certificate: pass --tls-cert and --tls-key (signed by the CA of the agent's --tls-client-ca)"
+    )]
+    NeedsClientCertificate,
+    #[error(
+        "the agent refused the client certificate: pass --tls-cert/--tls-key signed by the CA of the agent's --tls-client-ca"
+    )]
+    ClientCertificateRefused,
+    #[error(
+        "the agent at {0} serves TLS: pass --tls-ca (the CA that signed its certificate), and --tls-cert/--tls-key if it requires client certificates"
+    )]
+    ServesTls(String),
+    #[error(
+        "the agent at {0} does not serve TLS: leave out --tls-ca, --tls-cert, --tls-key and --tls-domain"
+    )]
+    NotTls(String),
+}
+
+/// Recognises a TLS mismatch in a failed connection (`connected` false) or call (true), from the
+/// error and its causes.
+pub fn mismatch(
+    addr: &ListenAddr,
+    options: &ConnectOptions,
+    connected: bool,
+    error: &(dyn std::error::Error + 'static),
+) -> Option<Mismatch> {
+    let ListenAddr::Tcp(sock) = addr else {
+        return None;
+    };
+    let text = causes(error);
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    // The agent hung up: how h2 and the socket report it depends on who noticed first.
+    let hung_up = ["connection closed", "broken pipe", "reset by peer"];
+    let refused = [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateUnknown",
+        "AccessDenied",
+    ];
+    match &options.tls {
+        // TLS 1.3 lets the client finish its side of the handshake before the agent checks its
+        // certificate: the refusal comes on the first call, as rustls's name of the agent's
+        // alert or, when the agent hung up first, as a closed connection.
+        Some(tls) if connected && tls.cert.is_none() => (has(&["CertificateRequired"])
+            || has(&hung_up))
+        .then_some(Mismatch::NeedsClientCertificate),
+        Some(_) if connected => {
+            (has(&refused) || has(&hung_up)).then_some(Mismatch::ClientCertificateRefused)
+        }
+        // A plain HTTP/2 server answers a ClientHello with bytes that are no TLS record, or
+        // hangs up.
+        Some(_) => (has(&[
+            "InvalidContentType",
+            "corrupt message",
+            "InvalidMessage",
+            "close_notify",
+        ]) || has(&hung_up))
+        .then(|| Mismatch::NotTls(sock.to_string())),
+        // A TLS server answers the HTTP/2 preface with an alert record, which HTTP/2 reads as a
+        // frame header with an impossible length, or hangs up.
+        None if connected => (has(&["h2 protocol error", "frame with invalid size"])
+            || has(&hung_up))
+        .then(|| Mismatch::ServesTls(sock.to_string())),
+        None => None,
+    }
+}
+
+/// An error and its causes, as one line.
+pub fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// How a client proves who the agent is, and optionally who it is itself.
@@ -113,7 +202,13 @@ pub async fn channel_with(
                     .tls_config(tls.config()?)
                     .map_err(ConnectError::Tls)?;
             }
-            endpoint.connect().await.map_err(unreachable)?
+            endpoint
+                .connect()
+                .await
+                .map_err(|err| match mismatch(addr, options, false, &err) {
+                    Some(m) => ConnectError::Mismatch(m),
+                    None => unreachable(err),
+                })?
         }
     };
     Ok(channel)

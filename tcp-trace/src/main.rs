@@ -19,6 +19,14 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Whoever read the output has gone (`watch | head`): end quietly, as `cat` does.
+        Err(err)
+            if err
+                .downcast_ref::<StdoutError>()
+                .is_some_and(StdoutError::is_closed) =>
+        {
+            std::process::ExitCode::SUCCESS
+        }
         Err(err) => {
             // One readable line with its causes, no backtrace: these are users' errors.
             eprintln!("tcp-trace: {err:#}");
@@ -105,22 +113,48 @@ async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
     let mut stream = client
         .subscribe(request)
         .await
-        .map_err(status)?
+        .map_err(|s| status(&args.client, s))?
         .into_inner();
+    let mut out = Output::new();
+    let mut json = json::EventWriter::default();
+    let mut line = String::new();
     let mut seen = 0u64;
-    while let Some(event) = stream.next().await {
-        let event = event.map_err(status)?;
+    loop {
+        // Write out what is buffered only when no event is ready: one write(2) per batch,
+        // and still live when events trickle.
+        let next = match ready(&mut stream) {
+            Some(next) => next,
+            None => {
+                out.flush()?;
+                stream.next().await
+            }
+        };
+        let Some(event) = next else { break };
+        let event = event.map_err(|s| status(&args.client, s))?;
         if args.json {
-            println!("{}", json::event(&event));
+            json.write(&mut out.buf, &event);
         } else {
-            println!("{}", cli::event_line(&event));
+            line.clear();
+            cli::write_event_line(&mut line, &event);
+            out.buf.extend_from_slice(line.as_bytes());
         }
+        out.buf.push(b'\n');
+        out.flush_if_full()?;
         seen += 1;
         if args.count.is_some_and(|limit| seen >= limit) {
             break;
         }
     }
-    Ok(())
+    out.flush()
+}
+
+/// The stream's next item if one is ready now, without waiting.
+fn ready<S: tokio_stream::Stream + Unpin>(stream: &mut S) -> Option<Option<S::Item>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(stream).poll_next(&mut cx) {
+        std::task::Poll::Ready(item) => Some(item),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Fetches page after page until the agent says there are no more, and shows them as one list.
@@ -138,7 +172,7 @@ async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
         let page = client
             .list_connections(request.clone())
             .await
-            .map_err(status)?
+            .map_err(|s| status(&args.client, s))?
             .into_inner();
         all.connections.extend(page.connections);
         // The latest count: connections open and close while the pages come.
@@ -152,18 +186,12 @@ async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
         // Every page was shown: "N of M" would only tell how the table moved meanwhile.
         all.matched = all.connections.len() as u64;
     }
-    if args.json {
-        println!(
-            "{}",
-            json::to_json(&all, "tcptrace.v1.ListConnectionsResponse")
-        );
+    let text = if args.json {
+        json::to_json(&all, "tcptrace.v1.ListConnectionsResponse")
     } else {
-        println!(
-            "{}",
-            cli::connections_table(&all.connections, all.matched, std::time::SystemTime::now())
-        );
-    }
-    Ok(())
+        cli::connections_table(&all.connections, all.matched, std::time::SystemTime::now())
+    };
+    Output::line(&text)
 }
 
 async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
@@ -171,19 +199,18 @@ async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
     let stats = client
         .get_stats(proto::GetStatsRequest {})
         .await
-        .map_err(status)?
+        .map_err(|s| status(&args.client, s))?
         .into_inner();
-    if args.json {
-        println!("{}", json::to_json(&stats, "tcptrace.v1.Stats"));
+    let text = if args.json {
+        json::to_json(&stats, "tcptrace.v1.Stats")
     } else {
-        println!("{}", cli::stats_text(&stats));
-    }
-    Ok(())
+        cli::stats_text(&stats)
+    };
+    Output::line(&text)
 }
 
 /// Redraws the busiest peers every interval (or prints one frame with --once).
 async fn top(args: cli::TopArgs) -> anyhow::Result<()> {
-    use std::io::Write as _;
     let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let interval = std::time::Duration::from_secs_f64(args.interval);
     let filter = args.peer_filter();
@@ -195,27 +222,93 @@ async fn top(args: cli::TopArgs) -> anyhow::Result<()> {
         let stats = client
             .get_stats(proto::GetStatsRequest {})
             .await
-            .map_err(status)?
+            .map_err(|s| status(&args.client, s))?
             .into_inner();
         let elapsed = last.map_or(interval, |last| now - last);
         let frame = top.frame(&stats, elapsed, &filter, args.rows);
         if args.once {
             // One frame with rates over one interval: the first sample only sets the baseline.
             if last.is_some() {
-                println!("{frame}");
-                return Ok(());
+                return Output::line(&frame);
             }
         } else {
             // Clear the screen and home the cursor: a plain redraw, no terminal library.
-            let mut out = std::io::stdout().lock();
-            write!(out, "\x1b[2J\x1b[H{frame}")?;
+            let mut out = Output::new();
+            out.buf.extend_from_slice(b"\x1b[2J\x1b[H");
+            out.buf.extend_from_slice(frame.as_bytes());
             out.flush()?;
         }
         last = Some(now);
     }
 }
 
-/// The agent's answer, in its own words.
-fn status(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("the agent said {:?}: {}", status.code(), status.message())
+/// A client's standard output, written in batches. A closed pipe or a full disk is a
+/// [`StdoutError`], never a panic (`println!` panics on both).
+struct Output {
+    buf: Vec<u8>,
+}
+
+impl Output {
+    /// Written out once this full: a few hundred events.
+    const BATCH: usize = 64 << 10;
+
+    fn new() -> Output {
+        Output {
+            buf: Vec::with_capacity(Self::BATCH + 4096),
+        }
+    }
+
+    /// One answer and a newline.
+    fn line(text: &str) -> anyhow::Result<()> {
+        let mut out = Output::new();
+        out.buf.extend_from_slice(text.as_bytes());
+        out.buf.push(b'\n');
+        out.flush()
+    }
+
+    fn flush_if_full(&mut self) -> anyhow::Result<()> {
+        if self.buf.len() >= Self::BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(&self.buf)
+            .and_then(|()| stdout.flush())
+            .map_err(StdoutError)?;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to stdout: {0}")]
+struct StdoutError(std::io::Error);
+
+impl StdoutError {
+    /// The reader closed the pipe (Rust ignores SIGPIPE, so a write gets EPIPE instead).
+    fn is_closed(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+/// Why a call failed: a TLS mismatch says what to pass, anything else is the agent's answer in
+/// its own words, with the transport's causes when it has them.
+fn status(args: &cli::ClientArgs, status: tonic::Status) -> anyhow::Error {
+    if let Some(mismatch) = client::mismatch(&args.connect, &args.options(), true, &status) {
+        return mismatch.into();
+    }
+    let mut said = format!("the agent said {:?}: {}", status.code(), status.message());
+    if let Some(source) = std::error::Error::source(&status) {
+        said.push_str(": ");
+        said.push_str(&client::causes(source));
+    }
+    anyhow::anyhow!(said)
 }

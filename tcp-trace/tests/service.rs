@@ -6,7 +6,6 @@ mod support;
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -14,11 +13,12 @@ use std::{
 use support::{
     NetNs,
     agent::{TestAgent, collect, netns_filter, stalling_client},
+    pki::Pki,
     roundtrips,
 };
 use tcp_trace::{
     agent::AgentConfig,
-    api::{Access, ListenAddr, TlsFiles},
+    api::ListenAddr,
     client::{ClientTls, ConnectOptions},
     proto::{self, event::Body},
 };
@@ -817,94 +817,6 @@ fn states_raw(values: &[i32]) -> proto::Filter {
     proto::Filter {
         states: values.to_vec(),
         ..Default::default()
-    }
-}
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate signed by it,
-/// and a client certificate from another CA, as PEM files in a directory removed on drop.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair,
-        };
-        let dir = std::env::temp_dir().join(format!("tcp-trace-pki-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).unwrap();
-        let ca = |name: &str| {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.distinguished_name.push(DnType::CommonName, name);
-            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-        };
-        let leaf = |names: Vec<String>, purpose, issuer: &CertifiedIssuer<'_, KeyPair>| {
-            let mut params = CertificateParams::new(names).unwrap();
-            params.extended_key_usages = vec![purpose];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, issuer).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let trusted = ca("tcp-trace test CA");
-        let other = ca("some other CA");
-        write("ca.pem", trusted.pem());
-        let (cert, key) = leaf(
-            vec!["localhost".into(), "127.0.0.1".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            &trusted,
-        );
-        write("server.pem", cert);
-        write("server.key", key);
-        let (cert, key) = leaf(
-            vec!["client".into()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            &trusted,
-        );
-        write("client.pem", cert);
-        write("client.key", key);
-        let (cert, key) = leaf(
-            vec!["rogue".into()],
-            ExtendedKeyUsagePurpose::ClientAuth,
-            &other,
-        );
-        write("rogue.pem", cert);
-        write("rogue.key", key);
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn server(&self, mutual: bool) -> Access {
-        Access {
-            socket_group: None,
-            tls: Some(TlsFiles {
-                cert: self.path("server.pem"),
-                key: self.path("server.key"),
-                client_ca: mutual.then(|| self.path("ca.pem")),
-            }),
-        }
-    }
-
-    fn client(&self, identity: Option<&str>) -> ConnectOptions {
-        ConnectOptions {
-            tls: Some(ClientTls {
-                ca: Some(self.path("ca.pem")),
-                cert: identity.map(|name| self.path(&format!("{name}.pem"))),
-                key: identity.map(|name| self.path(&format!("{name}.key"))),
-                domain: None,
-            }),
-        }
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -25,6 +25,15 @@ pub const TEST_TOOLS: &[Tool] = &[
         program: "nft",
         package: "nftables",
     },
+    // A real server under connection churn (tests/watch_follows.rs).
+    Tool {
+        program: "redis-server",
+        package: "redis-server",
+    },
+    Tool {
+        program: "redis-benchmark",
+        package: "redis-tools",
+    },
 ];
 
 pub fn run() -> Result<()> {

@@ -16,10 +16,13 @@
 //!    program on the same tracepoint (the floor);
 //! 5. `scaling`: 1, 10 and 100 subscribers at a fixed moderate rate;
 //! 6. `population`: the agent's memory with a large idle population tracked, without and with
-//!    a subscriber.
+//!    a subscriber;
+//! 7. `clients`: events per second `watch` prints into a file, JSON and text, from a replayed
+//!    history.
 
 // The bench binary and the smoke test each use a part of the harness.
 #![allow(dead_code)]
+pub mod clients;
 pub mod netns;
 pub mod report;
 mod report_svg;
@@ -234,6 +237,7 @@ pub const PHASES: &[&str] = &[
     "stats",
     "scaling",
     "population",
+    "clients",
 ];
 
 /// What the agent did during a run.
@@ -309,6 +313,8 @@ pub struct Results {
     pub runs: Vec<RunResult>,
     /// Without a subscriber, then with one.
     pub population: Vec<PopulationResult>,
+    /// `watch` printing a replayed history (the `clients` phase).
+    pub clients: Vec<clients::ClientRun>,
     pub wall: Duration,
     pub machine: MachineLoad,
 }
@@ -509,9 +515,15 @@ async fn run_phases(opts: &Options) -> Result<Results> {
             populations.push(population(opts, subscribers).await?);
         }
     }
+    let clients = if opts.wants("clients") {
+        clients::client_rates(opts).await?
+    } else {
+        Vec::new()
+    };
     Ok(Results {
         runs,
         population: populations,
+        clients,
         wall: Duration::ZERO,
         machine: Default::default(),
     })

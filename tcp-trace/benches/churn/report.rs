@@ -684,6 +684,9 @@ pub fn write(opts: &Options, results: &Results) -> Result<Report> {
     for p in &results.population {
         let _ = writeln!(md, "- {}", population_line(p, opts));
     }
+    if let Some(line) = super::clients::report_line(&results.clients) {
+        let _ = writeln!(md, "- {line}");
+    }
     for c in caveats(results) {
         let _ = writeln!(md, "- {c}");
     }

@@ -212,6 +212,17 @@ impl AgentProcess {
         tag: &str,
         netns: Option<u64>,
     ) -> Result<(AgentProcess, TcpTraceClient<Channel>)> {
+        Self::start_with(exe, dir, tag, netns, &[]).await
+    }
+
+    /// [`AgentProcess::start`] with more agent flags.
+    pub async fn start_with(
+        exe: &Path,
+        dir: &Path,
+        tag: &str,
+        netns: Option<u64>,
+        flags: &[&str],
+    ) -> Result<(AgentProcess, TcpTraceClient<Channel>)> {
         let socket =
             std::env::temp_dir().join(format!("tcp-trace-bench-{}-{tag}.sock", std::process::id()));
         let _ = std::fs::remove_file(&socket);
@@ -223,6 +234,7 @@ impl AgentProcess {
         if let Some(inode) = netns {
             cmd.arg("--netns").arg(inode.to_string());
         }
+        cmd.args(flags);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())

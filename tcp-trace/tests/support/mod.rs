@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod pki;
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -1,0 +1,172 @@
+//! `watch --json > file` keeps up with a real busy server: redis taking a new connection per
+//! request from `redis-benchmark -k 0` (about 12,000 connections/s here, some 150,000 events/s),
+//! with the load, the agent and the watcher sharing the machine's CPUs.
+mod support;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{NetNs, agent::TestAgent};
+use tcp_trace::agent::AgentConfig;
+
+const PORT: u16 = 6379;
+/// Requests, each on its own connection: about 4 s of load.
+const REQUESTS: &str = "50000";
+
+/// A child process killed (and reaped) on drop, so a failing test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_netns(ns: &NetNs, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns.name(), program]);
+    command
+}
+
+fn start_redis(ns: &NetNs) -> Running {
+    let redis = in_netns(ns, "redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &PORT.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--tcp-backlog", "4096"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (cargo xtask test installs it)");
+    let redis = Running(redis);
+    // Ready once it accepts (that probe is counted before the load starts).
+    let until = Instant::now() + Duration::from_secs(10);
+    while ns.run(|| TcpStream::connect(("127.0.0.1", PORT)).is_err()) {
+        assert!(Instant::now() < until, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    redis
+}
+
+// A debug build of the agent (in this process) and of `watch` cannot keep up with this load, so
+// the test is meaningful only optimised: `cargo xtask test -- --release --test watch_follows`.
+#[cfg_attr(
+    debug_assertions,
+    ignore = "needs an optimised build: cargo xtask test -- --release --test watch_follows"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_json_into_a_file_follows_a_server_taking_12000_connections_a_second_losing_nothing()
+{
+    let ns = NetNs::new("follow");
+    // Connections close on the client side: TIME_WAIT may take every ephemeral port otherwise.
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
+    let mut config = AgentConfig::default();
+    config.capture.netns = Some(ns.inode() as u32);
+    let agent = TestAgent::start_with(config).await;
+    let redis = start_redis(&ns);
+    // The readiness probe's server side closes a moment after it: before watch subscribes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let file = std::env::temp_dir().join(format!("tcp-trace-follow-{}.jsonl", std::process::id()));
+    let output = std::fs::File::create(&file).unwrap();
+    let netns = ns.inode().to_string();
+    let watch = Command::new(env!("CARGO_BIN_EXE_tcp-trace"))
+        .args(["watch", "--json", "--connect", &agent.addr.to_string()])
+        .args(["--netns", &netns])
+        .stdout(output)
+        .spawn()
+        .expect("the tcp-trace binary runs");
+    let mut watch = Running(watch);
+    // Subscribed once the agent counts it (its own test client does not subscribe).
+    let mut client = agent.client.clone();
+    let until = Instant::now() + Duration::from_secs(10);
+    while client
+        .get_stats(tcp_trace::proto::GetStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .subscribers
+        == 0
+    {
+        assert!(Instant::now() < until, "watch did not subscribe");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let before = ns.snmp();
+    let started = Instant::now();
+    let load = tokio::task::spawn_blocking({
+        let mut bench = in_netns(&ns, "redis-benchmark");
+        bench
+            .args(["-h", "127.0.0.1", "-p", &PORT.to_string()])
+            .args([
+                "-k",
+                "0",
+                "-c",
+                "50",
+                "-n",
+                REQUESTS,
+                "-t",
+                "ping_inline",
+                "-q",
+            ]);
+        move || bench.output().expect("redis-benchmark runs")
+    })
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    assert!(load.status.success(), "{load:?}");
+    let delta = ns.snmp().delta(&before);
+    let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
+    let rate = delta.get("Tcp:ActiveOpens") as f64 / elapsed.as_secs_f64();
+    eprintln!("{opens} opens in {elapsed:?}: {rate:.0} connections/s");
+
+    // Everything the agent published is written once watch has been idle a moment.
+    let mut size = 0;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = std::fs::metadata(&file).unwrap().len();
+        if now == size || Instant::now() > until {
+            break;
+        }
+        size = now;
+    }
+    let _ = watch.0.kill();
+    let _ = watch.0.wait();
+    drop(redis);
+
+    // Substring checks: the file holds some 600,000 lines.
+    let (mut closed, mut lost, mut lines) = (0i64, Vec::new(), 0u64);
+    for line in BufReader::new(std::fs::File::open(&file).unwrap()).lines() {
+        let line = line.unwrap();
+        lines += 1;
+        if lines % 1000 == 1 {
+            serde_json::from_str::<serde_json::Value>(&line)
+                .unwrap_or_else(|e| panic!("line {lines} is not JSON ({e}): {line}"));
+        }
+        if line.contains("\"lost\":") {
+            lost.push(line);
+        } else if line.contains("\"connectionClosed\":")
+            && !line.contains("\"direction\":\"DIRECTION_LISTEN\"")
+        {
+            closed += 1;
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    agent.shutdown().await;
+    assert!(
+        lost.is_empty(),
+        "watch lost events: {:?}",
+        &lost[..lost.len().min(3)]
+    );
+    assert!(
+        rate > 6000.0,
+        "the load reached only {rate:.0} connections/s"
+    );
+    assert_eq!(
+        closed, opens,
+        "one closing summary per open, active and passive ({lines} lines)"
+    );
+}
