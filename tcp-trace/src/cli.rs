@@ -37,6 +37,9 @@ pub enum Command {
     Stats(StatsArgs),
     /// A live view of the busiest peers: connection rate, failures, handshake time.
     Top(TopArgs),
+    /// Ask an agent's gRPC health service whether it is serving; exit status 0 if it is (for
+    /// liveness and readiness probes, e.g. a Kubernetes exec probe).
+    Health(HealthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -460,6 +463,15 @@ pub struct StatsArgs {
     /// JSON (the proto3 JSON mapping of Stats).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The service to ask about (grpc.health.v1; "" is the server as a whole).
+    #[arg(long, value_name = "NAME", default_value = "tcptrace.v1.TcpTrace")]
+    pub service: String,
 }
 
 fn state_name(value: i32) -> &'static str {

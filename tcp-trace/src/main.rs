@@ -49,7 +49,31 @@ async fn run() -> anyhow::Result<()> {
         Command::Conns(args) => conns(args).await,
         Command::Stats(args) => stats(args).await,
         Command::Top(args) => top(args).await,
+        Command::Health(args) => health(args).await,
     }
+}
+
+/// grpc.health.v1 Check, as a probe: success only for SERVING.
+async fn health(args: cli::HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = client::channel_with(&args.client.connect, &args.client.options()).await?;
+    let request = HealthCheckRequest {
+        service: args.service.clone(),
+    };
+    let response = HealthClient::new(channel)
+        .check(request)
+        .await
+        .map_err(|s| status(&args.client, s))?
+        .into_inner();
+    let serving = response.status();
+    anyhow::ensure!(
+        serving == ServingStatus::Serving,
+        "{:?} is {serving:?}",
+        args.service
+    );
+    Output::line(&format!("{} SERVING", args.service))
 }
 
 async fn agent(args: cli::AgentArgs) -> anyhow::Result<()> {

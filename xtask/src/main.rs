@@ -9,6 +9,8 @@ mod bench;
 mod build;
 mod cmd;
 mod linker;
+mod package;
+mod package_check;
 mod run;
 mod setup;
 mod test;
@@ -43,6 +45,15 @@ enum Command {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Build the Debian package (release binary, systemd unit, man page) into target/debian/;
+    /// `--check` then installs it, checks it as `cargo xtask test` does, and purges it (root).
+    Package {
+        #[arg(long)]
+        check: bool,
+        /// Package the dev build instead of a release build (quick, for testing the package).
+        #[arg(long)]
+        dev: bool,
+    },
     /// Run the benchmark (as root): tcp-trace against no tracer and bpftrace, report in
     /// target/bench/ (`--docs` also refreshes docs/benchmarks.md; `--quick` for a smoke run).
     Bench {
@@ -67,6 +78,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run { release, args } => run::run(release, &args)?,
         Command::Test { args } => test::run(&args)?,
         Command::Bench { args } => return bench::run(&args),
+        Command::Package { check, dev } => package::run(check, dev)?,
     }
     Ok(ExitCode::SUCCESS)
 }

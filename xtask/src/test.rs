@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{build, cmd, setup};
+use crate::{build, cmd, package, setup};
 
 pub fn run(args: &[OsString]) -> Result<()> {
     ensure!(
@@ -37,8 +37,25 @@ pub fn run(args: &[OsString]) -> Result<()> {
     let status = child
         .wait()
         .with_context(|| format!("waiting for `{shown}`"))?;
+    // The package, built from the dev binary the tests just built, installed and checked
+    // (seconds; a release build would take minutes). Only for the whole suite.
+    if args.is_empty() && status.success() {
+        let checked = package::build_deb(package::Profile::Dev)
+            .and_then(|deb| crate::package_check::run(&deb));
+        match checked {
+            Ok(outcome) => {
+                total.passed += outcome.passed;
+                total.failed += outcome.failed;
+            }
+            Err(err) => {
+                println!("package checks could not run: {err:#}");
+                total.failed += 1;
+            }
+        }
+    }
     println!("tests: {} passed, {} failed", total.passed, total.failed);
     ensure!(status.success(), "`{shown}` failed ({status})");
+    ensure!(total.failed == 0, "{} check(s) failed", total.failed);
     Ok(())
 }
 

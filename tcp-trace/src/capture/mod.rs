@@ -1,6 +1,7 @@
 //! The only code that touches the kernel: load and attach the eBPF programs, drain the ring
 //! buffer, decode records, read the kernel-side counters.
 mod btf;
+pub mod caps;
 mod counters;
 pub mod decode;
 mod offsets;
@@ -193,15 +194,20 @@ impl Capture {
         } else {
             hooks.missing.push(format!(
                 "timer:timer_expire_entry/exit (tcp_keepalive_timer not in /proc/kallsyms, or \
-                 sock.sk_timer/icsk_probes_out not in BTF): {keepalive_lost}"
+                 sock.sk_timer/icsk_probes_out not in BTF): {keepalive_lost}{}",
+                caps::lacking(caps::SYSLOG, "reading addresses in /proc/kallsyms")
             ));
         }
         optional(
             &mut hooks,
             "cgroup/setsockopt".into(),
-            "keepalive configuration (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT)",
+            &format!(
+                "keepalive configuration (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT){}",
+                caps::lacking(caps::NET_ADMIN, "loading a cgroup program")
+            ),
             attach_setsockopt(&mut ebpf),
         );
+        hooks.missing.extend(caps::namespace_access());
 
         let ring = ebpf.take_map("EVENTS").expect("the object defines EVENTS");
         let ring = RingBuf::try_from(ring).map_err(|err| CaptureError::Map("EVENTS", err))?;
@@ -406,21 +412,7 @@ pub fn check_privileges() -> Result<(), CaptureError> {
 
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON (tracepoint programs need both).
 fn privileged() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    let Some(effective) = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-    else {
-        return false;
-    };
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+    caps::has(caps::SYS_ADMIN) || (caps::has(caps::BPF) && caps::has(caps::PERFMON))
 }
 
 /// Records an optional hook as attached, or as missing with what is lost without it.

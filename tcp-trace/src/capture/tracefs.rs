@@ -5,19 +5,44 @@ pub const ROOT: &str = "/sys/kernel/tracing";
 
 /// Mounts tracefs at /sys/kernel/tracing unless it (or debugfs's tracing dir) is already there.
 pub fn ensure_mounted() -> io::Result<()> {
-    if Path::new(ROOT).join("events").is_dir() {
+    let events = Path::new(ROOT).join("events");
+    match std::fs::metadata(&events) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        // tracefs is root's, mode 0700: another user reads it only with CAP_DAC_READ_SEARCH.
+        Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(io::Error::other(format!(
+                "cannot read {}: {err}{}",
+                events.display(),
+                super::caps::lacking(
+                    super::caps::DAC_READ_SEARCH,
+                    "reading tracefs as a user other than root"
+                )
+            )));
+        }
+        _ => {}
+    }
+    // mount(2) itself, not mount(8): util-linux's mount refuses users other than root even when
+    // they have CAP_SYS_ADMIN.
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in these names");
+    let (source, target) = (c("tracefs"), c(ROOT));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            source.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    let err = io::Error::last_os_error();
+    if rc == 0 && events.is_dir() {
         return Ok(());
     }
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tracefs", "tracefs", ROOT])
-        .status()?;
-    if status.success() && Path::new(ROOT).join("events").is_dir() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "tracefs is not mounted and `mount -t tracefs tracefs {ROOT}` failed ({status}); mount it and retry"
-        )))
-    }
+    Err(io::Error::other(format!(
+        "tracefs is not mounted and mounting it at {ROOT} failed ({err}){}; run `mount -t tracefs tracefs {ROOT}` as root and retry",
+        super::caps::lacking(super::caps::SYS_ADMIN, "mounting tracefs")
+    )))
 }
 
 /// One field of a tracepoint's record as its `format` file describes it.
