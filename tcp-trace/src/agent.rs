@@ -14,7 +14,8 @@ use crate::{
     bus::{Bus, BusConfig},
     capture::{self, Capture, CaptureConfig, DecodeError, Record},
     event::Events,
-    lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
+    export::{self, ExportConfig, Observer},
+    lifecycle::{self, Connection, KeepaliveChange, KeepaliveDefaults, Peers, Table},
     model::TcpState,
     proto,
     stats::AgentStats,
@@ -35,6 +36,8 @@ pub struct AgentConfig {
     pub replay: usize,
     /// Socket group and TLS.
     pub access: Access,
+    /// Prometheus and OTLP.
+    pub export: ExportConfig,
 }
 
 impl Default for AgentConfig {
@@ -48,6 +51,7 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             replay: BusConfig::default().replay,
             access: Access::default(),
+            export: ExportConfig::default(),
         }
     }
 }
@@ -58,6 +62,8 @@ pub enum AgentError {
     Capture(#[from] capture::CaptureError),
     #[error(transparent)]
     Listen(#[from] api::ListenError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
 }
 
 /// A running agent. Stop it with [`Agent::shutdown`].
@@ -67,6 +73,8 @@ pub struct Agent {
     /// Where it listens, with TCP port 0 resolved.
     pub listening: Vec<ListenAddr>,
     pub hooks: capture::Hooks,
+    /// Where `/metrics` is served (`--metrics`), port resolved.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     _listeners_cleanup: ListenerFiles,
 }
 
@@ -118,6 +126,15 @@ impl Agent {
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let exporters = export::start(
+            &config.export,
+            Arc::clone(&table),
+            Arc::clone(&bus),
+            Arc::clone(&stats),
+            &cancel,
+            &mut tasks,
+        )
+        .await?;
 
         let mut pipeline = Pipeline {
             table: Arc::clone(&table),
@@ -128,6 +145,7 @@ impl Agent {
             keepalive_defaults: HashMap::new(),
             warned_malformed: false,
             table_capacity: 0,
+            export: exporters.observer,
         };
         let drain_cancel = cancel.clone();
         // The drain loop sleeps in sub-millisecond steps, finer than tokio's timers: it gets a
@@ -215,6 +233,7 @@ impl Agent {
             tasks,
             listening,
             hooks,
+            metrics_addr: exporters.metrics_addr,
             _listeners_cleanup: ListenerFiles(socket_files),
         })
     }
@@ -260,6 +279,8 @@ struct Pipeline {
     warned_malformed: bool,
     /// The table's capacity after the last drain, to see it grow.
     table_capacity: usize,
+    /// Prometheus and OTLP: told of each connection's open, establishment and close.
+    export: Observer,
 }
 
 impl Pipeline {
@@ -294,10 +315,14 @@ impl capture::Sink for Pipeline {
             Record::Transition(t) => {
                 let applied = self.table().apply(&t);
                 let c = &applied.connection;
-                if t.new == TcpState::Established
-                    && let Some(ns) = c.handshake_ns()
-                {
-                    self.stats.established(ns);
+                if lifecycle::opening(&t).is_some() {
+                    self.export.opened(c);
+                }
+                if t.new == TcpState::Established {
+                    if let Some(ns) = c.handshake_ns() {
+                        self.stats.established(ns);
+                    }
+                    self.export.established(c);
                 }
                 self.events.state_change(&t, c);
             }
@@ -317,6 +342,9 @@ impl capture::Sink for Pipeline {
                 let changes = self.table().keepalive_timer(&k);
                 if let Some((c, changes)) = changes {
                     for change in changes.iter().flatten() {
+                        if let KeepaliveChange::ProbeSent { .. } = change {
+                            self.export.keepalive_probe();
+                        }
                         self.events.keepalive(k.ts_ns, change, &c);
                     }
                 }
@@ -355,6 +383,7 @@ impl capture::Sink for Pipeline {
         }
         for connection in closed.drain(..) {
             self.stats.closed(&connection);
+            self.export.closed(&connection);
             self.events.closed(&connection, long_lived_ns);
         }
         self.closed = closed;
