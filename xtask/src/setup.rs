@@ -25,11 +25,43 @@ pub const TEST_TOOLS: &[Tool] = &[
         program: "nft",
         package: "nftables",
     },
+    // tests/export.rs: a real Prometheus server, and promtool.
+    Tool {
+        program: "prometheus",
+        package: "prometheus",
+    },
+];
+
+/// PyPI packages the export tests' OTLP receiver (tcp-trace/tests/python) imports: (module,
+/// package).
+pub const EXPORT_PYTHON: &[(&str, &str)] = &[
+    ("grpc", "grpcio"),
+    ("opentelemetry.proto", "opentelemetry-proto"),
 ];
 
 pub fn run() -> Result<()> {
     toolchain()?;
-    system_tools(TEST_TOOLS)
+    system_tools(TEST_TOOLS)?;
+    export_python(EXPORT_PYTHON)
+}
+
+/// Installs with pip the `packages` whose module python3 cannot import.
+pub fn export_python(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(module, _)| {
+            !cmd::succeeds(Command::new("python3").args(["-c", &format!("import {module}")]))
+        })
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    cmd::run(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&missing),
+    )
 }
 
 /// What any cargo build of the workspace needs: nightly's rust-src (aya-build uses

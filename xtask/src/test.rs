@@ -17,6 +17,7 @@ pub fn run(args: &[OsString]) -> Result<()> {
     );
     let linker = setup::toolchain()?;
     setup::system_tools(setup::TEST_TOOLS)?;
+    setup::export_python(setup::EXPORT_PYTHON)?;
     let mut cargo = build::cargo(&linker, "test");
     cargo.args(args).stdout(Stdio::piped());
     let shown = cmd::display(&cargo);
