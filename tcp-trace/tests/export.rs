@@ -553,3 +553,18 @@ async fn a_dead_otlp_receiver_costs_counted_drops_and_never_stalls_tracing() {
     }
     agent.shutdown().await;
 }
+
+#[test]
+fn deploy_md_shows_the_configs_the_tests_use() {
+    let docs = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs");
+    let read = |path: &str| {
+        std::fs::read_to_string(format!("{docs}/{path}")).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let deploy = read("deploy.md");
+    for file in ["deploy/prometheus.yml", "deploy/otel-collector.yaml"] {
+        assert!(
+            deploy.contains(&read(file)),
+            "docs/deploy.md shows docs/{file} verbatim"
+        );
+    }
+}

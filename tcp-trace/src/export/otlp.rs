@@ -296,6 +296,8 @@ fn resource() -> Resource {
             text("service.name", "tcp-trace"),
             text("service.version", env!("CARGO_PKG_VERSION")),
             text("host.name", host.trim()),
+            // What a collector's Prometheus exporter turns into `instance`: one per host.
+            text("service.instance.id", host.trim()),
         ],
         ..Default::default()
     }
