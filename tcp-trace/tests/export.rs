@@ -373,11 +373,19 @@ fn attribute<'a>(record: &'a Value, key: &str) -> &'a Value {
 
 /// The records of `trip`: (active, passive), each exactly once.
 fn records_of<'a>(logs: &'a [Value], trip: &Roundtrip) -> (&'a Value, &'a Value) {
-    let port = u64::from(trip.client.port());
-    let mine: Vec<&Value> = logs
-        .iter()
-        .filter(|r| attribute(r, "client.port").as_u64() == Some(port))
-        .collect();
+    // Client ports come round again over thousands of connections; with the server's port
+    // (a listener per `roundtrips` call) they name one connection.
+    let ports = |r: &&Value| {
+        (
+            attribute(r, "client.port").as_u64(),
+            attribute(r, "server.port").as_u64(),
+        )
+    };
+    let trip_ports = (
+        Some(u64::from(trip.client.port())),
+        Some(u64::from(trip.server.port())),
+    );
+    let mine: Vec<&Value> = logs.iter().filter(|r| ports(r) == trip_ports).collect();
     let side = |direction: &str| {
         let found: Vec<&&Value> = mine
             .iter()
@@ -466,56 +474,124 @@ async fn otlp_receiver_gets_one_log_record_per_connection_end() {
     agent.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_otlp_receiver_costs_counted_drops_and_never_stalls_tracing() {
+/// The agent binary in a process of its own, so that its memory is its own: traces `ns` only,
+/// serves `/metrics` on loopback and exports to an OTLP receiver on `otlp_port`. Stopped on drop.
+struct AgentProcess {
+    child: Child,
+    metrics: SocketAddr,
+}
+
+impl AgentProcess {
+    fn start(ns: &NetNs, otlp_port: u16, queue: usize) -> AgentProcess {
+        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let socket = std::env::temp_dir().join(format!(
+            "tcp-trace-export-{}-{}.sock",
+            std::process::id(),
+            metrics.port()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_tcp-trace"))
+            .arg("agent")
+            .arg(format!("--listen=unix:{}", socket.display()))
+            .arg(format!("--netns={}", ns.inode()))
+            .arg(format!("--metrics={metrics}"))
+            .arg(format!("--otlp-endpoint=http://127.0.0.1:{otlp_port}"))
+            .arg(format!("--otlp-queue={queue}"))
+            // Each `roundtrips` call listens on a new port, a new peer: keep the per-peer
+            // aggregates (bounded on their own) from growing into what this test measures.
+            .arg("--max-peers=16")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the tcp-trace binary runs");
+        let agent = AgentProcess { child, metrics };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(metrics).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent serves no metrics after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    /// Resident memory, KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the agent is running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_dead_otlp_receiver_costs_counted_drops_not_memory_and_never_stalls_tracing() {
     let ns = NetNs::new("otlpdown");
     let port = free_port();
-    let queue = 16;
-    let agent = TestAgent::start_with(config(&ns, otlp_config(port, queue))).await;
-    let metrics_addr = agent.metrics_addr();
+    let queue = 1024;
+    let agent = AgentProcess::start(&ns, port, queue);
     let before = ns.snmp();
     let lo = "127.0.0.1".parse().unwrap();
-    // Ten seconds of connections with nothing listening for OTLP.
-    let ns_ = &ns;
-    let mut trips = tokio::task::block_in_place(|| {
-        let started = Instant::now();
-        let mut trips = Vec::new();
-        while started.elapsed() < Duration::from_secs(10) {
-            trips.extend(roundtrips(ns_, lo, 10));
-            std::thread::sleep(Duration::from_millis(50));
+    // Ten seconds of churn with nothing listening for OTLP; the agent's memory sampled each
+    // second, from after the first second (the ring's pages and the table's first growth).
+    let started = Instant::now();
+    let mut trips = Vec::new();
+    let mut rss = Vec::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        trips.extend(roundtrips(&ns, lo, 20));
+        if started.elapsed() >= Duration::from_secs(rss.len() as u64 + 1) {
+            rss.push(agent.rss_kib());
         }
-        trips
-    });
+    }
+    let ends = 2 * trips.len() as u64;
     // Tracing kept up meanwhile: every open the kernel counted is on /metrics.
     let delta = ns.snmp().delta(&before);
     let opens = (delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens")) as u64;
-    assert_eq!(opens, 2 * trips.len() as u64);
+    assert_eq!(opens, ends);
     let opened = |text: &str| {
         ["active", "passive"]
             .iter()
             .map(|d| {
-                sample(
-                    text,
-                    &format!("tcptrace_connections_opened_total{{direction=\"{d}\"}}"),
-                )
-                .unwrap_or(0)
+                let series = format!("tcptrace_connections_opened_total{{direction=\"{d}\"}}");
+                sample(text, &series).unwrap_or(0)
             })
             .sum::<u64>()
     };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while opened(&tokio::task::block_in_place(|| scrape(metrics_addr))) != opens {
+    while opened(&scrape(agent.metrics)) != opens {
         assert!(
             Instant::now() < deadline,
             "the agent fell behind the kernel"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::thread::sleep(Duration::from_millis(100));
     }
     let lost = |text: &str| sample(text, "tcptrace_events_lost_total{stage=\"otlp\"}").unwrap_or(0);
-    let lost_while_down = lost(&tokio::task::block_in_place(|| scrape(metrics_addr)));
+    let lost_while_down = lost(&scrape(agent.metrics));
+    // At most the queue and one batch (512) are held; everything else was counted and freed.
     assert!(
-        lost_while_down >= (2 * trips.len()).saturating_sub(queue + 512) as u64,
-        "at most the queue and one batch are held: {lost_while_down} of {} lost",
-        2 * trips.len()
+        lost_while_down >= ends.saturating_sub(queue as u64 + 512),
+        "{lost_while_down} of {ends} connection ends lost"
+    );
+    // Holding the ends instead, as log records (about 1.5 KiB each), would take tens of MiB; the
+    // rest of the agent grows a few MiB over such a run (the bus, the heap's fragments).
+    let (first, last) = (rss.first().copied(), rss.last().copied());
+    let growth = last.unwrap_or(0).saturating_sub(first.unwrap_or(0));
+    eprintln!(
+        "{ends} connection ends, {lost_while_down} lost; agent RSS each second (KiB): {rss:?}"
+    );
+    assert!(
+        growth < 16 << 10,
+        "the agent grew {growth} KiB while the receiver was down: {rss:?}"
     );
 
     // The receiver comes up: the exporter's retries find it.
@@ -527,31 +603,34 @@ async fn a_dead_otlp_receiver_costs_counted_drops_and_never_stalls_tracing() {
             Instant::now() < deadline,
             "nothing arrived after the receiver came up"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::thread::sleep(Duration::from_millis(100));
         receiver.take(&mut logs, &mut metrics);
     }
-    let after = tokio::task::block_in_place(|| roundtrips(ns_, lo, 5));
-    trips.extend(after.iter().copied());
-    // Every connection end is either delivered once or counted as lost.
-    let ends = 2 * trips.len() as u64;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        receiver.take(&mut logs, &mut metrics);
-        let lost = lost(&tokio::task::block_in_place(|| scrape(metrics_addr)));
-        if logs.len() as u64 + lost == ends {
-            break;
+    // Every connection end is either delivered once or counted as lost...
+    let settled = |logs: &mut Vec<Value>, metrics: &mut Vec<Value>, ends: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            receiver.take(logs, metrics);
+            let lost = lost(&scrape(agent.metrics));
+            if logs.len() as u64 + lost == ends {
+                return lost;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} delivered + {lost} lost != {ends} connection ends",
+                logs.len()
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} delivered + {lost} lost != {ends} connection ends",
-            logs.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    let lost_before = settled(&mut logs, &mut metrics, ends);
+    // ... and once the backlog is through, nothing more is lost.
+    let after = roundtrips(&ns, lo, 5);
+    let lost_after = settled(&mut logs, &mut metrics, ends + 2 * after.len() as u64);
+    assert_eq!(lost_after, lost_before);
     for trip in &after {
         records_of(&logs, trip);
     }
-    agent.shutdown().await;
 }
 
 #[test]
