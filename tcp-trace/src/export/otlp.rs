@@ -158,17 +158,24 @@ impl Exporter {
         }
     }
 
-    /// Lets a partial batch grow for [`LINGER`].
+    /// Lets a partial batch grow for up to [`LINGER`]. It polls the queue rather than waiting on
+    /// it: a task waiting on the channel is woken for every record sent, a thread wake-up per
+    /// closed connection (it tripled the agent's CPU per connection under churn).
     async fn fill(&mut self, batch: &mut Vec<Connection>) {
         let max = self.config.batch;
-        let _ = tokio::time::timeout(LINGER, async {
+        let until = tokio::time::Instant::now() + LINGER;
+        loop {
             while batch.len() < max {
-                if self.rx.recv_many(batch, max - batch.len()).await == 0 {
-                    break;
+                match self.rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
                 }
             }
-        })
-        .await;
+            if batch.len() >= max || tokio::time::Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(LINGER / 4).await;
+        }
     }
 
     /// Sends `batch` (emptying it), retrying what the OTLP spec calls retryable.
