@@ -182,30 +182,18 @@ impl Exporter {
     async fn send_logs(&mut self, batch: &mut Vec<Connection>) {
         let clock = Clock::now();
         let now_ns = unix_ns(SystemTime::now());
-        let records = batch
-            .drain(..)
-            .map(|c| log_record(&c, &clock, now_ns))
-            .collect();
-        let request = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                resource: Some(self.resource.clone()),
-                scope_logs: vec![ScopeLogs {
-                    scope: Some(scope()),
-                    log_records: records,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        };
-        let count = record_count(&request);
+        let count = batch.len() as u64;
         for wait in BACKOFF.iter().copied().map(Some).chain([None]) {
-            match self.logs.export(request.clone()).await {
+            // Built again for a retry (rare) rather than cloned for every send.
+            let request = self.logs_request(batch, &clock, now_ns);
+            match self.logs.export(request).await {
                 Ok(response) => {
                     let rejected = response
                         .into_inner()
                         .partial_success
                         .map_or(0, |p| u64::try_from(p.rejected_log_records).unwrap_or(0));
                     self.lost.fetch_add(rejected, Ordering::Relaxed);
+                    batch.clear();
                     return;
                 }
                 Err(status) if retryable(status.code()) => {
@@ -219,7 +207,27 @@ impl Exporter {
                 }
             }
         }
+        batch.clear();
         self.lost.fetch_add(count, Ordering::Relaxed);
+    }
+
+    fn logs_request(
+        &self,
+        batch: &[Connection],
+        clock: &Clock,
+        now_ns: u64,
+    ) -> ExportLogsServiceRequest {
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(self.resource.clone()),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(scope()),
+                    log_records: batch.iter().map(|c| log_record(c, clock, now_ns)).collect(),
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
     }
 
     fn metrics_request(&self) -> ExportMetricsServiceRequest {
@@ -257,16 +265,6 @@ fn retryable(code: tonic::Code) -> bool {
             | OutOfRange
             | DataLoss
     )
-}
-
-fn record_count(request: &ExportLogsServiceRequest) -> u64 {
-    let n: usize = request
-        .resource_logs
-        .iter()
-        .flat_map(|r| &r.scope_logs)
-        .map(|s| s.log_records.len())
-        .sum();
-    n as u64
 }
 
 fn unix_ns(t: SystemTime) -> u64 {
