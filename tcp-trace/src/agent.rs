@@ -17,7 +17,8 @@ use crate::{
         sockdiag::{SockDiag, SocketList},
     },
     event::Events,
-    lifecycle::{Connection, KeepaliveDefaults, Peers, Table},
+    export::{self, ExportConfig, Observer},
+    lifecycle::{self, Connection, KeepaliveChange, KeepaliveDefaults, Peers, Table},
     model::TcpState,
     proto,
     stats::AgentStats,
@@ -41,6 +42,8 @@ pub struct AgentConfig {
     /// How often the table is healed against the kernel's socket list (also right after any
     /// kernel-side loss); zero turns healing off.
     pub heal_interval: Duration,
+    /// Prometheus and OTLP.
+    pub export: ExportConfig,
 }
 
 impl Default for AgentConfig {
@@ -55,6 +58,7 @@ impl Default for AgentConfig {
             replay: BusConfig::default().replay,
             access: Access::default(),
             heal_interval: DEFAULT_HEAL_INTERVAL,
+            export: ExportConfig::default(),
         }
     }
 }
@@ -68,6 +72,8 @@ pub enum AgentError {
     Capture(#[from] capture::CaptureError),
     #[error(transparent)]
     Listen(#[from] api::ListenError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
 }
 
 /// A running agent. Stop it with [`Agent::shutdown`].
@@ -77,6 +83,8 @@ pub struct Agent {
     /// Where it listens, with TCP port 0 resolved.
     pub listening: Vec<ListenAddr>,
     pub hooks: capture::Hooks,
+    /// Where `/metrics` is served (`--metrics`), port resolved.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Removed when the agent is gone, each if it is still the agent's socket.
     _socket_files: Vec<api::SocketFile>,
 }
@@ -119,6 +127,15 @@ impl Agent {
         });
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let exporters = export::start(
+            &config.export,
+            Arc::clone(&table),
+            Arc::clone(&bus),
+            Arc::clone(&stats),
+            &cancel,
+            &mut tasks,
+        )
+        .await?;
 
         let mut pipeline = Pipeline {
             table: Arc::clone(&table),
@@ -130,6 +147,7 @@ impl Agent {
             warned_malformed: false,
             table_capacity: 0,
             heal: Heal::start(config.heal_interval, config.capture.netns, &stats),
+            export: exporters.observer,
         };
         let drain_cancel = cancel.clone();
         // The drain loop sleeps in sub-millisecond steps, finer than tokio's timers: it gets a
@@ -243,6 +261,7 @@ impl Agent {
             tasks,
             listening,
             hooks,
+            metrics_addr: exporters.metrics_addr,
             _socket_files: socket_files,
         })
     }
@@ -310,6 +329,8 @@ struct Pipeline {
     /// The table's capacity after the last drain, to see it grow.
     table_capacity: usize,
     heal: Heal,
+    /// Prometheus and OTLP: told of each connection's open, establishment and close.
+    export: Observer,
 }
 
 /// The pipeline's side of healing: tells subscribers of kernel-side losses, asks the heal
@@ -454,10 +475,14 @@ impl capture::Sink for Pipeline {
             Record::Transition(t) => {
                 let applied = self.table().apply(&t);
                 let c = &applied.connection;
-                if t.new == TcpState::Established
-                    && let Some(ns) = c.handshake_ns()
-                {
-                    self.stats.established(ns);
+                if lifecycle::opening(&t).is_some() {
+                    self.export.opened(c);
+                }
+                if t.new == TcpState::Established {
+                    if let Some(ns) = c.handshake_ns() {
+                        self.stats.established(ns);
+                    }
+                    self.export.established(c);
                 }
                 self.events.state_change(&t, c);
             }
@@ -477,6 +502,9 @@ impl capture::Sink for Pipeline {
                 let changes = self.table().keepalive_timer(&k);
                 if let Some((c, changes)) = changes {
                     for change in changes.iter().flatten() {
+                        if let KeepaliveChange::ProbeSent { .. } = change {
+                            self.export.keepalive_probe();
+                        }
                         self.events.keepalive(k.ts_ns, change, &c);
                     }
                 }
@@ -531,6 +559,7 @@ impl capture::Sink for Pipeline {
         }
         for connection in closed.drain(..) {
             self.stats.closed(&connection);
+            self.export.closed(&connection);
             self.events.closed(&connection, long_lived_ns);
         }
         self.closed = closed;

@@ -8,6 +8,7 @@ use crate::{
     api::{Access, Limits, ListenAddr, TlsFiles},
     capture::CaptureConfig,
     client::{ClientTls, ConnectOptions},
+    export::{ExportConfig, OtlpConfig},
     filter::Cidr,
     model::TcpState,
     proto,
@@ -109,6 +110,17 @@ pub struct AgentArgs {
     /// Require TLS clients to present a certificate signed by this CA (PEM): mutual TLS.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Export each closed connection as a log record, and the metrics, to this OTLP/gRPC
+    /// receiver (http://HOST:PORT, e.g. an OpenTelemetry Collector on http://127.0.0.1:4317).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Closed connections queued for OTLP while the receiver is slow or down; beyond it they are
+    /// dropped and counted (tcptrace_events_lost_total{stage="otlp"}).
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub otlp_queue: u64,
 }
 
 impl AgentArgs {
@@ -141,6 +153,14 @@ impl AgentArgs {
                     }),
                     _ => None,
                 },
+            },
+            export: ExportConfig {
+                metrics: self.metrics,
+                otlp: self.otlp_endpoint.as_ref().map(|endpoint| OtlpConfig {
+                    endpoint: endpoint.clone(),
+                    queue: self.otlp_queue as usize,
+                    ..OtlpConfig::default()
+                }),
             },
         }
     }

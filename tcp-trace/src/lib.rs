@@ -3,6 +3,7 @@
 //! Data flows one way: kernel record (`tcp-trace-ebpf`) -> [`capture`] (load, drain, decode) ->
 //! [`lifecycle`] (the connection table) -> [`event`] (clock, conversion, encoding) -> [`bus`]
 //! (sequence numbers, filters, fan-out, replay) -> [`api`] (gRPC) -> clients ([`cli`]).
+//! [`export`] (Prometheus, OTLP) is fed beside the bus by the same pipeline, once per connection.
 pub mod agent;
 pub mod api;
 pub mod bus;
@@ -10,6 +11,7 @@ pub mod capture;
 pub mod cli;
 pub mod client;
 pub mod event;
+pub mod export;
 pub mod filter;
 pub mod json;
 pub mod lifecycle;

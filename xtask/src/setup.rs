@@ -34,6 +34,11 @@ pub const TEST_TOOLS: &[Tool] = &[
         program: "redis-benchmark",
         package: "redis-tools",
     },
+    // tests/export.rs: a real Prometheus server, and promtool.
+    Tool {
+        program: "prometheus",
+        package: "prometheus",
+    },
 ];
 
 pub fn run() -> Result<()> {
@@ -204,6 +209,11 @@ pub const TEST_PYTHON_PACKAGES: &[PythonPackage] = &[
         module: "grpc_reflection",
         package: "grpcio-reflection",
     },
+    // tests/export.rs: the OTLP receiver, built from the official protos.
+    PythonPackage {
+        module: "opentelemetry.proto",
+        package: "opentelemetry-proto",
+    },
 ];
 
 /// Installs the packages of missing modules with `python3 -m pip` (python3 and pip from Debian
@@ -214,8 +224,12 @@ pub fn python_packages(packages: &[PythonPackage]) -> Result<()> {
         package: "python3",
     }])?;
     // find_spec locates a module without importing it.
+    // find_spec of a dotted name imports its parent, which fails when that is missing too.
     let probe = "import importlib.util, sys\n\
-                 print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))";
+                 def missing(m):\n    \
+                     try:\n        return importlib.util.find_spec(m) is None\n    \
+                     except ModuleNotFoundError:\n        return True\n\
+                 print(' '.join(m for m in sys.argv[1:] if missing(m)))";
     let modules = packages.iter().map(|p| p.module);
     let missing = cmd::capture(
         Command::new("python3")

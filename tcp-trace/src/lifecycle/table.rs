@@ -342,7 +342,7 @@ impl Table {
 }
 
 /// The transitions that start a socket's life, and what kind of life.
-fn opening(t: &Transition) -> Option<Direction> {
+pub fn opening(t: &Transition) -> Option<Direction> {
     match (t.old, t.new) {
         (TcpState::Close, TcpState::SynSent) => Some(Direction::Active),
         (TcpState::Close, TcpState::Listen) => Some(Direction::Listen),

@@ -79,6 +79,12 @@ impl TestAgent {
             .expect("the agent listens on TCP")
     }
 
+    /// Where it serves `/metrics` (`AgentConfig::export.metrics`), port resolved.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        let agent = self.agent.as_ref().expect("running");
+        agent.metrics_addr.expect("the agent serves metrics")
+    }
+
     pub async fn subscribe_with(
         &mut self,
         request: proto::SubscribeRequest,
