@@ -245,7 +245,11 @@ impl Capture {
         let context_tracked = self.context_tracked;
         let ring = &mut self.ring;
         let mut n = 0;
-        while let Some(item) = ring.next() {
+        // Bounded: when the programs write faster than the agent reads, the ring never empties,
+        // and an unbounded drain would publish nothing and hold every decoded event in memory.
+        while n < MAX_DRAIN
+            && let Some(item) = ring.next()
+        {
             n += 1;
             let mut record = decode::decode(&item);
             if !context_tracked && let Ok(Record::Transition(t)) = &mut record {
@@ -289,6 +293,10 @@ impl Capture {
                 if (n == 0 && busy_for >= self.wakeup_interval) || cancel.is_cancelled() {
                     break;
                 }
+                if n == MAX_DRAIN {
+                    // Behind: read on at once.
+                    continue;
+                }
                 std::thread::sleep(if busy_for < self.wakeup_interval {
                     follow_up
                 } else {
@@ -300,6 +308,10 @@ impl Capture {
         self.drain(sink);
     }
 }
+
+/// Most records one drain hands to the sink before it completes the batch (and the events are
+/// published): a few milliseconds of the busiest churn, a few MiB of events held at most.
+const MAX_DRAIN: usize = 16_384;
 
 /// Waits until `fd` is readable or `timeout` passes (EINTR counts as a timeout).
 fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
