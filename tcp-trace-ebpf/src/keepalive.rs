@@ -1,8 +1,8 @@
 //! Keepalive: configuration from setsockopt() (a cgroup setsockopt program), probes and dead
 //! peers from the keepalive timer.
 //!
-//! fentry and kprobes are not available here (../shared/PLATFORM.md). `timer:timer_expire_entry`
-//! fires for every kernel timer with the timer's function: for `tcp_keepalive_timer` the timer
+//! fentry (EPERM at load) and kprobes (kernels built without them) are not available on the
+//! target kernels. `timer:timer_expire_entry` fires for every kernel timer with the timer's function: for `tcp_keepalive_timer` the timer
 //! is `&sk->sk_timer`. Comparing `icsk_probes_out` before (entry) and after (exit) the function
 //! tells whether it sent a probe (it increments the count when it does), and a socket the timer
 //! gives up on is closed inside it with sk_err = ETIMEDOUT, which the state program records.
