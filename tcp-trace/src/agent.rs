@@ -563,15 +563,18 @@ impl capture::Sink for Pipeline {
             self.events.closed(&connection, long_lived_ns);
         }
         self.closed = closed;
+        self.bus.publish(&mut self.events.batch);
+        self.events.drain_done();
+        // After publishing: reading the kernel's counters (a file per program) must not delay
+        // this drain's events. A loss found here goes out with the next drain, at most one
+        // ring poll (100 ms) later.
         if let Some((ring_full, skipped)) = self.heal.kernel_losses(&self.stats) {
             self.events.kernel_lost(ring_full, skipped);
             self.heal.request();
         }
-        self.bus.publish(&mut self.events.batch);
         if let Some(list) = self.heal.lists.as_ref().and_then(|l| l.try_recv().ok()) {
             self.heal.received = Some(list);
         }
-        self.events.drain_done();
     }
 }
 
