@@ -18,7 +18,7 @@ use crate::{
     },
     event::Events,
     export::{self, ExportConfig, Observer},
-    lifecycle::{self, Connection, KeepaliveChange, KeepaliveDefaults, Peers, Table},
+    lifecycle::{Connection, KeepaliveChange, KeepaliveDefaults, Peers, Table},
     model::TcpState,
     proto,
     stats::AgentStats,
@@ -475,7 +475,7 @@ impl capture::Sink for Pipeline {
             Record::Transition(t) => {
                 let applied = self.table().apply(&t);
                 let c = &applied.connection;
-                if lifecycle::opening(&t).is_some() {
+                if applied.opened {
                     self.export.opened(c);
                 }
                 if t.new == TcpState::Established {

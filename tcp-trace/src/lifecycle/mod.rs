@@ -20,6 +20,6 @@ pub use connection::{
 };
 pub use heal::Healed;
 pub use peers::{PeerKey, PeerStats, Peers};
-pub use table::{Applied, KeepaliveChange, Table, opening};
+pub use table::{Applied, KeepaliveChange, Table};
 
 pub use crate::model::Direction;

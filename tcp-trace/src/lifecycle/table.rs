@@ -19,6 +19,8 @@ pub struct Applied {
     pub connection: Connection,
     /// The transition was to CLOSE: the connection's life is over and it left the table.
     pub closed: bool,
+    /// The transition began a life (connect, listen, or a SYN at a listener).
+    pub opened: bool,
 }
 
 /// What a keepalive record meant.
@@ -293,7 +295,11 @@ impl Table {
         } else {
             self.table_full += 1;
         }
-        Applied { connection, closed }
+        Applied {
+            connection,
+            closed,
+            opened: opening.is_some(),
+        }
     }
 
     fn open(&mut self, t: &Transition, opening: Option<Direction>) -> Connection {
@@ -342,7 +348,7 @@ impl Table {
 }
 
 /// The transitions that start a socket's life, and what kind of life.
-pub fn opening(t: &Transition) -> Option<Direction> {
+fn opening(t: &Transition) -> Option<Direction> {
     match (t.old, t.new) {
         (TcpState::Close, TcpState::SynSent) => Some(Direction::Active),
         (TcpState::Close, TcpState::Listen) => Some(Direction::Listen),
