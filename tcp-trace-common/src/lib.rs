@@ -42,6 +42,32 @@ pub mod flags {
     /// the state of a socket a process holds (it queues the packet to the socket's backlog, which
     /// the owner's system call then processes, still holding the lock).
     pub const KERNEL_CONTEXT: u32 = 1 << 0;
+    /// Written while [`switch::TRANSITIONS`] was on: the kernel recorded every transition of
+    /// the socket around this one. Without it, the programs recorded only the transitions that
+    /// open, establish and close a socket (see [`switch`]), so this one must not be shown as a
+    /// state-change event: its neighbours are missing.
+    pub const ALL_TRANSITIONS: u32 = 1 << 1;
+}
+
+/// The agent's switches, the entries of the `SWITCHES` array map (a u32 each, 0 = off), which it
+/// writes while the programs run.
+pub mod switch {
+    /// Record every state transition. Off (the agent's state while no subscriber asks for
+    /// state-change events), the state programs record only transitions into SYN_SENT,
+    /// ESTABLISHED, LISTEN and CLOSE: what the agent's table and its summaries need (the states
+    /// between ESTABLISHED and CLOSE follow from the state a socket closes from). The others
+    /// cost a tracepoint dispatch and a few loads, and no record.
+    pub const TRANSITIONS: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
+/// Whether the state programs record a transition to `new_state` with [`switch::TRANSITIONS`] off.
+#[inline(always)]
+pub const fn recorded_when_quiet(new_state: u8) -> bool {
+    matches!(
+        new_state,
+        tcp_state::SYN_SENT | tcp_state::ESTABLISHED | tcp_state::LISTEN | tcp_state::CLOSE
+    )
 }
 
 /// Linux TCP states, numbered as in `include/net/tcp_states.h`.

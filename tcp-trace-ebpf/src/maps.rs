@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use tcp_trace_common::{KernelOffsets, SockLayout, counter};
+use tcp_trace_common::{KernelOffsets, SockLayout, counter, switch};
 
 /// The records, in the order the kernel reserved them. Its size is set by the agent (`--ring-bytes`).
 #[map(name = "EVENTS")]
@@ -13,6 +13,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 /// Per-CPU counters, indexed by `tcp_trace_common::counter`.
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// The agent's switches, indexed by `tcp_trace_common::switch`; it writes them at run time.
+#[map(name = "SWITCHES")]
+static SWITCHES: Array<u32> = Array::with_max_entries(switch::COUNT, 0);
 
 /// When the programs last forced a consumer wake-up (bpf_ktime_get_ns).
 #[map(name = "LAST_WAKEUP")]
@@ -74,6 +78,13 @@ macro_rules! global {
     ($name:ident) => {
         unsafe { core::ptr::read_volatile(&raw const $name) }
     };
+}
+
+/// Whether the agent asked for every state transition (`switch::TRANSITIONS`).
+#[inline(always)]
+pub fn all_transitions() -> bool {
+    // An array lookup: the verifier inlines it into a bounds check and a load.
+    SWITCHES.get(switch::TRANSITIONS).is_some_and(|&on| on != 0)
 }
 
 pub fn netns_filter() -> u32 {

@@ -13,7 +13,9 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use tcp_trace_common::{AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, tcp_state};
+use tcp_trace_common::{
+    AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, recorded_when_quiet, tcp_state,
+};
 
 use crate::{
     fields::{address, field, load, load_bytes16, widen},
@@ -41,6 +43,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if field::<u16>(&ctx, PROTOCOL) != IPPROTO_TCP {
         return 0;
     }
+    let new_state = field::<i32>(&ctx, NEWSTATE) as u8;
+    let Some(all) = wanted(new_state) else {
+        return 0;
+    };
     let sock: u64 = field(&ctx, SKADDR);
     let netns = kernel::netns_of_sock(sock);
     if !maps::netns_wanted(netns) {
@@ -50,7 +56,6 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let new_state = field::<i32>(&ctx, NEWSTATE) as u8;
     let family: u16 = field(&ctx, FAMILY);
     let (saddr, daddr) = if family == AF_INET {
         (widen(field(&ctx, SADDR)), widen(field(&ctx, DADDR)))
@@ -77,13 +82,17 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let task = Task::current(kernel::lock_owned(sock), || {
         bpf_get_current_comm().unwrap_or_default()
     });
-    entry.write(transition.record(now, task, fields));
+    entry.write(transition.record(now, task, fields, all));
     maps::submit(entry, now);
     0
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let new_state = ctx.arg::<i32>(2) as u8;
+    let Some(all) = wanted(new_state) else {
+        return 0;
+    };
     let sk: *const u8 = ctx.arg(0);
     // Null for anything but a full TCP socket (the hook also fires for SCTP and MPTCP). Every
     // socket that changes TCP state is a full one: request sockets have no tracepoint.
@@ -99,7 +108,6 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let new_state = ctx.arg::<i32>(2) as u8;
     let family: u16 = load(tp, offset!(sock.family));
     let (saddr, daddr) = if family == AF_INET {
         (
@@ -137,9 +145,18 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
         let task = unsafe { bpf_get_current_task_btf() } as *const u8;
         load_bytes16(task, offset!(sock.task_comm))
     });
-    entry.write(transition.record(now, task, fields));
+    entry.write(transition.record(now, task, fields, all));
     maps::submit(entry, now);
     0
+}
+
+/// Whether a transition to `new_state` is recorded, and if so whether every transition is
+/// (the record's `ALL_TRANSITIONS` flag). Decided first, on the state alone, so that a
+/// transition nobody asked for costs the dispatch, one load and one array lookup.
+#[inline(always)]
+fn wanted(new_state: u8) -> Option<bool> {
+    let all = maps::all_transitions();
+    (all || recorded_when_quiet(new_state)).then_some(all)
 }
 
 /// The transition and the socket's endpoints, as both programs get them.
@@ -157,7 +174,8 @@ struct Transition {
 
 impl Transition {
     #[inline(always)]
-    fn record(self, now: u64, task: Task, fields: SockFields) -> StateChange {
+    fn record(self, now: u64, task: Task, fields: SockFields, all: bool) -> StateChange {
+        let all = if all { flags::ALL_TRANSITIONS } else { 0 };
         StateChange {
             header: Header {
                 kind: kind::STATE_CHANGE,
@@ -171,7 +189,7 @@ impl Transition {
             family: self.family,
             sport: self.sport,
             dport: self.dport,
-            flags: task.flags,
+            flags: task.flags | all,
             pid_tgid: task.pid_tgid,
             saddr: self.saddr,
             daddr: self.daddr,

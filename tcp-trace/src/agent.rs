@@ -125,6 +125,15 @@ impl Agent {
             replay: config.replay,
             max_subscribers: config.limits.max_subscribers,
         });
+        // The kernel records every transition only while a subscriber asks for state changes,
+        // unless told to always.
+        let switch = capture.transition_switch();
+        let always = config.capture.all_transitions;
+        bus.on_state_change_demand(Box::new(move |wanted| {
+            if let Err(err) = switch.set(wanted || always) {
+                tracing::error!("cannot switch the kernel's transition records: {err}");
+            }
+        }));
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let exporters = export::start(
@@ -484,7 +493,11 @@ impl capture::Sink for Pipeline {
                     }
                     self.export.established(c);
                 }
-                self.events.state_change(&t, c);
+                // A transition recorded while the kernel skipped its neighbours is not shown:
+                // no subscriber asked for state changes when it happened.
+                if t.all_recorded {
+                    self.events.state_change(&t, c);
+                }
             }
             Record::Retransmit(r) => {
                 let connection = self.table().retransmit(&r);

@@ -193,8 +193,13 @@ struct State {
     gone: Totals,
 }
 
+/// Told whether any subscriber now asks for state-change events (see
+/// [`Bus::on_state_change_demand`]).
+pub type DemandHook = Box<dyn Fn(bool) + Send + Sync>;
+
 pub struct Bus {
     state: Mutex<State>,
+    demand_hook: std::sync::OnceLock<DemandHook>,
     config: BusConfig,
     /// Events published by kind (indexed by `EventKind` value).
     published: [AtomicU64; KINDS],
@@ -272,8 +277,29 @@ impl Bus {
                 gone: Totals::default(),
             }),
             config,
+            demand_hook: std::sync::OnceLock::new(),
             published: std::array::from_fn(|_| AtomicU64::new(0)),
         })
+    }
+
+    /// Calls `hook` whenever the answer to "does any subscriber ask for state changes?" changes,
+    /// under the bus lock: when `subscribe` returns, the hook has been told about the new
+    /// subscriber. The agent turns the kernel's record of every transition on and off with it.
+    pub fn on_state_change_demand(&self, hook: DemandHook) {
+        let state = self.lock();
+        hook(state.wants_state_changes());
+        // Set once, by the agent; a second hook is a bug, and is ignored.
+        let _ = self.demand_hook.set(hook);
+    }
+
+    /// Tells the hook if the demand for state changes changed with the last (un)subscribe.
+    fn demand_changed(&self, state: &State, before: bool) {
+        let now = state.wants_state_changes();
+        if now != before
+            && let Some(hook) = self.demand_hook.get()
+        {
+            hook(now);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -307,6 +333,7 @@ impl Bus {
         shared.account.held.store(replayed, Relaxed);
         state.next_id += 1;
         let id = state.next_id;
+        let demand_before = state.wants_state_changes();
         state.subscribers.push(Subscriber {
             id,
             filter_text: request.filter.to_string(),
@@ -315,6 +342,7 @@ impl Bus {
             peer: request.peer,
             since: SystemTime::now(),
         });
+        self.demand_changed(&state, demand_before);
         Ok(Subscription {
             id,
             replay,
@@ -326,6 +354,7 @@ impl Bus {
 
     fn unsubscribe(&self, id: u64) {
         let mut state = self.lock();
+        let demand_before = state.wants_state_changes();
         if let Some(at) = state.subscribers.iter().position(|s| s.id == id) {
             let gone = state.subscribers.swap_remove(at).snapshot();
             state.gone.matched += gone.matched;
@@ -333,6 +362,7 @@ impl Bus {
             state.gone.dropped += gone.dropped;
             state.gone.abandoned += gone.queued;
         }
+        self.demand_changed(&state, demand_before);
     }
 
     /// Numbers the events (encoded without their seq) in order, offers each to every subscriber
@@ -401,6 +431,11 @@ impl Bus {
 }
 
 impl State {
+    fn wants_state_changes(&self) -> bool {
+        self.subscribers
+            .iter()
+            .any(|s| s.filter.kinds.is_empty() || s.filter.kinds.contains(&EventKind::StateChange))
+    }
     /// What a new subscriber gets before live events. Called under the bus lock, so the next
     /// event published is the first live one.
     fn replay_for(

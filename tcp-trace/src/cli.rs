@@ -73,6 +73,11 @@ pub struct AgentArgs {
     /// one (which costs less per transition). For kernels where the BTF program misbehaves.
     #[arg(long)]
     pub classic_tracepoint: bool,
+    /// Record every state transition even while no subscriber asks for state changes, so that
+    /// subscriptions resumed later (since_seq) replay them. By default the kernel records only
+    /// opens, establishments and closes until someone asks: about half the records.
+    #[arg(long)]
+    pub all_transitions: bool,
     /// Events queued per subscriber before it starts losing events (it is told how many).
     #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
@@ -132,6 +137,7 @@ impl AgentArgs {
                 netns: self.netns,
                 wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
                 classic_tracepoint: self.classic_tracepoint,
+                all_transitions: self.all_transitions,
             },
             max_connections: self.max_connections,
             long_lived: Duration::from_secs(self.long_lived),

@@ -185,6 +185,10 @@ pub struct Transition {
     /// On transitions to CLOSE: payload bytes sent and acknowledged, and received.
     pub bytes_acked: u64,
     pub bytes_received: u64,
+    /// Recorded while the kernel recorded every transition (the agent's switch was on): the
+    /// transition may be shown as an event. Otherwise only the transitions that open,
+    /// establish and close a socket are recorded, and the table infers the rest.
+    pub all_recorded: bool,
 }
 
 /// A segment retransmitted by a socket, or a SYN-ACK by a listener's request socket.

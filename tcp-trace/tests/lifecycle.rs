@@ -558,69 +558,8 @@ async fn who_closed_first_is_told_for_both_closers_on_both_sides_and_peers_aggre
     let ns = Arc::new(NetNs::new("who"));
     let mut agent = TestAgent::start().await;
     let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
-    let (a, b) = (Arc::clone(&ns), Arc::clone(&ns));
-    let client_first =
-        tokio::task::spawn_blocking(move || roundtrips(&a, "127.0.0.1".parse().unwrap(), 5))
-            .await
-            .unwrap();
-    let server_first = tokio::task::spawn_blocking(move || {
-        roundtrips_server_closes_first(&b, "::1".parse().unwrap(), 5)
-    })
-    .await
-    .unwrap();
-    let events = until(&mut stream, Duration::from_secs(10), |events| {
-        closed(events).len() == 22
-    })
-    .await;
-    let summaries = closed(&events);
-    // The client's end of a trip names both of its sides (by address and port: the two
-    // families' ephemeral ports can coincide).
-    let first_fin = |client: SocketAddr, direction: proto::Direction| {
-        summaries
-            .iter()
-            .filter(|(c, _)| c.direction == direction as i32)
-            .filter(|(c, _)| {
-                support::agent::endpoint(&c.local) == client
-                    || support::agent::endpoint(&c.remote) == client
-            })
-            .map(|(_, s)| (s.first_fin, s.cause, s.lifetime))
-            .collect::<Vec<_>>()
-    };
-    let (local, remote) = (proto::Closer::Local as i32, proto::Closer::Remote as i32);
-    let (orderly, short) = (
-        proto::CloseCause::Orderly as i32,
-        proto::Lifetime::Short as i32,
-    );
-    for trip in &client_first {
-        assert_eq!(
-            first_fin(trip.client, proto::Direction::Active),
-            [(local, orderly, short)]
-        );
-        assert_eq!(
-            first_fin(trip.client, proto::Direction::Passive),
-            [(remote, orderly, short)]
-        );
-    }
-    for trip in &server_first {
-        assert_eq!(
-            first_fin(trip.client, proto::Direction::Active),
-            [(remote, orderly, short)]
-        );
-        assert_eq!(
-            first_fin(trip.client, proto::Direction::Passive),
-            [(local, orderly, short)]
-        );
-    }
-    // Each roundtrip carries one byte each way.
-    for (conn, summary) in &summaries {
-        if conn.direction != proto::Direction::Listen as i32 {
-            assert_eq!(
-                (summary.bytes_sent, summary.bytes_received),
-                (1, 1),
-                "{conn:?}"
-            );
-        }
-    }
+    let (client_first, server_first, events) = both_closers(&ns, &mut stream).await;
+    assert_closers_and_bytes(&closed(&events), &client_first, &server_first);
     let stats = agent.stats().await;
     let peer = |address: &str, active: bool, port: u16| {
         let direction = if active {
@@ -655,5 +594,123 @@ async fn who_closed_first_is_told_for_both_closers_on_both_sides_and_peers_aggre
     assert!(to_server.handshake_p50.is_some() && seconds(&to_server.handshake_p99) < 1.0);
     let from_clients = peer("::1", false, server_first[0].server.port());
     assert_eq!((from_clients.opened, from_clients.short_lived), (5, 5));
+    agent.shutdown().await;
+}
+
+/// 5 trips over IPv4 where the client closes first, 5 over IPv6 where the server does, and the
+/// events until the 22 summaries (both ends of each, and the two listeners) are in.
+async fn both_closers(
+    ns: &Arc<NetNs>,
+    stream: &mut tonic::Streaming<proto::Event>,
+) -> (
+    Vec<support::Roundtrip>,
+    Vec<support::Roundtrip>,
+    Vec<proto::Event>,
+) {
+    let (a, b) = (Arc::clone(ns), Arc::clone(ns));
+    let client_first =
+        tokio::task::spawn_blocking(move || roundtrips(&a, "127.0.0.1".parse().unwrap(), 5))
+            .await
+            .unwrap();
+    let server_first = tokio::task::spawn_blocking(move || {
+        roundtrips_server_closes_first(&b, "::1".parse().unwrap(), 5)
+    })
+    .await
+    .unwrap();
+    let events = until(stream, Duration::from_secs(10), |events| {
+        closed(events).len() == 22
+    })
+    .await;
+    (client_first, server_first, events)
+}
+
+/// Each trip's two ends name the right first closer, an orderly end, a short life, and one byte
+/// each way.
+fn assert_closers_and_bytes(
+    summaries: &[(&proto::Connection, &proto::ConnectionClosed)],
+    client_first: &[support::Roundtrip],
+    server_first: &[support::Roundtrip],
+) {
+    // The client's end of a trip names both of its sides (by address and port: the two
+    // families' ephemeral ports can coincide).
+    let first_fin = |client: SocketAddr, direction: proto::Direction| {
+        summaries
+            .iter()
+            .filter(|(c, _)| c.direction == direction as i32)
+            .filter(|(c, _)| {
+                support::agent::endpoint(&c.local) == client
+                    || support::agent::endpoint(&c.remote) == client
+            })
+            .map(|(_, s)| (s.first_fin, s.cause, s.lifetime))
+            .collect::<Vec<_>>()
+    };
+    let (local, remote) = (proto::Closer::Local as i32, proto::Closer::Remote as i32);
+    let (orderly, short) = (
+        proto::CloseCause::Orderly as i32,
+        proto::Lifetime::Short as i32,
+    );
+    for trip in client_first {
+        assert_eq!(
+            first_fin(trip.client, proto::Direction::Active),
+            [(local, orderly, short)]
+        );
+        assert_eq!(
+            first_fin(trip.client, proto::Direction::Passive),
+            [(remote, orderly, short)]
+        );
+    }
+    for trip in server_first {
+        assert_eq!(
+            first_fin(trip.client, proto::Direction::Active),
+            [(remote, orderly, short)]
+        );
+        assert_eq!(
+            first_fin(trip.client, proto::Direction::Passive),
+            [(local, orderly, short)]
+        );
+    }
+    // Each roundtrip carries one byte each way.
+    for (conn, summary) in summaries {
+        if conn.direction != proto::Direction::Listen as i32 {
+            assert_eq!(
+                (summary.bytes_sent, summary.bytes_received),
+                (1, 1),
+                "{conn:?}"
+            );
+        }
+    }
+}
+
+/// With no subscriber asking for state changes, the kernel records only the transitions into
+/// SYN_SENT, ESTABLISHED, LISTEN and CLOSE, and the summaries are the same: the table infers the
+/// closing states from the state each socket closes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_are_whole_when_the_kernel_records_only_opens_and_closes() {
+    let ns = Arc::new(NetNs::new("quiet"));
+    let mut config = tcp_trace::agent::AgentConfig::default();
+    config.capture.netns = Some(u32::try_from(ns.inode()).unwrap());
+    let mut agent = TestAgent::start_with(config).await;
+    let mut filter = netns_filter(ns.inode());
+    filter.kinds = vec![proto::EventKind::ConnectionClosed as i32];
+    let mut stream = agent.subscribe(filter).await;
+    let before = ns.snmp();
+    let (client_first, server_first, events) = both_closers(&ns, &mut stream).await;
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e.body, Some(Body::ConnectionClosed(_)))),
+        "only summaries were asked for"
+    );
+    assert_closers_and_bytes(&closed(&events), &client_first, &server_first);
+    let kernel = ns.snmp().delta(&before);
+    let opens = kernel.get("Tcp:ActiveOpens");
+    assert_eq!(opens, 10);
+    assert_eq!(kernel.get("Tcp:PassiveOpens"), opens);
+    // Per connection: SYN_SENT, ESTABLISHED and CLOSE of the client end, ESTABLISHED and CLOSE
+    // of the server end, and its accept; per listener, LISTEN and CLOSE. Not the 10 transitions
+    // of a connection that every-transition recording writes.
+    let accepts = u64::from(agent.hooks().attached.iter().any(|h| h.contains("accept")));
+    let expected = opens as u64 * (5 + accepts) + 2 * 2;
+    assert_eq!(agent.stats().await.kernel_records, expected);
     agent.shutdown().await;
 }

@@ -178,6 +178,7 @@ fn transition(raw: &StateChange) -> Result<Transition, DecodeError> {
         total_retrans: raw.total_retrans,
         bytes_acked: raw.bytes_acked,
         bytes_received: raw.bytes_received,
+        all_recorded: raw.flags & flags::ALL_TRANSITIONS != 0,
     })
 }
 

@@ -11,15 +11,16 @@ pub mod tracefs;
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use tcp_trace_common::globals;
+use tcp_trace_common::{globals, switch};
 
 pub use counters::{KernelCounterReader, KernelCounters};
 pub use decode::{DecodeError, Record};
@@ -79,6 +80,10 @@ pub struct CaptureConfig {
     pub wakeup_interval: Duration,
     /// Use the classic state tracepoint even where the BTF one loads.
     pub classic_tracepoint: bool,
+    /// Record every state transition even while no subscriber asks for state changes (the
+    /// replay buffer then holds them for subscriptions resumed later), at the cost of about
+    /// twice the records.
+    pub all_transitions: bool,
 }
 
 impl Default for CaptureConfig {
@@ -88,6 +93,7 @@ impl Default for CaptureConfig {
             netns: None,
             wakeup_interval: Duration::from_millis(1),
             classic_tracepoint: false,
+            all_transitions: false,
         }
     }
 }
@@ -97,6 +103,19 @@ impl Default for CaptureConfig {
 pub struct Hooks {
     pub attached: Vec<String>,
     pub missing: Vec<String>,
+}
+
+/// Whether the state programs record every transition, or only those that open, establish and
+/// close a socket (`tcp_trace_common::switch`). Off when loaded. Shared: the subscriptions flip
+/// it from the gRPC tasks while the drain thread owns the rest of the capture.
+#[derive(Clone)]
+pub struct TransitionSwitch(Arc<Mutex<Array<MapData, u32>>>);
+
+impl TransitionSwitch {
+    pub fn set(&self, on: bool) -> Result<(), aya::maps::MapError> {
+        let mut switches = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        switches.set(switch::TRANSITIONS, u32::from(on), 0)
+    }
 }
 
 /// Receives what [`Capture::run`] drains.
@@ -111,6 +130,7 @@ pub struct Capture {
     _ebpf: Ebpf,
     ring: RingBuf<MapData>,
     counters: KernelCounterReader,
+    switch: TransitionSwitch,
     hooks: Hooks,
     /// False when the kernel BTF lacks `sock.sk_lock.owned`: then a task is only trusted for transitions
     /// that always run in a system call.
@@ -216,6 +236,11 @@ impl Capture {
             .expect("the object defines COUNTERS");
         let counters =
             PerCpuArray::try_from(counters).map_err(|err| CaptureError::Map("COUNTERS", err))?;
+        let switches = ebpf
+            .take_map("SWITCHES")
+            .expect("the object defines SWITCHES");
+        let switches =
+            Array::try_from(switches).map_err(|err| CaptureError::Map("SWITCHES", err))?;
         let programs = ebpf
             .programs()
             .filter_map(|(_, program)| program.fd().ok()?.as_fd().try_clone_to_owned().ok())
@@ -225,6 +250,7 @@ impl Capture {
             _ebpf: ebpf,
             ring,
             counters,
+            switch: TransitionSwitch(Arc::new(Mutex::new(switches))),
             hooks,
             context_tracked,
             wakeup_interval: config.wakeup_interval,
@@ -233,6 +259,11 @@ impl Capture {
 
     pub fn hooks(&self) -> &Hooks {
         &self.hooks
+    }
+
+    /// The switch that makes the programs record every state transition.
+    pub fn transition_switch(&self) -> TransitionSwitch {
+        self.switch.clone()
     }
 
     /// The programs' counters, readable from any task.

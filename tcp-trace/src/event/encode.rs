@@ -307,6 +307,7 @@ mod tests {
                     total_retrans: rng.edgy(7) as u32,
                     bytes_acked: rng.next(),
                     bytes_received: rng.next(),
+                    all_recorded: true,
                 };
                 let c = table.apply(&t).connection;
                 let seq = rng.edgy(u64::MAX);

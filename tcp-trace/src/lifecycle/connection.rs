@@ -51,7 +51,7 @@ impl Path {
     }
 
     /// Appends `state`; false if the path is full and it was not kept.
-    fn push(&mut self, state: TcpState) -> bool {
+    pub(super) fn push(&mut self, state: TcpState) -> bool {
         let i = usize::from(self.len);
         if i == Path::CAPACITY {
             return false;
@@ -356,6 +356,37 @@ impl Connection {
         self.state = state;
         if !self.path.push(state) {
             self.details_mut().path_truncated += 1;
+        }
+    }
+
+    /// Enters the states a socket must have passed through between the one the table holds and
+    /// `to`, the state it leaves now, when the kernel did not record those transitions. Between
+    /// ESTABLISHED and CLOSE each state has one possible predecessor (FIN_WAIT2 and CLOSING
+    /// follow FIN_WAIT1, LAST_ACK follows CLOSE_WAIT), so the path, and with it the closer and
+    /// the cause, come out as if every transition had been recorded.
+    pub(super) fn infer_path_to(&mut self, to: TcpState) {
+        if self.state == to || self.direction == Direction::Unknown {
+            return;
+        }
+        use TcpState::*;
+        let chain: &[TcpState] = match to {
+            FinWait1 => &[FinWait1],
+            FinWait2 => &[FinWait1, FinWait2],
+            Closing => &[FinWait1, Closing],
+            TimeWait => &[FinWait1, FinWait2, TimeWait],
+            CloseWait => &[CloseWait],
+            LastAck => &[CloseWait, LastAck],
+            _ => &[],
+        };
+        // Only from ESTABLISHED or a state on the way: anything else is not a life the kernel
+        // can have had, and is left as recorded.
+        let from = match chain.iter().position(|&s| s == self.state) {
+            Some(at) => at + 1,
+            None if self.state == Established => 0,
+            None => return,
+        };
+        for &state in &chain[from..] {
+            self.enter(state);
         }
     }
 

@@ -309,6 +309,7 @@ mod tests {
             total_retrans: 0,
             bytes_acked: 0,
             bytes_received: 0,
+            all_recorded: true,
         }
     }
 

@@ -209,7 +209,7 @@ impl Table {
     }
 
     pub fn apply(&mut self, t: &Transition) -> Applied {
-        let opening = opening(t);
+        let opening = opening(t, || self.connections.contains_key(&t.sock));
         if opening.is_some() {
             // A socket the table still holds: its CLOSE was never seen. Summarize the old life
             // as it stands, cause unknown.
@@ -229,6 +229,9 @@ impl Table {
             Some(existing) => existing.clone(),
             None => self.open(t, opening),
         };
+        // Transitions the kernel did not record (its switch was off) lie between the state the
+        // table holds and the one the socket leaves now.
+        connection.infer_path_to(t.old);
         let entered_from = connection.state;
         connection.enter(t.new);
         connection.last_ns = t.ts_ns;
@@ -306,6 +309,16 @@ impl Table {
         let id = self.next_id;
         self.next_id += 1;
         let direction = opening.unwrap_or(Direction::Unknown);
+        // A passive socket is first seen leaving SYN_RECV when the kernel did not record its
+        // LISTEN -> SYN_RECV: its life began at the listener all the same.
+        let first = match (direction, t.old) {
+            (Direction::Passive, TcpState::SynRecv) => TcpState::Listen,
+            _ => t.old,
+        };
+        let mut path = Path::starting_at(first);
+        if first != t.old {
+            path.push(t.old);
+        }
         let listener = match direction {
             Direction::Passive => self.listeners.get(&(t.netns, t.local.port())).copied(),
             _ => None,
@@ -324,7 +337,7 @@ impl Table {
             state: t.old,
             opened_ns: t.ts_ns,
             last_ns: t.ts_ns,
-            path: Path::starting_at(t.old),
+            path,
             handshake_ns: NO_HANDSHAKE,
             srtt_us: 0,
             details: None,
@@ -347,12 +360,15 @@ impl Table {
     }
 }
 
-/// The transitions that start a socket's life, and what kind of life.
-fn opening(t: &Transition) -> Option<Direction> {
+/// The transitions that start a socket's life, and what kind of life. A passive socket's first
+/// record may be its SYN_RECV -> ESTABLISHED (or -> CLOSE): the kernel records LISTEN -> SYN_RECV
+/// only while its switch asks for every transition. `held`: the table holds the socket already.
+fn opening(t: &Transition, held: impl FnOnce() -> bool) -> Option<Direction> {
     match (t.old, t.new) {
         (TcpState::Close, TcpState::SynSent) => Some(Direction::Active),
         (TcpState::Close, TcpState::Listen) => Some(Direction::Listen),
         (TcpState::Listen, TcpState::SynRecv) => Some(Direction::Passive),
+        (TcpState::SynRecv, _) if !t.all_recorded && !held() => Some(Direction::Passive),
         _ => None,
     }
 }

@@ -32,6 +32,7 @@ fn t(sock: u64, ts: u64, old: TcpState, new: TcpState, context: Context) -> Tran
         total_retrans: 0,
         bytes_acked: 0,
         bytes_received: 0,
+        all_recorded: true,
     }
 }
 
@@ -371,4 +372,73 @@ fn the_first_fin_names_who_closed() {
         (c.first_closer(), c.cause()),
         (Closer::Remote, Cause::Orderly)
     );
+}
+
+/// The lives of both ends of a connection closed by each side, and by a reset, as the kernel
+/// records them with every transition, and as it records them with its switch off (only the
+/// transitions into SYN_SENT, ESTABLISHED, LISTEN and CLOSE).
+fn lives() -> Vec<Vec<(TcpState, TcpState)>> {
+    vec![
+        // Active end, closing first; passive end, closed by its peer.
+        vec![
+            (Close, SynSent),
+            (SynSent, Established),
+            (Established, FinWait1),
+            (FinWait1, FinWait2),
+            (FinWait2, Close),
+        ],
+        vec![
+            (Listen, SynRecv),
+            (SynRecv, Established),
+            (Established, CloseWait),
+            (CloseWait, LastAck),
+            (LastAck, Close),
+        ],
+        // Both FINs crossing; a reset in CLOSE_WAIT; a refused connect.
+        vec![
+            (Close, SynSent),
+            (SynSent, Established),
+            (Established, FinWait1),
+            (FinWait1, Closing),
+            (Closing, Close),
+        ],
+        vec![
+            (Listen, SynRecv),
+            (SynRecv, Established),
+            (Established, CloseWait),
+            (CloseWait, Close),
+        ],
+        vec![(Close, SynSent), (SynSent, Close)],
+    ]
+}
+
+#[test]
+fn a_life_recorded_without_its_middle_transitions_is_summarized_as_if_all_were_recorded() {
+    for life in lives() {
+        let summarize = |quiet: bool| {
+            let mut table = Table::new(10, Peers::new(10, 1_000));
+            let mut last = None;
+            for (i, &(old, new)) in life.iter().enumerate() {
+                if quiet && !tcp_trace_common::recorded_when_quiet(new as u8) {
+                    continue;
+                }
+                let mut t = t(1, 1000 * i as u64, old, new, KERNEL);
+                t.all_recorded = !quiet;
+                t.bytes_acked = 10;
+                t.bytes_received = 10;
+                last = Some(table.apply(&t));
+            }
+            let last = last.expect("a CLOSE is always recorded");
+            assert!(last.closed && table.is_empty(), "{life:?}");
+            last.connection
+        };
+        let (all, quiet) = (summarize(false), summarize(true));
+        let path = |c: &Connection| c.path.states().collect::<Vec<_>>();
+        assert_eq!(path(&quiet), path(&all), "{life:?}");
+        assert_eq!(quiet.direction, all.direction, "{life:?}");
+        assert_eq!(quiet.first_closer(), all.first_closer(), "{life:?}");
+        assert_eq!(quiet.cause(), all.cause(), "{life:?}");
+        assert_eq!(quiet.payload_bytes(), all.payload_bytes(), "{life:?}");
+        assert_eq!(quiet.last_ns, all.last_ns, "{life:?}");
+    }
 }
