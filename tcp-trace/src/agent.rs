@@ -151,6 +151,7 @@ impl Agent {
             bus: Arc::clone(&bus),
             stats: Arc::clone(&stats),
             events: Events::default(),
+            keep_replay: config.capture.all_transitions,
             closed: Vec::new(),
             keepalive_defaults: HashMap::new(),
             warned_malformed: false,
@@ -331,6 +332,8 @@ struct Pipeline {
     bus: Arc<Bus>,
     stats: Arc<AgentStats>,
     events: Events,
+    /// Build events for the replay buffer even while nobody subscribes.
+    keep_replay: bool,
     /// Reused buffer for connections whose lives completed.
     closed: Vec<Connection>,
     keepalive_defaults: HashMap<u32, KeepaliveDefaults>,
@@ -480,6 +483,10 @@ impl capture::Sink for Pipeline {
             }
         };
         self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
+        // With nobody subscribed, events are counted, not built (unless the replay is to hold
+        // them: --all-transitions). Decided per record: a Subscribe that returned sees every
+        // event of every record the agent reads after it.
+        self.events.unwatched = !self.keep_replay && !self.bus.has_subscribers();
         match record {
             Record::Transition(t) => {
                 let applied = self.table().apply(&t);
@@ -576,6 +583,9 @@ impl capture::Sink for Pipeline {
             self.events.closed(&connection, long_lived_ns);
         }
         self.closed = closed;
+        // The events counted, not built, came before any built in this drain: a subscriber
+        // arrived in between.
+        self.bus.skip(std::mem::take(&mut self.events.skipped));
         self.bus.publish(&mut self.events.batch);
         self.events.drain_done();
         // After publishing: reading the kernel's counters (a file per program) must not delay

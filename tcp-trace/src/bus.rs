@@ -200,6 +200,8 @@ pub type DemandHook = Box<dyn Fn(bool) + Send + Sync>;
 pub struct Bus {
     state: Mutex<State>,
     demand_hook: std::sync::OnceLock<DemandHook>,
+    /// Subscribers now, readable without the lock (set under it).
+    subscribers_now: std::sync::atomic::AtomicUsize,
     config: BusConfig,
     /// Events published by kind (indexed by `EventKind` value).
     published: [AtomicU64; KINDS],
@@ -278,6 +280,7 @@ impl Bus {
             }),
             config,
             demand_hook: std::sync::OnceLock::new(),
+            subscribers_now: std::sync::atomic::AtomicUsize::new(0),
             published: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
@@ -343,6 +346,10 @@ impl Bus {
             since: SystemTime::now(),
         });
         self.demand_changed(&state, demand_before);
+        self.subscribers_now.store(
+            state.subscribers.len(),
+            std::sync::atomic::Ordering::Release,
+        );
         Ok(Subscription {
             id,
             replay,
@@ -363,6 +370,10 @@ impl Bus {
             state.gone.abandoned += gone.queued;
         }
         self.demand_changed(&state, demand_before);
+        self.subscribers_now.store(
+            state.subscribers.len(),
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     /// Numbers the events (encoded without their seq) in order, offers each to every subscriber
@@ -397,6 +408,25 @@ impl Bus {
         }
         fresh.clear();
         state.fresh = fresh;
+    }
+
+    /// Numbers `count` events that were not built because nobody subscribed. The replay buffer
+    /// holds consecutive seqs, so it is emptied: a subscription resumed from before them is told
+    /// how many it missed (a REPLAY Lost), as for events that left the buffer.
+    pub fn skip(&self, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let mut state = self.lock();
+        state.next_seq += count;
+        state.replay.clear();
+    }
+
+    /// Whether anyone subscribes now (no lock taken: the agent asks once per record).
+    pub fn has_subscribers(&self) -> bool {
+        self.subscribers_now
+            .load(std::sync::atomic::Ordering::Acquire)
+            != 0
     }
 
     pub fn subscriber_count(&self) -> usize {

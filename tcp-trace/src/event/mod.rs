@@ -80,6 +80,12 @@ pub struct Events {
     encoder: Encoder,
     /// This drain's events, encoded without their seq, with their keys: what the bus publishes.
     pub batch: Vec<(Bytes, Keys)>,
+    /// Nobody subscribes: events are counted (so seqs stay exact and a resumed subscription is
+    /// told what it missed), not built. Building and encoding them for a replay buffer nobody
+    /// reads was the larger part of the agent's work with no subscriber.
+    pub unwatched: bool,
+    /// Events counted, not built, this drain.
+    pub skipped: u64,
 }
 
 impl Default for Events {
@@ -88,6 +94,8 @@ impl Default for Events {
             clock: Clock::now(),
             encoder: Encoder::default(),
             batch: Vec::with_capacity(1024),
+            unwatched: false,
+            skipped: 0,
         }
     }
 }
@@ -95,29 +103,44 @@ impl Default for Events {
 impl Events {
     /// A state transition of `c`: the most frequent event, encoded by hand.
     pub fn state_change(&mut self, t: &Transition, c: &Connection) {
+        if self.counted_only() {
+            return;
+        }
         let bytes = self.encoder.state_change(t, c, &self.clock);
         self.batch
             .push((bytes, convert::keys(c, EventKind::StateChange)));
     }
 
     pub fn retransmit(&mut self, r: &Retransmit, c: &Connection) {
+        if self.counted_only() {
+            return;
+        }
         let event = convert::retransmit(r, c, &self.clock);
         self.push(event);
     }
 
     /// A reset of a known connection, or bare when it was sent without a socket.
     pub fn reset(&mut self, r: &Reset, c: Option<&Connection>) {
+        if self.counted_only() {
+            return;
+        }
         let event = convert::reset(r, c, &self.clock);
         self.push(event);
     }
 
     pub fn keepalive(&mut self, ts_ns: u64, change: &KeepaliveChange, c: &Connection) {
+        if self.counted_only() {
+            return;
+        }
         let event = convert::keepalive(ts_ns, change, c, &self.clock);
         self.push(event);
     }
 
     /// A connection's whole life, once it ended.
     pub fn closed(&mut self, c: &Connection, long_lived_ns: u64) {
+        if self.counted_only() {
+            return;
+        }
         let event = convert::closed(c, &self.clock, long_lived_ns);
         self.push(event);
     }
@@ -132,6 +155,12 @@ impl Events {
     /// Called when a drain's batch was published.
     pub fn drain_done(&mut self) {
         self.clock = Clock::now();
+    }
+
+    /// Counts the event instead of building it while nobody subscribes.
+    fn counted_only(&mut self) -> bool {
+        self.skipped += u64::from(self.unwatched);
+        self.unwatched
     }
 
     fn push(&mut self, (event, keys): (proto::Event, Keys)) {
