@@ -3,7 +3,10 @@ use clap::Parser as _;
 use tcp_trace::{
     agent::{Agent, StopSignals},
     api::ListenAddr,
-    cli::{self, Cli, Command},
+    cli::{
+        self,
+        args::{self, Cli, Command},
+    },
     client, json, proto,
     top::Top,
 };
@@ -54,7 +57,7 @@ async fn run() -> anyhow::Result<()> {
 }
 
 /// grpc.health.v1 Check, as a probe: success only for SERVING.
-async fn health(args: cli::HealthArgs) -> anyhow::Result<()> {
+async fn health(args: args::HealthArgs) -> anyhow::Result<()> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
@@ -76,7 +79,7 @@ async fn health(args: cli::HealthArgs) -> anyhow::Result<()> {
     Output::line(&format!("{} SERVING", args.service))
 }
 
-async fn agent(args: cli::AgentArgs) -> anyhow::Result<()> {
+async fn agent(args: args::AgentArgs) -> anyhow::Result<()> {
     if let Some(inode) = args.netns
         && !namespace_exists(inode)
     {
@@ -126,7 +129,7 @@ fn namespace_exists(inode: u32) -> bool {
     entries("/run/netns").any(matches) || entries("/proc").any(|pid| matches(pid.join("ns/net")))
 }
 
-async fn watch(args: cli::WatchArgs) -> anyhow::Result<()> {
+async fn watch(args: args::WatchArgs) -> anyhow::Result<()> {
     let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let request = proto::SubscribeRequest {
         filter: Some(args.filter.to_proto()),
@@ -182,7 +185,7 @@ fn ready<S: tokio_stream::Stream + Unpin>(stream: &mut S) -> Option<Option<S::It
 }
 
 /// Fetches page after page until the agent says there are no more, and shows them as one list.
-async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
+async fn conns(args: args::ConnsArgs) -> anyhow::Result<()> {
     let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let mut request = proto::ListConnectionsRequest {
         filter: Some(args.filter.to_proto()),
@@ -218,7 +221,7 @@ async fn conns(args: cli::ConnsArgs) -> anyhow::Result<()> {
     Output::line(&text)
 }
 
-async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
+async fn stats(args: args::StatsArgs) -> anyhow::Result<()> {
     let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let stats = client
         .get_stats(proto::GetStatsRequest {})
@@ -234,7 +237,7 @@ async fn stats(args: cli::StatsArgs) -> anyhow::Result<()> {
 }
 
 /// Redraws the busiest peers every interval (or prints one frame with --once).
-async fn top(args: cli::TopArgs) -> anyhow::Result<()> {
+async fn top(args: args::TopArgs) -> anyhow::Result<()> {
     let mut client = client::connect_with(&args.client.connect, &args.client.options()).await?;
     let interval = std::time::Duration::from_secs_f64(args.interval);
     let filter = args.peer_filter();
@@ -325,7 +328,7 @@ impl StdoutError {
 
 /// Why a call failed: a TLS mismatch says what to pass, anything else is the agent's answer in
 /// its own words, with the transport's causes when it has them.
-fn status(args: &cli::ClientArgs, status: tonic::Status) -> anyhow::Error {
+fn status(args: &args::ClientArgs, status: tonic::Status) -> anyhow::Error {
     if let Some(mismatch) = client::mismatch(&args.connect, &args.options(), true, &status) {
         return mismatch.into();
     }
