@@ -4,11 +4,10 @@ use tcp_trace::{
     agent::{Agent, StopSignals},
     api::ListenAddr,
     cli::{
-        self,
         args::{self, Cli, Command},
+        view::{self, top::Top},
     },
     client, json, proto,
-    top::Top,
 };
 use tokio_stream::StreamExt as _;
 
@@ -162,7 +161,7 @@ async fn watch(args: args::WatchArgs) -> anyhow::Result<()> {
             json.write(&mut out.buf, &event);
         } else {
             line.clear();
-            cli::write_event_line(&mut line, &event);
+            view::events::write_event_line(&mut line, &event);
             out.buf.extend_from_slice(line.as_bytes());
         }
         out.buf.push(b'\n');
@@ -216,7 +215,7 @@ async fn conns(args: args::ConnsArgs) -> anyhow::Result<()> {
     let text = if args.json {
         json::to_json(&all, "tcptrace.v1.ListConnectionsResponse")
     } else {
-        cli::connections_table(&all.connections, all.matched, std::time::SystemTime::now())
+        view::conns::connections_table(&all.connections, all.matched, std::time::SystemTime::now())
     };
     Output::line(&text)
 }
@@ -231,7 +230,7 @@ async fn stats(args: args::StatsArgs) -> anyhow::Result<()> {
     let text = if args.json {
         json::to_json(&stats, "tcptrace.v1.Stats")
     } else {
-        cli::stats_text(&stats)
+        view::stats::stats_text(&stats)
     };
     Output::line(&text)
 }

@@ -7,12 +7,12 @@ use crate::{
     agent::AgentConfig,
     api::{Access, Limits, ListenAddr, TlsFiles},
     capture::CaptureConfig,
+    cli::view::top::PeerFilter,
     client::{ClientTls, ConnectOptions},
     export::{ExportConfig, OtlpConfig},
     filter::Cidr,
     model::TcpState,
     proto,
-    top::PeerFilter,
 };
 
 #[derive(Debug, Parser)]

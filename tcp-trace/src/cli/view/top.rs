@@ -104,7 +104,7 @@ impl Top {
 }
 
 fn row(rate: f64, p: &proto::PeerStats) -> String {
-    let peer = crate::cli::peer_label(p);
+    let peer = super::format::peer_label(p);
     let latency = |d: &Option<prost_types::Duration>| match d {
         Some(d) => short(u64::try_from(d.seconds).unwrap_or(0) * 1_000_000_000 + d.nanos as u64),
         None => "-".into(),
