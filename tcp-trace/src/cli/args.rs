@@ -7,7 +7,6 @@ use crate::{
     agent::AgentConfig,
     api::{Access, Limits, ListenAddr, TlsFiles},
     capture::CaptureConfig,
-    cli::view::top::PeerFilter,
     client::{ClientTls, ConnectOptions},
     export::{ExportConfig, OtlpConfig},
     filter::Cidr,
@@ -454,17 +453,6 @@ pub struct TopArgs {
     /// Peers shown.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub rows: usize,
-}
-
-impl TopArgs {
-    pub fn peer_filter(&self) -> PeerFilter {
-        PeerFilter {
-            netns: self.netns.clone(),
-            directions: self.directions.iter().map(|&d| d.into()).collect(),
-            ports: self.ports.clone(),
-            addresses: self.addresses.clone(),
-        }
-    }
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
