@@ -1,7 +1,7 @@
 //! `watch`: one readable line per event.
 use std::fmt::Write as _;
 
-use super::format::{state_name, write_duration, write_enum_name, write_owner, write_tuple};
+use super::format::{enum_name, state_name, write_duration, write_owner, write_tuple, write_words};
 use crate::proto;
 
 /// `HH:MM:SS.micros` (UTC) of a timestamp.
@@ -134,11 +134,8 @@ fn state_change_text(
 }
 
 fn closed_text(line: &mut String, closed: &proto::ConnectionClosed) {
-    let cause = proto::CloseCause::try_from(closed.cause)
-        .ok()
-        .map(|c| c.as_str_name());
     line.push_str("CLOSED ");
-    write_enum_name(line, cause, "CLOSE_CAUSE_");
+    write_words(line, enum_name::<proto::CloseCause>(closed.cause));
     if !closed.error_name.is_empty() {
         let _ = write!(line, " ({})", closed.error_name);
     }

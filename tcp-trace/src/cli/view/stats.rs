@@ -1,7 +1,7 @@
 //! `stats`: the agent's counters, histograms, peers and subscribers.
 use std::fmt::Write as _;
 
-use super::format::{duration, enum_name, peer_label};
+use super::format::{PeerCells, duration, enum_name};
 use crate::proto;
 
 /// Per-peer aggregates: churn, handshake latency, failures.
@@ -11,40 +11,18 @@ pub fn peers_table(peers: &[proto::PeerStats]) -> String {
         "PEER", "OPENED", "CONN/S", "HS P50", "HS P99", "SHORT %", "FAILED", "FAILURES"
     );
     for p in peers {
-        let peer = peer_label(p);
-        let short = if p.closed > 0 {
-            format!("{:.0}", 100.0 * p.short_lived as f64 / p.closed as f64)
-        } else {
-            "-".into()
-        };
-        let failures: Vec<String> = p
-            .failures
-            .iter()
-            .map(|f| {
-                let cause = proto::CloseCause::try_from(f.cause)
-                    .ok()
-                    .map(|c| c.as_str_name());
-                format!("{} {}", f.count, enum_name(cause, "CLOSE_CAUSE_"))
-            })
-            .collect();
-        let failed: u64 = p.failures.iter().map(|f| f.count).sum();
+        let cells = PeerCells::new(p);
         let _ = writeln!(
             out,
             "{:<48} {:>8} {:>7.2} {:>9} {:>9} {:>9} {:>7}  {}",
-            format!("{peer} (netns {})", p.netns),
+            format!("{} (netns {})", cells.label, p.netns),
             p.opened,
             p.opened_per_second,
-            p.handshake_p50
-                .as_ref()
-                .map(|d| duration(Some(d)))
-                .unwrap_or_else(|| "-".into()),
-            p.handshake_p99
-                .as_ref()
-                .map(|d| duration(Some(d)))
-                .unwrap_or_else(|| "-".into()),
-            short,
-            failed,
-            failures.join(", ")
+            cells.handshake_p50,
+            cells.handshake_p99,
+            cells.short_lived,
+            cells.failed,
+            cells.failures
         );
     }
     out
@@ -56,14 +34,9 @@ pub fn stats_text(s: &proto::Stats) -> String {
         let _ = writeln!(out, "{name:<28} {value}");
     };
     for k in &s.events {
-        let kind = proto::EventKind::try_from(k.kind)
-            .map(|k| k.as_str_name())
-            .unwrap_or("?");
+        let kind = enum_name::<proto::EventKind>(k.kind).unwrap_or("?");
         row(
-            &format!(
-                "events {}",
-                kind.trim_start_matches("EVENT_KIND_").to_lowercase()
-            ),
+            &format!("events {}", kind.to_lowercase()),
             k.count.to_string(),
         );
     }
