@@ -45,16 +45,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Where to serve gRPC: unix:PATH, HOST:PORT or PORT (loopback). Repeatable.
-    #[arg(
-        long,
-        value_name = "ADDR",
-        default_value = "unix:/run/tcp-trace/tcp-trace.sock"
-    )]
+    #[arg(long, value_name = "ADDR", default_values_t = defaults().listen)]
     pub listen: Vec<ListenAddr>,
     /// Kernel ring buffer size in bytes (a power of two, 4096 to 1 GiB; resident memory is twice
     /// this). Records that find it full are lost in the kernel and counted (`stats`: kernel
     /// ring full).
-    #[arg(long, value_name = "BYTES", default_value_t = crate::capture::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
+    #[arg(long, value_name = "BYTES", default_value_t = defaults().capture.ring_bytes, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
     /// Only trace sockets in this network namespace (inode, as `stat -L -c %i /proc/PID/ns/net`
     /// prints); filtered in the kernel. Default: every namespace.
@@ -62,39 +58,39 @@ pub struct AgentArgs {
     pub netns: Option<u32>,
     /// Most connections followed at once (1 to 10,000,000; about 500 bytes each); beyond it new
     /// connections are counted, not followed.
-    #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    #[arg(long, value_name = "N", default_value_t = defaults().max_connections, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     pub max_connections: usize,
     /// Longest a record may wait in the kernel before the agent reads it, in microseconds.
     /// Lower is fresher, higher costs less CPU under heavy churn.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = defaults().capture.wakeup_interval.as_micros() as u64, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
     pub wakeup_interval_us: u64,
     /// Trace transitions through the classic tracepoint even where the kernel takes the BTF
     /// one (which costs less per transition). For kernels where the BTF program misbehaves.
     #[arg(long)]
     pub classic_tracepoint: bool,
     /// Events queued per subscriber before it starts losing events (it is told how many).
-    #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
+    #[arg(long, value_name = "N", default_value_t = defaults().limits.subscriber_queue as u64, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
     /// Closed connections that lived at least this many seconds count as long-lived, the rest
     /// as short-lived (churn that pooling or keepalive would avoid).
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    #[arg(long, value_name = "SECONDS", default_value_t = defaults().long_lived.as_secs())]
     pub long_lived: u64,
     /// Most remote peers aggregated in `stats` (0 to 1,000,000); connections to more are
     /// counted, not aggregated.
-    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = RangedU64ValueParser::<usize>::new().range(0..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = defaults().max_peers, value_parser = RangedU64ValueParser::<usize>::new().range(0..=1_000_000))]
     pub max_peers: usize,
     /// Seconds between comparisons of the connection table with the kernel's own socket list
     /// (also done right after the kernel loses records): connections whose CLOSE was lost are
     /// closed (cause UNKNOWN), sockets whose opening was lost are adopted. 0 turns it off.
-    #[arg(long, value_name = "SECONDS", default_value_t = crate::agent::DEFAULT_HEAL_INTERVAL.as_secs())]
+    #[arg(long, value_name = "SECONDS", default_value_t = defaults().heal_interval.as_secs())]
     pub heal_interval: u64,
     /// Most subscribers at once (1 to 65,536); more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = RangedU64ValueParser::<usize>::new().range(1..=65_536))]
+    #[arg(long, value_name = "N", default_value_t = defaults().limits.max_subscribers, value_parser = RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub max_subscribers: usize,
     /// Latest events kept for clients that reconnect (`watch --since-seq`) or ask for history
     /// (`--replay-last`); 0 turns replay off, at most 1,000,000. Each held event costs about
     /// 350 bytes (its encoding).
-    #[arg(long, value_name = "EVENTS", default_value_t = crate::bus::DEFAULT_REPLAY, value_parser = parse_replay)]
+    #[arg(long, value_name = "EVENTS", default_value_t = defaults().replay, value_parser = parse_replay)]
     pub replay: usize,
     /// Give the Unix sockets to this group (name or number): its members may connect. The
     /// mode stays 0660.
@@ -118,8 +114,14 @@ pub struct AgentArgs {
     pub otlp_endpoint: Option<String>,
     /// Closed connections queued for OTLP while the receiver is slow or down; beyond it they are
     /// dropped and counted (tcptrace_events_lost_total{stage="otlp"}).
-    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    #[arg(long, value_name = "N", default_value_t = OtlpConfig::default().queue as u64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub otlp_queue: u64,
+}
+
+/// The agent's defaults, declared once in the library ([`AgentConfig::default`]): the flags
+/// show them in `--help` and take them when not given.
+fn defaults() -> AgentConfig {
+    AgentConfig::default()
 }
 
 impl AgentArgs {
@@ -219,11 +221,7 @@ fn parse_netns(s: &str) -> Result<u32, String> {
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// The agent's address: unix:PATH, HOST:PORT or PORT.
-    #[arg(
-        long,
-        value_name = "ADDR",
-        default_value = "unix:/run/tcp-trace/tcp-trace.sock"
-    )]
+    #[arg(long, value_name = "ADDR", default_value_t = ListenAddr::default())]
     pub connect: ListenAddr,
     /// Connect with TLS, trusting this CA (PEM) for the agent's certificate.
     #[arg(long, value_name = "FILE")]
@@ -500,6 +498,23 @@ mod tests {
                 .unwrap_err()
                 .contains("4096 MiB")
         );
+    }
+
+    #[test]
+    fn an_agent_without_flags_runs_with_the_librarys_defaults() {
+        let Command::Agent(agent) = Cli::try_parse_from(["tcp-trace", "agent"]).unwrap().command
+        else {
+            panic!("agent parses as agent")
+        };
+        assert_eq!(
+            format!("{:?}", agent.config()),
+            format!("{:?}", AgentConfig::default())
+        );
+        let Command::Stats(stats) = Cli::try_parse_from(["tcp-trace", "stats"]).unwrap().command
+        else {
+            panic!("stats parses as stats")
+        };
+        assert_eq!(stats.client.connect, ListenAddr::default());
     }
 
     #[test]
