@@ -17,7 +17,6 @@ pub mod json;
 pub mod lifecycle;
 pub mod model;
 pub mod stats;
-pub mod top;
 
 /// Code generated from `proto/tcptrace/v1/tcptrace.proto` at build time.
 pub mod proto {

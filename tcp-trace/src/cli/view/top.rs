@@ -4,6 +4,7 @@
 //! second, not a stream of every event.
 use std::{collections::HashMap, fmt::Write as _, net::IpAddr, time::Duration};
 
+use super::format::PeerCells;
 use crate::{filter::Cidr, proto};
 
 /// Which peers to show (all given parts must match).
@@ -104,52 +105,19 @@ impl Top {
 }
 
 fn row(rate: f64, p: &proto::PeerStats) -> String {
-    let peer = crate::cli::peer_label(p);
-    let latency = |d: &Option<prost_types::Duration>| match d {
-        Some(d) => short(u64::try_from(d.seconds).unwrap_or(0) * 1_000_000_000 + d.nanos as u64),
-        None => "-".into(),
-    };
-    let short_pct = if p.closed > 0 {
-        format!("{:.0}", 100.0 * p.short_lived as f64 / p.closed as f64)
-    } else {
-        "-".into()
-    };
-    let failed: u64 = p.failures.iter().map(|f| f.count).sum();
-    let causes: Vec<String> = p
-        .failures
-        .iter()
-        .map(|f| {
-            let cause = proto::CloseCause::try_from(f.cause)
-                .map(|c| {
-                    c.as_str_name()
-                        .trim_start_matches("CLOSE_CAUSE_")
-                        .to_lowercase()
-                })
-                .unwrap_or_else(|_| "?".into());
-            format!("{} {cause}", f.count)
-        })
-        .collect();
+    let cells = PeerCells::new(p);
     let line = format!(
         "{:<44} {:>8.1} {:>8} {:>9} {:>9} {:>7} {:>7}  {}",
-        peer,
+        cells.label,
         rate,
         p.opened,
-        latency(&p.handshake_p50),
-        latency(&p.handshake_p99),
-        short_pct,
-        failed,
-        causes.join(", ")
+        cells.handshake_p50,
+        cells.handshake_p99,
+        cells.short_lived,
+        cells.failed,
+        cells.failures
     );
     format!("{}\n", line.trim_end())
-}
-
-fn short(ns: u64) -> String {
-    match ns {
-        n if n < 1_000 => format!("{n}ns"),
-        n if n < 1_000_000 => format!("{:.0}us", n as f64 / 1e3),
-        n if n < 1_000_000_000 => format!("{:.1}ms", n as f64 / 1e6),
-        n => format!("{:.2}s", n as f64 / 1e9),
-    }
 }
 
 #[cfg(test)]
