@@ -1,10 +1,10 @@
 //! `cargo xtask bench`: the churn benchmark (tcp-trace/benches/churn.rs) in release mode, as
-//! root, with bpftrace installed for the side-by-side runs. Writes `<target>/bench/report.md`,
-//! `report.svg` and `runs.csv`, and prints the table.
+//! root, with bpftrace installed for the side-by-side runs and redis for the real-server phase.
+//! Writes `<target>/bench/report.md`, `report.svg` and `runs.csv`, and prints the table.
 //!
 //! Arguments after `--` go to the bench (`--quick`, `--rounds N`, `--duration S`,
-//! `--concurrency N`, `--phases churn,spare,...`, `--idle N`, `--population N`, `--no-bpftrace`;
-//! `-- --help` lists them), except `--docs`, which xtask keeps: after the run it copies the
+//! `--concurrency N`, `--phases churn,always-on,redis,...`, `--idle N`, `--population N`,
+//! `--no-bpftrace`; `-- --help` lists them), except `--docs`, which xtask keeps: after the run it copies the
 //! report to docs/benchmarks.{md,svg,csv}, keeping the hand-written `## Analysis` section of the
 //! current docs/benchmarks.md.
 use std::{
@@ -47,6 +47,13 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
     let linker = setup::toolchain()?;
     // Only the benchmarks need bpftrace, so `setup` does not install it.
     setup::system_tools(BPFTRACE)?;
+    // The `redis` phase's server and load tool: the ones tests/watch_follows.rs runs.
+    for tool in setup::TEST_TOOLS
+        .iter()
+        .filter(|t| t.program.starts_with("redis-"))
+    {
+        setup::system_tools(std::slice::from_ref(tool))?;
+    }
 
     let out = target_dir().join("bench");
     let mut shown = vec!["cargo xtask bench".to_owned()];

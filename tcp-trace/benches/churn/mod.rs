@@ -9,6 +9,8 @@
 //! 1. `churn`: paired rounds at full churn, one worker per CPU, interleaved (each round runs
 //!    every variant, starting one further along each time): no tracer, tcp-trace with 1 and 10
 //!    subscribers, bpftrace;
+//!    `always-on`: the same with tcp-trace running and nobody subscribed (the agent still keeps
+//!    its table, summaries and metrics), against no tracer;
 //! 2. `spare`: the same with one worker, so a tracer has a CPU to itself;
 //! 3. `trickle`: 50 connections/s with one subscriber, for latency without load;
 //! 4. `stats`: BPF run-time stats (enabled only here, as they cost every program two clock
@@ -18,12 +20,15 @@
 //! 6. `population`: the agent's memory with a large idle population tracked, without and with
 //!    a subscriber;
 //! 7. `clients`: events per second `watch` prints into a file, JSON and text, from a replayed
-//!    history.
+//!    history;
+//! 8. `redis`: a real server, redis-server, driven by `redis-benchmark -k 0` (a new connection
+//!    per request) in paired rounds: no tracer, tcp-trace with 0 and 1 subscribers, bpftrace.
 
 // The bench binary and the smoke test each use a part of the harness.
 #![allow(dead_code)]
 pub mod clients;
 pub mod netns;
+pub mod redis;
 pub mod report;
 mod report_svg;
 pub mod stats;
@@ -40,6 +45,7 @@ use anyhow::{Context as _, Result, ensure};
 
 use self::{
     netns::{Netns, TcpCounters},
+    redis::{RedisSpec, RedisTools},
     stats::Histogram,
     subscribers::Subscribers,
     tracer::{AgentCounters, AgentProcess, BpftraceProcess, ProcSample, ProgStats},
@@ -79,6 +85,8 @@ pub struct Options {
     pub scaling_rounds: usize,
     pub scaling_duration: Duration,
     pub scaling_subscribers: Vec<usize>,
+    /// `redis-benchmark -k 0`: requests per run (each a connection) and parallel clients.
+    pub redis: RedisSpec,
     /// Idle keepalive connections held open during every churn run (0 = none).
     pub idle: usize,
     /// Connections opened for the memory figure (each is two tracked sockets).
@@ -95,6 +103,8 @@ pub struct Options {
     /// process's fd limit (the bench binary itself; None in the smoke test).
     pub holder_exe: Option<PathBuf>,
     pub bpftrace: Option<PathBuf>,
+    /// redis-server and redis-benchmark, if installed (`cargo xtask bench` installs them).
+    pub redis_tools: Option<RedisTools>,
     /// Where report.md, report.svg, runs.csv and the tracers' logs go.
     pub out_dir: PathBuf,
     /// The command line to print in the report.
@@ -120,6 +130,13 @@ impl Options {
             scaling_rounds: 3,
             scaling_duration: Duration::from_secs(2),
             scaling_subscribers: vec![1, 10, 100],
+            // About 4 s at the 12,000-15,000 requests/s of these machines; fewer than the
+            // namespace's 64,000 ephemeral ports, which the clients' TIME_WAITs hold.
+            redis: RedisSpec {
+                requests: 50_000,
+                clients: 20,
+                timeout: Duration::from_secs(60),
+            },
             idle: 0,
             population: 50_000,
             population_rate: 10_000.0,
@@ -128,6 +145,7 @@ impl Options {
             agent,
             holder_exe: None,
             bpftrace: tracer::find_bpftrace(),
+            redis_tools: RedisTools::find(),
             out_dir,
             command: "cargo xtask bench".into(),
             phases: PHASES.iter().map(|p| p.to_string()).collect(),
@@ -151,6 +169,11 @@ impl Options {
             scaling_rate: 200.0,
             scaling_rounds: 1,
             scaling_duration: Duration::from_millis(200),
+            redis: RedisSpec {
+                requests: 2_000,
+                clients: 20,
+                timeout: Duration::from_secs(30),
+            },
             drain_timeout: Duration::from_millis(500),
             idle: 20,
             population: 300,
@@ -209,11 +232,15 @@ impl Tracer {
 pub enum Phase {
     /// Full churn, one worker per CPU: every cycle a tracer uses is taken from the workload.
     Churn,
+    /// Full churn with the agent running and nobody subscribed.
+    AlwaysOn,
     /// Full churn from fewer workers (one), leaving a CPU to the tracer.
     Spare,
     Trickle,
     BpfStats,
     Scaling,
+    /// redis-server under `redis-benchmark -k 0`.
+    Redis,
 }
 
 impl Phase {
@@ -221,10 +248,12 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Churn => "churn",
+            Phase::AlwaysOn => "always-on",
             Phase::Spare => "spare",
             Phase::Trickle => "trickle",
             Phase::BpfStats => "stats",
             Phase::Scaling => "scaling",
+            Phase::Redis => "redis",
         }
     }
 }
@@ -232,10 +261,12 @@ impl Phase {
 /// Every phase `--phases` takes, in the order they run.
 pub const PHASES: &[&str] = &[
     "churn",
+    "always-on",
     "spare",
     "trickle",
     "stats",
     "scaling",
+    "redis",
     "population",
     "clients",
 ];
@@ -271,6 +302,9 @@ pub struct RunResult {
     pub tracer_records: u64,
     /// CPU of the bench's consumer threads over the run.
     pub consumer_cpu_s: f64,
+    /// CPU the tracer process and the consumers used after the workload stopped, catching up
+    /// (see [`RunResult::counted_rate`]).
+    pub deferred_cpu_s: f64,
     /// CPU used over the run by other processes holding BPF programs (other tracers).
     pub foreign_cpu_s: f64,
     /// The tracer's BPF programs over the run (stats phase only).
@@ -280,6 +314,16 @@ pub struct RunResult {
 impl RunResult {
     pub fn rate(&self) -> f64 {
         self.churn.connections as f64 / self.churn.elapsed.as_secs_f64()
+    }
+
+    /// The rate with the tracer's and the consumers' late work counted: CPU they spent after
+    /// the workload stopped (draining a backlog) would, on a host that stays busy, have been
+    /// taken from the workload, so it is charged to the run as that many CPU-seconds of the
+    /// machine's `cpus`, i.e. `deferred_cpu_s / cpus` more seconds. Their CPU during the run
+    /// is already counted: they share the workload's CPUs.
+    pub fn counted_rate(&self, cpus: usize) -> f64 {
+        let seconds = self.churn.elapsed.as_secs_f64() + self.deferred_cpu_s / cpus.max(1) as f64;
+        self.churn.connections as f64 / seconds
     }
 
     /// Events the worst consumer missed.
@@ -428,21 +472,63 @@ pub fn run(opts: &Options) -> Result<report::Report> {
 
 async fn run_phases(opts: &Options) -> Result<Results> {
     let mut runs = Vec::new();
-    let full = |concurrency, duration| ChurnSpec {
-        concurrency,
-        rate: None,
-        duration,
+    let full = |concurrency, duration| {
+        Workload::Churn(ChurnSpec {
+            concurrency,
+            rate: None,
+            duration,
+        })
     };
-    let paced = |rate, duration| ChurnSpec {
-        concurrency: opts.concurrency,
-        rate: Some(rate),
-        duration,
+    let paced = |rate, duration| {
+        Workload::Churn(ChurnSpec {
+            concurrency: opts.concurrency,
+            rate: Some(rate),
+            duration,
+        })
     };
     let installed = |list: &[Tracer]| -> Vec<Tracer> {
         list.iter()
             .copied()
             .filter(|t| opts.bpftrace.is_some() || !t.is_bpftrace())
             .collect()
+    };
+    let stats = if opts.wants("stats") {
+        if opts.quick {
+            // bpftrace takes seconds to start and stop.
+            vec![Tracer::agent(0), Tracer::agent(1)]
+        } else {
+            installed(&[
+                Tracer::agent(0),
+                Tracer::agent(1),
+                // Kernel-side filtering makes other namespaces' transitions cheap, which
+                // would flatter the cost per event: measured separately.
+                Tracer::Agent {
+                    subscribers: 1,
+                    kernel_filter: true,
+                },
+                Tracer::Bpftrace,
+                Tracer::EmptyProgram,
+            ])
+        }
+    } else if opts.wants("always-on") {
+        // The always-on figure's BPF cost, without the rest of the stats phase.
+        vec![Tracer::agent(0)]
+    } else {
+        Vec::new()
+    };
+    let redis = match &opts.redis_tools {
+        Some(_) => installed(&[
+            Tracer::None,
+            Tracer::agent(0),
+            Tracer::agent(1),
+            Tracer::Bpftrace,
+        ]),
+        None => {
+            if opts.wants("redis") {
+                eprintln!("bench: redis-server or redis-benchmark is not installed: no redis rows");
+            }
+            Vec::new()
+        }
     };
     let plan = [
         (
@@ -453,6 +539,12 @@ async fn run_phases(opts: &Options) -> Result<Results> {
                 Tracer::agent(10),
                 Tracer::Bpftrace,
             ]),
+            opts.rounds,
+            full(opts.concurrency, opts.duration),
+        ),
+        (
+            Phase::AlwaysOn,
+            vec![Tracer::None, Tracer::agent(0)],
             opts.rounds,
             full(opts.concurrency, opts.duration),
         ),
@@ -470,22 +562,7 @@ async fn run_phases(opts: &Options) -> Result<Results> {
         ),
         (
             Phase::BpfStats,
-            if opts.quick {
-                // bpftrace takes seconds to start and stop.
-                vec![Tracer::agent(1)]
-            } else {
-                installed(&[
-                    Tracer::agent(1),
-                    // Kernel-side filtering makes other namespaces' transitions cheap, which
-                    // would flatter the cost per event: measured separately.
-                    Tracer::Agent {
-                        subscribers: 1,
-                        kernel_filter: true,
-                    },
-                    Tracer::Bpftrace,
-                    Tracer::EmptyProgram,
-                ])
-            },
+            stats,
             opts.stats_rounds,
             full(opts.concurrency, opts.stats_duration),
         ),
@@ -498,10 +575,18 @@ async fn run_phases(opts: &Options) -> Result<Results> {
             opts.scaling_rounds,
             paced(opts.scaling_rate, opts.scaling_duration),
         ),
+        (
+            Phase::Redis,
+            redis,
+            opts.rounds,
+            Workload::Redis(opts.redis),
+        ),
     ];
-    for (phase, tracers, count, spec) in plan {
-        if opts.wants(phase.name()) && count > 0 {
-            rounds(opts, &mut runs, phase, &tracers, count, spec).await?;
+    for (phase, tracers, count, workload) in plan {
+        // The stats phase's list already says whether it runs.
+        let wanted = phase == Phase::BpfStats || opts.wants(phase.name());
+        if wanted && count > 0 && !tracers.is_empty() {
+            rounds(opts, &mut runs, phase, &tracers, count, workload).await?;
         }
     }
     let mut populations = Vec::new();
@@ -536,7 +621,7 @@ async fn rounds(
     phase: Phase,
     tracers: &[Tracer],
     count: usize,
-    spec: ChurnSpec,
+    workload: Workload,
 ) -> Result<()> {
     let _stats = if phase == Phase::BpfStats {
         Some(tracer::enable_bpf_stats()?)
@@ -547,7 +632,7 @@ async fn rounds(
         for i in 0..tracers.len() {
             let tracer = tracers[(i + round) % tracers.len()];
             let began = Instant::now();
-            let result = run_once(opts, phase, tracer, round, spec)
+            let result = run_once(opts, phase, tracer, round, workload)
                 .await
                 .with_context(|| format!("{phase:?} round {round}: {}", tracer.label()))?;
             eprintln!(
@@ -584,14 +669,34 @@ impl Running {
         }
     }
 
-    /// Events the slowest consumer has counted.
-    fn slowest(&self) -> u64 {
-        match self {
-            Running::None => 0,
-            Running::Agent { subscribers, .. } => subscribers.slowest(),
-            Running::Bpftrace(bt) => bt.progress.load(std::sync::atomic::Ordering::Relaxed),
-        }
+    /// Whether every consumer has counted `expected` events; with no subscriber, whether the
+    /// agent has decoded every record the kernel wrote.
+    async fn caught_up(&mut self, expected: u64) -> Result<bool> {
+        Ok(match self {
+            Running::None => true,
+            Running::Agent {
+                subscribers,
+                client,
+                ..
+            } if subscribers.is_empty() => {
+                // Polled less often: each GetStats costs the agent CPU too.
+                tokio::time::sleep(Duration::from_millis(8)).await;
+                let counters = tracer::agent_counters(client).await?;
+                counters.records >= counters.kernel_records
+            }
+            Running::Agent { subscribers, .. } => subscribers.slowest() >= expected,
+            Running::Bpftrace(bt) => {
+                bt.progress.load(std::sync::atomic::Ordering::Relaxed) >= expected
+            }
+        })
     }
+}
+
+/// What a run's namespace does while a tracer watches it.
+#[derive(Clone, Copy, Debug)]
+pub enum Workload {
+    Churn(ChurnSpec),
+    Redis(RedisSpec),
 }
 
 async fn run_once(
@@ -599,10 +704,22 @@ async fn run_once(
     phase: Phase,
     tracer: Tracer,
     round: usize,
-    spec: ChurnSpec,
+    workload: Workload,
 ) -> Result<RunResult> {
     let ns = Netns::new()?;
     let tag = format!("{phase:?}-{round}-{}", tracer.label()).replace([' ', ',', '-'], "_");
+    // The server opens (and its readiness probe closes) before the tracer starts.
+    let _server = match workload {
+        Workload::Churn(_) => None,
+        Workload::Redis(_) => {
+            let tools = opts
+                .redis_tools
+                .as_ref()
+                .context("redis is not installed")?;
+            let log = opts.out_dir.join(format!("redis-{tag}.log"));
+            Some(redis::Server::start(&ns, tools, &log)?)
+        }
+    };
     let mut running = match tracer {
         Tracer::None => Running::None,
         Tracer::Agent {
@@ -638,9 +755,9 @@ async fn run_once(
         }
     };
     // The idle population opens before consumers subscribe, so they count only the churn.
-    let population = match opts.idle {
-        0 => None,
-        n => {
+    let population = match (opts.idle, workload) {
+        (0, _) | (_, Workload::Redis(_)) => None,
+        (n, Workload::Churn(_)) => {
             let watcher = match &running {
                 Running::Agent { process, .. } => {
                     Some(Subscribers::connect(&process.addr, 1, ns.inode).await?)
@@ -706,11 +823,23 @@ async fn run_once(
         bt.start_counting();
     }
 
-    let churn = workload::churn(&ns, spec)?;
+    let churn = match workload {
+        Workload::Churn(spec) => workload::churn(&ns, spec)?,
+        Workload::Redis(spec) => {
+            let tools = opts
+                .redis_tools
+                .as_ref()
+                .context("redis is not installed")?;
+            redis::load(&ns, tools, spec)?
+        }
+    };
+    // What the tracer and the consumers spend from here on is deferred work.
+    let tracer_at_end = running.pid().map(tracer::proc_sample).transpose()?;
+    let consumer_at_end = tracer::threads_cpu_seconds(CONSUMER_THREADS);
     in_use.wait_for(idle_sockets, Duration::from_secs(10))?;
     let kernel = ns.tcp_counters()?.since(&kernel_before);
     let expected = match tracer {
-        Tracer::None | Tracer::EmptyProgram => 0,
+        Tracer::None | Tracer::EmptyProgram | Tracer::Agent { subscribers: 0, .. } => 0,
         Tracer::Agent { .. } => {
             AGENT_EVENTS_PER_CONNECTION * kernel.active_opens
                 + AGENT_EVENTS_PER_LISTENER * churn.listeners
@@ -722,11 +851,8 @@ async fn run_once(
     };
     // Every consumer has everything, or the tracer had its chance: a lossy tracer gets the
     // same bounded wait as a slow one.
-    let deadline = Instant::now() + opts.drain_timeout.max(spec.duration);
-    while !matches!(running, Running::None)
-        && running.slowest() < expected
-        && Instant::now() < deadline
-    {
+    let deadline = Instant::now() + opts.drain_timeout.max(churn.elapsed);
+    while !running.caught_up(expected).await? && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Anything extra (duplicates, foreign events) would arrive now.
@@ -738,7 +864,12 @@ async fn run_once(
         .map(tracer::prog_stats)
         .transpose()?
         .unwrap_or_default();
-    let consumer_cpu_s = tracer::threads_cpu_seconds(CONSUMER_THREADS) - consumer_before;
+    let consumer_after = tracer::threads_cpu_seconds(CONSUMER_THREADS);
+    let consumer_cpu_s = consumer_after - consumer_before;
+    let deferred_cpu_s = (consumer_after - consumer_at_end)
+        + tracer_at_end
+            .zip(proc_after)
+            .map_or(0.0, |(end, after)| after.cpu_s - end.cpu_s);
     let foreign_cpu_s = (foreign_cpu(&foreign) - foreign_before).max(0.0);
     let mut result = RunResult {
         phase,
@@ -758,6 +889,7 @@ async fn run_once(
         agent: None,
         tracer_records: 0,
         consumer_cpu_s,
+        deferred_cpu_s,
         foreign_cpu_s,
         progs: tracer::prog_delta(&progs_before, &progs_after),
     };

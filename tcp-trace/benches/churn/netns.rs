@@ -9,8 +9,9 @@ use std::{
     io::{Read as _, Seek as _, SeekFrom},
     os::{
         fd::{AsRawFd as _, OwnedFd},
-        unix::fs::MetadataExt as _,
+        unix::{fs::MetadataExt as _, process::CommandExt as _},
     },
+    process::Command,
     thread,
 };
 
@@ -72,8 +73,21 @@ impl Netns {
         Ok(())
     }
 
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
+    /// A command whose process starts inside the namespace (a population holder, redis).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let ns_fd = self.fd.as_raw_fd();
+        let mut cmd = Command::new(program);
+        // SAFETY: only setns, an async-signal-safe system call, runs between fork and exec; the
+        // namespace fd is inherited across fork (it is CLOEXEC, so it closes at exec).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 
     /// Runs `f` on a fresh thread inside the namespace.

@@ -3,9 +3,9 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::fd::AsRawFd as _,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::atomic::{AtomicI32, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
@@ -369,22 +369,11 @@ fn spawn_holder(
         rate.unwrap_or(0.0),
         addrs.join(",")
     );
-    let ns_fd = ns.raw_fd();
-    let mut cmd = Command::new(exe);
+    let mut cmd = ns.command(exe);
     cmd.env(HOLD_ENV, spec)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: only setns, an async-signal-safe system call, runs between fork and exec; the
-    // namespace fd is inherited across fork (it is CLOEXEC, so it closes at exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     cmd.spawn()
         .with_context(|| format!("start a population holder {}", exe.display()))
 }
