@@ -1,5 +1,5 @@
-//! `cargo xtask bench`: the churn benchmark (tcp-trace/benches/churn.rs) in release mode, as
-//! root, with bpftrace installed for the side-by-side runs and redis for the real-server phase.
+//! `cargo xtask bench`: the benchmark (the tcp-trace-bench crate, tcp-trace/bench) in release
+//! mode with the release agent, as root, with bpftrace installed for the side-by-side runs and redis for the real-server phase.
 //! Writes `<target>/bench/report.md`, `report.svg` and `runs.csv`, and prints the table.
 //!
 //! Arguments after `--` go to the bench (`--quick`, `--rounds N`, `--duration S`,
@@ -61,9 +61,22 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
         shown.push("--".into());
         shown.extend(args.iter().map(|a| a.to_string_lossy().into_owned()));
     }
-    let mut bench = build::cargo(&linker, "bench");
+    // The agent and the bench, optimised; the bench runs the agent binary as a child process.
+    let mut build = build::cargo(&linker, "build");
+    build.args([
+        "--release",
+        "--package",
+        "tcp-trace",
+        "--package",
+        "tcp-trace-bench",
+    ]);
+    build.arg("--bins");
+    cmd::run(&mut build)?;
+    let release = target_dir().join("release");
+    let mut bench = std::process::Command::new(release.join("tcp-trace-bench"));
     bench
-        .args(["--package", "tcp-trace", "--bench", "churn", "--"])
+        .arg("--agent")
+        .arg(release.join("tcp-trace"))
         .args(&bench_args)
         .arg("--out")
         .arg(&out)

@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::{netns::Netns, workload::ChurnResult};
+use tcp_trace_test_support::NetNs;
+
+use super::workload::ChurnResult;
 
 /// The port redis listens on, inside the run's own namespace (nothing else is there).
 const PORT: u16 = 6379;
@@ -58,7 +60,7 @@ impl Server {
     /// Starts it with no persistence and an accept backlog deep enough for the churn (a short
     /// backlog overflows and stalls clients on 1 s SYN retransmits), and returns once it
     /// accepts. That probe connection is made before any tracer starts counting.
-    pub fn start(ns: &Netns, tools: &RedisTools, log: &Path) -> Result<Server> {
+    pub fn start(ns: &NetNs, tools: &RedisTools, log: &Path) -> Result<Server> {
         let child = ns
             .command(&tools.server)
             .args(["--bind", "127.0.0.1", "--port", &PORT.to_string()])
@@ -70,10 +72,7 @@ impl Server {
             .with_context(|| format!("start {}", tools.server.display()))?;
         let mut server = Server(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ns
-            .run(|| Ok(TcpStream::connect((Ipv4Addr::LOCALHOST, PORT)).is_err()))
-            .unwrap_or(true)
-        {
+        while ns.run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, PORT)).is_err()) {
             if let Some(status) = server.0.try_wait()? {
                 bail!(
                     "redis-server exited at start ({status}): {}",
@@ -99,7 +98,7 @@ impl Drop for Server {
 
 /// Runs `redis-benchmark -k 0` against the server in `ns`; returns its requests (each one
 /// connection) and the time its own clock measured for them (requests / its requests/s).
-pub fn load(ns: &Netns, tools: &RedisTools, spec: RedisSpec) -> Result<ChurnResult> {
+pub fn load(ns: &NetNs, tools: &RedisTools, spec: RedisSpec) -> Result<ChurnResult> {
     let requests = spec.requests.to_string();
     let clients = spec.clients.to_string();
     let mut child = ns
