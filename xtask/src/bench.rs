@@ -1,10 +1,10 @@
-//! `cargo xtask bench`: the churn benchmark (tcp-trace/benches/churn.rs) in release mode, as
-//! root, with bpftrace installed for the side-by-side runs. Writes `<target>/bench/report.md`,
-//! `report.svg` and `runs.csv`, and prints the table.
+//! `cargo xtask bench`: the benchmark (the tcp-trace-bench crate, tcp-trace/bench) in release
+//! mode with the release agent, as root, with bpftrace installed for the side-by-side runs and redis for the real-server phase.
+//! Writes `<target>/bench/report.md`, `report.svg` and `runs.csv`, and prints the table.
 //!
 //! Arguments after `--` go to the bench (`--quick`, `--rounds N`, `--duration S`,
-//! `--concurrency N`, `--phases churn,spare,...`, `--idle N`, `--population N`, `--no-bpftrace`;
-//! `-- --help` lists them), except `--docs`, which xtask keeps: after the run it copies the
+//! `--concurrency N`, `--phases churn,always-on,redis,...`, `--idle N`, `--population N`,
+//! `--no-bpftrace`; `-- --help` lists them), except `--docs`, which xtask keeps: after the run it copies the
 //! report to docs/benchmarks.{md,svg,csv}, keeping the hand-written `## Analysis` section of the
 //! current docs/benchmarks.md.
 use std::{
@@ -47,6 +47,13 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
     let linker = setup::toolchain()?;
     // Only the benchmarks need bpftrace, so `setup` does not install it.
     setup::system_tools(BPFTRACE)?;
+    // The `redis` phase's server and load tool: the ones tests/watch_follows.rs runs.
+    for tool in setup::TEST_TOOLS
+        .iter()
+        .filter(|t| t.program.starts_with("redis-"))
+    {
+        setup::system_tools(std::slice::from_ref(tool))?;
+    }
 
     let out = target_dir().join("bench");
     let mut shown = vec!["cargo xtask bench".to_owned()];
@@ -54,9 +61,22 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
         shown.push("--".into());
         shown.extend(args.iter().map(|a| a.to_string_lossy().into_owned()));
     }
-    let mut bench = build::cargo(&linker, "bench");
+    // The agent and the bench, optimised; the bench runs the agent binary as a child process.
+    let mut build = build::cargo(&linker, "build");
+    build.args([
+        "--release",
+        "--package",
+        "tcp-trace",
+        "--package",
+        "tcp-trace-bench",
+    ]);
+    build.arg("--bins");
+    cmd::run(&mut build)?;
+    let release = target_dir().join("release");
+    let mut bench = std::process::Command::new(release.join("tcp-trace-bench"));
     bench
-        .args(["--package", "tcp-trace", "--bench", "churn", "--"])
+        .arg("--agent")
+        .arg(release.join("tcp-trace"))
         .args(&bench_args)
         .arg("--out")
         .arg(&out)

@@ -3,9 +3,9 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::fd::AsRawFd as _,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::atomic::{AtomicI32, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
@@ -13,13 +13,67 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::netns::Netns;
+use tcp_trace_test_support::{Counters, NetNs};
 
 /// No step of a connection may block longer than this (the bench is bounded in time).
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The environment variable that turns the bench binary into a population holder.
 pub const HOLD_ENV: &str = "TCP_TRACE_BENCH_HOLD";
+
+/// A fresh namespace for one run, with `lo` up, a wide ephemeral port range (the churn keeps
+/// tens of thousands of client ports in TIME_WAIT) and accept queues deep enough for the idle
+/// population, which is never accept()ed. Deleting it (on drop) frees every socket, TIME_WAIT
+/// included.
+pub fn netns() -> NetNs {
+    let ns = NetNs::new("bench");
+    for (key, value) in [
+        ("ipv4/ip_local_port_range", "1024 65535"),
+        ("core/somaxconn", "65535"),
+        ("ipv4/tcp_max_syn_backlog", "65535"),
+    ] {
+        ns.sysctl(key, value);
+    }
+    ns
+}
+
+/// The counters of /proc/net/snmp's `Tcp:` lines the bench compares events with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    pub active_opens: u64,
+    pub passive_opens: u64,
+    pub attempt_fails: u64,
+    pub estab_resets: u64,
+}
+
+impl TcpCounters {
+    /// The namespace's counters now.
+    pub fn read(ns: &NetNs) -> TcpCounters {
+        TcpCounters::from(&ns.snmp())
+    }
+
+    pub fn since(&self, before: &TcpCounters) -> TcpCounters {
+        TcpCounters {
+            active_opens: self.active_opens - before.active_opens,
+            passive_opens: self.passive_opens - before.passive_opens,
+            attempt_fails: self.attempt_fails - before.attempt_fails,
+            estab_resets: self.estab_resets - before.estab_resets,
+        }
+    }
+}
+
+impl From<&Counters> for TcpCounters {
+    fn from(c: &Counters) -> TcpCounters {
+        // The kernel's counters never go below 0.
+        let get = |key: &str| c.get(key).max(0) as u64;
+        TcpCounters {
+            active_opens: get("Tcp:ActiveOpens"),
+            passive_opens: get("Tcp:PassiveOpens"),
+            attempt_fails: get("Tcp:AttemptFails"),
+            estab_resets: get("Tcp:EstabResets"),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct ChurnSpec {
@@ -48,7 +102,7 @@ pub struct ChurnResult {
 /// The workload makes no setsockopt() call (tcp-trace's cgroup setsockopt program would run on
 /// it); instead a watchdog bounds it: workers still blocked [`STEP_TIMEOUT`] after the deadline
 /// get their sockets shut down, which fails their blocking calls.
-pub fn churn(ns: &Netns, spec: ChurnSpec) -> Result<ChurnResult> {
+pub fn churn(ns: &NetNs, spec: ChurnSpec) -> Result<ChurnResult> {
     let start = Instant::now() + Duration::from_millis(5);
     let deadline = start + spec.duration;
     let per_worker_interval = spec
@@ -65,15 +119,14 @@ pub fn churn(ns: &Netns, spec: ChurnSpec) -> Result<ChurnResult> {
                 thread::Builder::new()
                     .name(format!("churn-{i}"))
                     .spawn_scoped(scope, move || {
-                        let result = ns.enter().and_then(|()| {
-                            // Spread paced workers over the interval instead of firing together.
-                            let offset = per_worker_interval
-                                .map(|iv| iv.mul_f64(i as f64 / spec.concurrency as f64))
-                                .unwrap_or_default();
-                            worker(start + offset, deadline, per_worker_interval, fds)
-                        });
-                        finished.fetch_add(1, Ordering::SeqCst);
-                        result
+                        // Counted even if the worker panics, so the watchdog ends.
+                        let _finished = Finished(finished);
+                        ns.enter();
+                        // Spread paced workers over the interval instead of firing together.
+                        let offset = per_worker_interval
+                            .map(|iv| iv.mul_f64(i as f64 / spec.concurrency as f64))
+                            .unwrap_or_default();
+                        worker(start + offset, deadline, per_worker_interval, fds)
                     })
             })
             .collect();
@@ -109,6 +162,15 @@ pub fn churn(ns: &Netns, spec: ChurnSpec) -> Result<ChurnResult> {
         total.errors += errors;
     }
     Ok(total)
+}
+
+/// Counts a worker as finished when dropped.
+struct Finished<'a>(&'a AtomicUsize);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The sockets a worker has open right now (-1: none), for the watchdog.
@@ -215,7 +277,7 @@ impl Population {
     /// `rate` paces the opening (connections per second over all holders; None = at once):
     /// a steady state is what the memory figure is about, not a burst.
     pub fn open(
-        ns: &Netns,
+        ns: &NetNs,
         n: usize,
         keepalive: Duration,
         rate: Option<f64>,
@@ -234,7 +296,7 @@ impl Population {
                     }
                     Ok(l)
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
         })?;
         let addrs: Vec<SocketAddr> = listeners
             .iter()
@@ -355,7 +417,7 @@ fn set_keepalive(stream: &TcpStream, idle: Duration) -> Result<()> {
 }
 
 fn spawn_holder(
-    ns: &Netns,
+    ns: &NetNs,
     exe: &Path,
     addrs: &[SocketAddr],
     count: usize,
@@ -369,22 +431,11 @@ fn spawn_holder(
         rate.unwrap_or(0.0),
         addrs.join(",")
     );
-    let ns_fd = ns.raw_fd();
-    let mut cmd = Command::new(exe);
+    let mut cmd = ns.command(exe);
     cmd.env(HOLD_ENV, spec)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: only setns, an async-signal-safe system call, runs between fork and exec; the
-    // namespace fd is inherited across fork (it is CLOEXEC, so it closes at exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     cmd.spawn()
         .with_context(|| format!("start a population holder {}", exe.display()))
 }

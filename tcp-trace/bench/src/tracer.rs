@@ -1,27 +1,29 @@
 //! The tracers under test, each a child process the bench starts and stops per run: the
-//! `tcp-trace agent` binary, and bpftrace printing every event into a pipe the bench reads.
-//! Also what the bench reads about them from /proc: CPU time, memory, their BPF programs' stats.
+//! `tcp-trace agent` binary (tcp-trace-test-support's `AgentProcess`), and bpftrace printing
+//! every event into a pipe the bench reads. Also what the bench reads about them from /proc:
+//! CPU time, memory, their BPF programs' stats; and the agent's own counters.
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use tcp_trace::{api::ListenAddr, client, proto, proto::tcp_trace_client::TcpTraceClient};
+use tcp_trace::{proto, proto::tcp_trace_client::TcpTraceClient};
+use tcp_trace_test_support::process::terminate;
 use tonic::transport::Channel;
 
 use super::stats::Histogram;
 
-/// How long a tracer may take to start (bpftrace parses the kernel's BTF first).
+/// How long bpftrace may take to start (it parses the kernel's BTF first).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// CPU time and memory of a process, from /proc/<pid>/stat and /proc/<pid>/status.
@@ -192,152 +194,6 @@ pub fn prog_delta(before: &[ProgStats], after: &[ProgStats]) -> Vec<ProgStats> {
             }
         })
         .collect()
-}
-
-/// A `tcp-trace agent` child process serving on its own Unix socket.
-pub struct AgentProcess {
-    /// Killed and reaped if the process is dropped without [`AgentProcess::stop`].
-    child: KillOnDrop,
-    pub pid: u32,
-    pub addr: ListenAddr,
-    log: PathBuf,
-}
-
-impl AgentProcess {
-    /// Starts the agent (every namespace, or only `netns` filtered in the kernel) and returns once
-    /// it answers GetStats, which it serves only after its programs are attached.
-    pub async fn start(
-        exe: &Path,
-        dir: &Path,
-        tag: &str,
-        netns: Option<u64>,
-    ) -> Result<(AgentProcess, TcpTraceClient<Channel>)> {
-        Self::start_with(exe, dir, tag, netns, &[]).await
-    }
-
-    /// [`AgentProcess::start`] with more agent flags.
-    pub async fn start_with(
-        exe: &Path,
-        dir: &Path,
-        tag: &str,
-        netns: Option<u64>,
-        flags: &[&str],
-    ) -> Result<(AgentProcess, TcpTraceClient<Channel>)> {
-        let socket =
-            std::env::temp_dir().join(format!("tcp-trace-bench-{}-{tag}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&socket);
-        let log = dir.join(format!("agent-{tag}.log"));
-        let mut cmd = Command::new(exe);
-        cmd.arg("agent")
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()));
-        if let Some(inode) = netns {
-            cmd.arg("--netns").arg(inode.to_string());
-        }
-        cmd.args(flags);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("start {}", exe.display()))?;
-        let mut agent = AgentProcess {
-            pid: child.id(),
-            child: KillOnDrop(Some(child)),
-            addr: ListenAddr::Unix(socket),
-            log,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = agent.child.get().try_wait()? {
-                bail!(
-                    "the agent exited at start ({status}): {}",
-                    std::fs::read_to_string(&agent.log).unwrap_or_default()
-                );
-            }
-            if let Ok(mut c) = client::connect(&agent.addr).await
-                && c.get_stats(proto::GetStatsRequest {}).await.is_ok()
-            {
-                return Ok((agent, c));
-            }
-            if Instant::now() > deadline {
-                bail!("the agent did not answer within {START_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM (graceful: the agent detaches its programs and removes its socket), then waits
-    /// for it to exit: the kernel takes most of a second to detach its programs (RCU grace
-    /// periods), and the next run must not start with them still attached. `wait: false` leaves
-    /// the wait to [`reap_stopped`] (quick mode, where the numbers do not matter but time does).
-    pub fn stop(mut self, wait: bool) -> Result<()> {
-        let mut child = self.child.take();
-        if wait {
-            return terminate(&mut child, libc::SIGTERM);
-        }
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let waiter = thread::spawn(move || {
-            let _ = terminate(&mut child, 0);
-        });
-        STOPPING
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(waiter);
-        Ok(())
-    }
-}
-
-/// Agents stopped without waiting, still exiting.
-static STOPPING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
-
-/// Waits until every agent stopped with `stop(false)` has exited.
-pub fn reap_stopped() {
-    let waiters = std::mem::take(&mut *STOPPING.lock().unwrap_or_else(|p| p.into_inner()));
-    for waiter in waiters {
-        let _ = waiter.join();
-    }
-}
-
-/// A child process killed (and reaped) when dropped, unless taken out first.
-struct KillOnDrop(Option<Child>);
-
-impl KillOnDrop {
-    fn get(&mut self) -> &mut Child {
-        self.0.as_mut().expect("present until taken")
-    }
-
-    fn take(&mut self) -> Child {
-        self.0.take().expect("taken once")
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Sends `signal` (0: none, just wait) and waits up to 10 s for the exit, then kills.
-fn terminate(child: &mut Child, signal: i32) -> Result<()> {
-    if signal != 0 {
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, signal) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    child.kill()?;
-    child.wait()?;
-    bail!("{} did not stop within 10 s of signal {signal}", child.id())
 }
 
 /// bpftrace on the same tracepoint, printing every TCP transition as a line: the same fields

@@ -95,3 +95,26 @@ impl Spread {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_quantiles_come_from_buckets_and_the_exact_tail() {
+        let mut h = Histogram::default();
+        for us in 1..=99 {
+            h.record(us * 1_000);
+        }
+        h.record(80_000_000);
+        // 50 µs falls in the [50, 55) µs bucket, reported by its upper edge.
+        assert_eq!(h.quantile(0.5), Some(Duration::from_micros(55)));
+        assert_eq!(h.quantile(1.0), Some(Duration::from_millis(80)));
+    }
+
+    #[test]
+    fn spread_is_the_median_and_range_of_finite_values() {
+        let s = Spread::of([3.0, 1.0, 2.0, 10.0, f64::NAN]).expect("values");
+        assert_eq!((s.median, s.min, s.max, s.n), (2.5, 1.0, 10.0, 4));
+    }
+}

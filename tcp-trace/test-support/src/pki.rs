@@ -16,6 +16,12 @@ pub struct Pki {
     dir: PathBuf,
 }
 
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Pki {
     pub fn new() -> Pki {
         use rcgen::{

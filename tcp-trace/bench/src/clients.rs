@@ -9,10 +9,11 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
+use tcp_trace_test_support::process::AgentProcess;
+
 use super::{
     Options,
-    netns::Netns,
-    tracer::{AgentProcess, agent_counters},
+    tracer::agent_counters,
     workload::{self, ChurnSpec},
 };
 
@@ -35,13 +36,13 @@ impl ClientRun {
 /// printing all of them, `rounds` times in each mode (JSON and text alternating).
 pub async fn client_rates(opts: &Options) -> Result<Vec<ClientRun>> {
     let (events, rounds) = if opts.quick { (5_000, 1) } else { (200_000, 3) };
-    let ns = Netns::new()?;
+    let ns = workload::netns();
     let replay = events.to_string();
-    let (process, mut client) = AgentProcess::start_with(
+    let (process, mut client) = AgentProcess::start(
         &opts.agent,
         &opts.out_dir,
         "clients",
-        Some(ns.inode),
+        Some(ns.inode()),
         &["--replay", &replay],
     )
     .await?;

@@ -1,17 +1,19 @@
-//! The churn benchmark: how much tcp-trace costs a host that opens and closes connections as
-//! fast as it can, whether it loses anything, and how it compares with bpftrace. Run it with
-//! `sudo -E cargo xtask bench` (or `-- --quick`); the harness is in `churn/`, and
-//! `tests/bench_smoke.rs` runs it too.
-#[path = "churn/mod.rs"]
-mod harness;
-
+//! The benchmark: how much tcp-trace costs a host that opens and closes connections as fast as
+//! it can (and a real server doing so), whether it loses anything, and how it compares with
+//! bpftrace. Run it with `sudo -E cargo xtask bench` (or `-- --quick`), which builds the agent
+//! and passes it as `--agent`; the harness is this crate's library, which tcp-trace's
+//! `tests/bench_smoke.rs` runs too.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use tcp_trace_bench as harness;
 
 #[derive(Parser)]
-#[command(about = "tcp-trace churn benchmark (run it through `cargo xtask bench`)")]
+#[command(about = "tcp-trace benchmark (run it through `cargo xtask bench`)")]
 struct Args {
+    /// The `tcp-trace` binary to run as the agent (default: the one beside this binary).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
     /// A few seconds of every phase, for the smoke test: numbers mean nothing.
     #[arg(long)]
     quick: bool,
@@ -33,8 +35,7 @@ struct Args {
     /// Connections held open for the memory figure (two tracked sockets each; 0 skips it).
     #[arg(long, value_name = "N")]
     population: Option<usize>,
-    /// Run only these phases (comma-separated: churn, spare, trickle, stats, scaling,
-    /// population).
+    /// Run only these phases (comma-separated).
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(harness::PHASES))]
     phases: Vec<String>,
     /// Skip bpftrace even if it is installed.
@@ -51,9 +52,6 @@ struct Args {
         hide = true
     )]
     command: Option<String>,
-    /// Passed by `cargo bench` to every bench binary.
-    #[arg(long, hide = true)]
-    bench: bool,
 }
 
 fn main() -> ExitCode {
@@ -67,10 +65,13 @@ fn main() -> ExitCode {
         };
     }
     let args = Args::parse();
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_tcp-trace"));
+    let agent = args.agent.unwrap_or_else(|| {
+        let exe = std::env::current_exe().unwrap_or_default();
+        exe.with_file_name("tcp-trace")
+    });
     let out = args
         .out
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench"));
     let mut opts = if args.quick {
         harness::Options::quick(agent, out)
     } else {

@@ -2,7 +2,7 @@
 //! socket of its own, with a gRPC client to it.
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
@@ -31,13 +31,7 @@ impl TestAgent {
 
     /// Also listens on `tcp` (TCP addresses; port 0 picks one, see [`TestAgent::tcp_addr`]).
     pub async fn start_serving(mut config: AgentConfig, tcp: Vec<ListenAddr>) -> TestAgent {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = PathBuf::from(format!(
-            "/tmp/tcp-trace-test-{}-{}.sock",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let addr = ListenAddr::Unix(path);
+        let addr = ListenAddr::Unix(socket_path("test"));
         config.listen = vec![addr.clone()];
         config.listen.extend(tcp);
         let agent = Agent::start(config)
@@ -229,10 +223,37 @@ pub fn path(states: &[&str]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A Unix socket path of its own for an agent of this process: `/tmp/tcp-trace-<tag>-<pid>-<n>.sock`.
+pub fn socket_path(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "tcp-trace-{tag}-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The `tcp-trace` binary of this build. Cargo builds a package's binaries before its
+/// integration tests and puts them beside the tests' `deps/` directory: `target/<profile>/`.
+pub fn tcp_trace_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = dir.join("tcp-trace");
+    assert!(
+        bin.is_file(),
+        "no tcp-trace binary at {} (run the tests with cargo test)",
+        bin.display()
+    );
+    bin
+}
+
 /// Runs the `tcp-trace` binary with `args`, asserts it succeeded (its stderr in the message),
 /// and returns its stdout.
 pub fn cli(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcp-trace"))
+    let out = std::process::Command::new(tcp_trace_exe())
         .args(args)
         .output()
         .expect("the tcp-trace binary runs");

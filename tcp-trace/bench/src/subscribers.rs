@@ -80,6 +80,10 @@ impl Subscribers {
         })
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
     /// Events (state changes and summaries) the slowest subscriber has read or been told it
     /// lost, so far.
     pub fn slowest(&self) -> u64 {

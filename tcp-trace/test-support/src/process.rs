@@ -1,0 +1,153 @@
+//! A real agent as a child process: the `tcp-trace agent` binary, served on a Unix socket of its
+//! own, stopped the way an operator stops it (SIGTERM). What the bench measures (its CPU and
+//! memory are its own), and what a test needs when the agent's process itself matters.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Mutex,
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tcp_trace::{api::ListenAddr, client, proto, proto::tcp_trace_client::TcpTraceClient};
+use tonic::transport::Channel;
+
+/// How long the agent may take to load, attach and answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `tcp-trace agent` child process serving on its own Unix socket.
+pub struct AgentProcess {
+    /// Killed and reaped if the process is dropped without [`AgentProcess::stop`].
+    child: KillOnDrop,
+    pub pid: u32,
+    pub addr: ListenAddr,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `exe agent` (every namespace, or only `netns`, filtered in the kernel) with more
+    /// `flags`, its stderr into `<dir>/agent-<tag>.log`, and returns once it answers GetStats,
+    /// which it serves only after its programs are attached.
+    pub async fn start(
+        exe: &Path,
+        dir: &Path,
+        tag: &str,
+        netns: Option<u64>,
+        flags: &[&str],
+    ) -> Result<(AgentProcess, TcpTraceClient<Channel>)> {
+        let socket = crate::agent::socket_path(tag);
+        let _ = std::fs::remove_file(&socket);
+        let log = dir.join(format!("agent-{tag}.log"));
+        let mut cmd = Command::new(exe);
+        cmd.arg("agent")
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()));
+        if let Some(inode) = netns {
+            cmd.arg("--netns").arg(inode.to_string());
+        }
+        cmd.args(flags);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("start {}", exe.display()))?;
+        let mut agent = AgentProcess {
+            pid: child.id(),
+            child: KillOnDrop(Some(child)),
+            addr: ListenAddr::Unix(socket),
+            log,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = agent.child.get().try_wait()? {
+                bail!(
+                    "the agent exited at start ({status}): {}",
+                    std::fs::read_to_string(&agent.log).unwrap_or_default()
+                );
+            }
+            if let Ok(mut c) = client::connect(&agent.addr).await
+                && c.get_stats(proto::GetStatsRequest {}).await.is_ok()
+            {
+                return Ok((agent, c));
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not answer within {START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM (graceful: the agent detaches its programs and removes its socket), then waits
+    /// for it to exit: the kernel takes most of a second to detach its programs (RCU grace
+    /// periods), and the next run must not start with them still attached. `wait: false` leaves
+    /// the wait to [`reap_stopped`] (when time matters more than a quiet next run).
+    pub fn stop(mut self, wait: bool) -> Result<()> {
+        let mut child = self.child.take();
+        if wait {
+            return terminate(&mut child, libc::SIGTERM);
+        }
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let waiter = thread::spawn(move || {
+            let _ = terminate(&mut child, 0);
+        });
+        STOPPING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(waiter);
+        Ok(())
+    }
+}
+
+/// Agents stopped without waiting, still exiting.
+static STOPPING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits until every agent stopped with `stop(false)` has exited.
+pub fn reap_stopped() {
+    let waiters = std::mem::take(&mut *STOPPING.lock().unwrap_or_else(|p| p.into_inner()));
+    for waiter in waiters {
+        let _ = waiter.join();
+    }
+}
+
+/// A child process killed (and reaped) when dropped, unless taken out first.
+pub struct KillOnDrop(pub Option<Child>);
+
+impl KillOnDrop {
+    pub fn get(&mut self) -> &mut Child {
+        self.0.as_mut().expect("present until taken")
+    }
+
+    pub fn take(&mut self) -> Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends `signal` (0: none, just wait) and waits up to 10 s for the exit, then kills.
+pub fn terminate(child: &mut Child, signal: i32) -> Result<()> {
+    if signal != 0 {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    child.kill()?;
+    child.wait()?;
+    bail!("{} did not stop within 10 s of signal {signal}", child.id())
+}
