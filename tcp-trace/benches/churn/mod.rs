@@ -23,6 +23,7 @@
 // The bench binary and the smoke test each use a part of the harness.
 #![allow(dead_code)]
 pub mod clients;
+pub mod export;
 pub mod netns;
 pub mod report;
 mod report_svg;
@@ -238,6 +239,7 @@ pub const PHASES: &[&str] = &[
     "scaling",
     "population",
     "clients",
+    "export",
 ];
 
 /// What the agent did during a run.
@@ -520,6 +522,9 @@ async fn run_phases(opts: &Options) -> Result<Results> {
     } else {
         Vec::new()
     };
+    if opts.wants("export") {
+        export::export_cost(opts).await?;
+    }
     Ok(Results {
         runs,
         population: populations,
