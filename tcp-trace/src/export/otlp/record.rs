@@ -158,13 +158,12 @@ impl RecordWriter {
             &text[body_at..],
         );
 
-        // In prost's order: fields as the generated struct declares them.
+        // In prost's order: by field number.
         fixed64(
             record,
             field::TIME_UNIX_NANO,
             unix_ns(clock.wall(c.last_ns)),
         );
-        fixed64(record, field::OBSERVED_TIME_UNIX_NANO, now_ns);
         encode_key(field::SEVERITY_NUMBER, WireType::Varint, record);
         encode_varint(SeverityNumber::Info as u64, record);
         str_field(record, field::SEVERITY_TEXT, SEVERITY_TEXT);
@@ -219,6 +218,7 @@ impl RecordWriter {
         if let Some(ns) = c.handshake_ns() {
             attr("tcptrace.handshake.duration", Value::Double(seconds(ns)));
         }
+        fixed64(record, field::OBSERVED_TIME_UNIX_NANO, now_ns);
         str_field(record, field::EVENT_NAME, EVENT_NAME);
 
         encode_key(
