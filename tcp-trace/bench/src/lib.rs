@@ -25,6 +25,7 @@
 //! - `clients`: events per second `watch` prints into a file, JSON and text, from a replayed
 //!   history.
 pub mod clients;
+pub mod export;
 pub mod figures;
 mod plot;
 pub mod redis;
@@ -265,6 +266,7 @@ pub const PHASES: &[&str] = &[
     "stats",
     "scaling",
     "redis",
+    "export",
     "population",
     "clients",
 ];
@@ -603,6 +605,10 @@ async fn run_phases(opts: &Options) -> Result<Results> {
     } else {
         Vec::new()
     };
+    if opts.wants("export") {
+        // Writes its own report (export.md) beside the main one.
+        export::export_cost(opts).await?;
+    }
     Ok(Results {
         runs,
         population: populations,
