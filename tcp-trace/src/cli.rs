@@ -73,8 +73,9 @@ pub struct AgentArgs {
     /// one (which costs less per transition). For kernels where the BTF program misbehaves.
     #[arg(long)]
     pub classic_tracepoint: bool,
-    /// Events queued per subscriber before it starts losing events (it is told how many).
-    #[arg(long, value_name = "N", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
+    /// Events queued per subscriber before it starts losing events (it is told how many); a
+    /// queue also holds at most 128 MiB.
+    #[arg(long, value_name = "N", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
     /// Closed connections that lived at least this many seconds count as long-lived, the rest
     /// as short-lived (churn that pooling or keepalive would avoid).
