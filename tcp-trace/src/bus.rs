@@ -3,7 +3,8 @@
 //!
 //! Each subscriber has its own bounded queue. The producer (the ring drain) never waits: it
 //! queues what fits, and when a queue is full it counts what that subscriber lost and tells it
-//! in-band with one `Lost{count}` at the place of the gap (the linkerd tap model). It fills each
+//! in-band with one `Lost{count}` at the place of the gap (the linkerd tap model). A queue is
+//! bounded in events (what the client asked for) and in bytes (what it costs the agent). It fills each
 //! queue a drain's events at a time: one lock and at most one wake-up per subscriber and drain,
 //! not per event.
 //!
@@ -75,6 +76,9 @@ pub struct SubscribeRequest {
     pub filter: Filter,
     /// Queue capacity, in events.
     pub queue: usize,
+    /// Queue capacity, in bytes (see [`queued_bytes`]); the first of the two bounds reached
+    /// counts.
+    pub queue_bytes: usize,
     pub start: Start,
     /// Who subscribes, for GetStats.
     pub peer: String,
@@ -127,10 +131,20 @@ struct Pending {
     last_seq: u64,
 }
 
+/// What one queued event costs the agent, roughly: its encoding (shared with the replay buffer
+/// and the other subscribers, so this overstates what one subscriber adds) plus its bookkeeping.
+fn queued_bytes(published: &Published) -> usize {
+    const BOOKKEEPING: usize =
+        std::mem::size_of::<Queued>() + std::mem::size_of::<Published>() + 2 * 8;
+    published.unnumbered.len() + BOOKKEEPING
+}
+
 /// A subscriber's queue, filled by the producer and emptied by the subscription's stream.
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Queued>,
+    /// `queued_bytes` of `items`.
+    bytes: usize,
     pending: Pending,
     /// The stream's task, when it found the queue empty.
     waker: Option<Waker>,
@@ -154,6 +168,8 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Most events `queue` holds.
     capacity: usize,
+    /// Most bytes `queue` holds (at least one event fits whatever its size).
+    capacity_bytes: usize,
     account: Account,
 }
 
@@ -317,6 +333,7 @@ impl Bus {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             capacity: request.queue.max(1),
+            capacity_bytes: request.queue_bytes,
             account: Account::default(),
         });
         let mut state = self.lock();
@@ -520,7 +537,12 @@ impl Subscriber {
         let mut queue = self.shared.queue();
         for published in batch.iter().filter(|p| delivers(&self.filter, &p.keys)) {
             matched += 1;
-            if queue.items.len() < self.shared.capacity {
+            let bytes = queued_bytes(published);
+            let fits = queue.items.is_empty()
+                || (queue.items.len() < self.shared.capacity
+                    && queue.bytes + bytes <= self.shared.capacity_bytes);
+            if fits {
+                queue.bytes += bytes;
                 let item = Queued {
                     lost_before: std::mem::take(&mut queue.pending.count),
                     last_lost_seq: queue.pending.last_seq,
@@ -598,6 +620,7 @@ impl Subscription {
             queue.waker = Some(cx.waker().clone());
             return Poll::Pending;
         };
+        queue.bytes -= queued_bytes(&queued.event);
         drop(queue);
         Poll::Ready(Some(self.unpack(queued)))
     }
@@ -659,6 +682,7 @@ mod tests {
         bus.subscribe(SubscribeRequest {
             filter,
             queue,
+            queue_bytes: usize::MAX,
             start,
             peer: "test".into(),
         })
@@ -795,6 +819,40 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_holds_what_fits_in_its_bytes_and_always_at_least_one_event() {
+        let bus = bus(0);
+        let mut batch = events(4);
+        for (unnumbered, _) in &mut batch {
+            *unnumbered = Bytes::from(vec![0; 1000]);
+        }
+        let one = 1000
+            + queued_bytes(&Published {
+                seq: 0,
+                keys: batch[0].1,
+                unnumbered: Bytes::new(),
+            });
+        let subscribe_bytes = |queue_bytes| {
+            bus.subscribe(SubscribeRequest {
+                filter: Filter::default(),
+                queue: 100,
+                queue_bytes,
+                start: Start::Live,
+                peer: String::new(),
+            })
+            .unwrap()
+        };
+        let mut two = subscribe_bytes(2 * one + one / 2);
+        let mut tiny = subscribe_bytes(1);
+        bus.publish(&mut batch);
+        assert_eq!(seqs(&mut two), ["1", "2", "lost2@4"]);
+        assert_eq!(seqs(&mut tiny), ["1", "lost3@4"]);
+        let mut batch = events(1);
+        batch[0].0 = Bytes::from(vec![0; 1000]);
+        bus.publish(&mut batch);
+        assert_eq!(seqs(&mut two), ["5"], "what was sent no longer counts");
+    }
+
+    #[test]
     fn drops_ride_on_the_next_event_when_one_comes_before_the_queue_is_read() {
         let bus = bus(0);
         let mut slow = subscribe(&bus, Filter::default(), 2, Start::Live);
@@ -828,6 +886,7 @@ mod tests {
             bus.subscribe(SubscribeRequest {
                 filter: Filter::default(),
                 queue: 1,
+                queue_bytes: usize::MAX,
                 start: Start::After(7),
                 peer: String::new(),
             })
@@ -900,6 +959,7 @@ mod tests {
         let refused = bus.subscribe(SubscribeRequest {
             filter: Filter::default(),
             queue: 1,
+            queue_bytes: usize::MAX,
             start: Start::Live,
             peer: String::new(),
         });

@@ -385,6 +385,8 @@ async fn events_gone_from_the_replay_buffer_are_one_exact_lost_and_replay_last_g
     };
     // Only this namespace reaches the agent, so its seqs are this test's events alone.
     config.capture.netns = Some(ns.inode() as u32);
+    // The replay holds events made while nobody subscribes only with --all-transitions.
+    config.capture.all_transitions = true;
     let mut agent = TestAgent::start_with(config).await;
     let mut first = agent.subscribe(proto::Filter::default()).await;
     let traffic_ns = Arc::clone(&ns);
@@ -903,6 +905,8 @@ async fn the_cli_resumes_replays_sorts_and_draws_top() {
     let ns = Arc::new(NetNs::new("cli4"));
     let mut config = AgentConfig::default();
     config.capture.netns = Some(ns.inode() as u32);
+    // The replay holds events made while nobody subscribes only with --all-transitions.
+    config.capture.all_transitions = true;
     let mut agent = TestAgent::start_with(config).await;
     let connect = agent.addr.to_string();
     let traffic_ns = Arc::clone(&ns);
@@ -1154,9 +1158,13 @@ async fn memory_per_idle_subscriber_and_per_replay_slot_stays_small() {
     let inode = ns.inode().to_string();
     // Two agents tracing the same namespace, without and with replay: what the second holds
     // beyond the first is the replay buffer.
-    let plain = AgentProcess::start(&["--netns", &inode, "--replay", "0"]).await;
+    // --all-transitions: the replay fills while nobody subscribes (by default events are only
+    // counted then), and both agents record alike.
+    let plain =
+        AgentProcess::start(&["--netns", &inode, "--replay", "0", "--all-transitions"]).await;
     let slots = SLOTS.to_string();
-    let replaying = AgentProcess::start(&["--netns", &inode, "--replay", &slots]).await;
+    let replaying =
+        AgentProcess::start(&["--netns", &inode, "--replay", &slots, "--all-transitions"]).await;
 
     // Idle subscribers: ten client connections, 100 streams each.
     let mut client = tcp_trace::client::connect(&plain.addr).await.unwrap();

@@ -22,7 +22,7 @@ pub fn run(release: bool, args: &[OsString]) -> Result<()> {
 
 /// Where `cargo build` put its output: CARGO_TARGET_DIR (relative to the workspace root, where
 /// the build ran) or `<root>/target`.
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     let root = cmd::repo_root();
     match env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => root.join(dir),

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{build, cmd, package, setup};
+use crate::{build, cmd, package, run, setup};
 
 pub fn run(args: &[OsString]) -> Result<()> {
     ensure!(
@@ -19,6 +19,15 @@ pub fn run(args: &[OsString]) -> Result<()> {
     setup::system_tools(setup::TEST_TOOLS)?;
     setup::python_packages(setup::TEST_PYTHON_PACKAGES)?;
     let mut cargo = build::cargo(&linker, "test");
+    if needs_optimised_binary(args) {
+        // tests/watch_follows.rs runs the agent and `watch` against a busy server, which a debug
+        // build cannot follow; only the binary is built optimised (the tests stay debug).
+        let mut release = build::cargo(&linker, "build");
+        release.args(["--release", "-p", "tcp-trace", "--bin", "tcp-trace"]);
+        cmd::run(&mut release)?;
+        let binary = run::target_dir().join("release").join("tcp-trace");
+        cargo.env("TCP_TRACE_OPTIMISED_BIN", binary);
+    }
     cargo.args(args).stdout(Stdio::piped());
     let shown = cmd::display(&cargo);
     eprintln!("$ {shown}");
@@ -59,6 +68,14 @@ pub fn run(args: &[OsString]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the tests asked for may include tests/watch_follows.rs: the whole suite, or that test
+/// named. A `--release` run uses its own optimised binary.
+fn needs_optimised_binary(args: &[OsString]) -> bool {
+    let named = |a: &OsString| a.to_string_lossy().contains("watch_follows");
+    let release = args.iter().any(|a| a == "--release");
+    !release && (args.is_empty() || args.iter().any(named))
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Totals {
     passed: u64,
@@ -89,6 +106,23 @@ impl Totals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_optimised_binary_is_built_for_the_whole_suite_and_for_the_test_that_needs_it() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(needs_optimised_binary(&[]));
+        assert!(needs_optimised_binary(&args(&[
+            "--",
+            "--test",
+            "watch_follows"
+        ])));
+        assert!(!needs_optimised_binary(&args(&["--", "--lib", "bus"])));
+        assert!(!needs_optimised_binary(&args(&[
+            "--release",
+            "--test",
+            "watch_follows"
+        ])));
+    }
 
     #[test]
     fn totals_add_up_libtest_summary_lines_and_ignore_the_rest() {

@@ -9,6 +9,14 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 pub struct Codec<T, U>(ProstCodec<T, U>);
 
+/// A stream's messages are encoded into one buffer that is sent once 32 KiB are in it (tonic's
+/// yield threshold) or no message is ready. tonic starts that buffer at 8 KiB and grows it by
+/// copying what it holds; starting above the threshold, a buffer is never regrown. (At 150,000
+/// events/s, copying under `ProstEncoder::encode` was a tenth of the agent's CPU.)
+fn encode_buffer() -> BufferSettings {
+    BufferSettings::new(64 << 10, 32 << 10)
+}
+
 impl<T, U> Default for Codec<T, U> {
     fn default() -> Self {
         Codec(ProstCodec::default())
@@ -26,7 +34,7 @@ where
     type Decoder = RequestDecoder<U>;
 
     fn encoder(&mut self) -> ProstEncoder<T> {
-        self.0.encoder()
+        ProstCodec::<T, U>::raw_encoder(encode_buffer())
     }
 
     fn decoder(&mut self) -> RequestDecoder<U> {

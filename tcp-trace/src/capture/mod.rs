@@ -308,6 +308,7 @@ impl Capture {
     /// every subscriber's task, a write to each, this thread's sleep), which under sustained
     /// churn was a third of the agent's CPU at four drains per interval.
     pub fn run(&mut self, cancel: &tokio_util::sync::CancellationToken, sink: &mut impl Sink) {
+        raise_drain_priority();
         let fd = self.ring.as_raw_fd();
         let follow_up = (self.wakeup_interval / 4).max(Duration::from_micros(50));
         while !cancel.is_cancelled() {
@@ -337,6 +338,32 @@ impl Capture {
         }
         // Whatever is left when asked to stop.
         self.drain(sink);
+    }
+}
+
+/// Nice value of the drain thread. When the traced workload keeps every CPU busy, the scheduler
+/// gives the drain a fair share like any other thread, less than it needs: the programs then find
+/// the ring full and those records are lost for good, while a workload that waits a little only
+/// slows down. Measured with a redis server taking 13,000 connections/s on both CPUs: the drain
+/// waited 2.7 s of 6 s on the run queue and half the records (357,000) were lost to a full ring;
+/// at nice -10 (weight 9,548 against 1,024) it waited 1 s of 12 s and none were. Its work is
+/// bounded by what the kernel writes, so the weight costs the workload only that much CPU.
+const DRAIN_NICE: libc::c_int = -10;
+
+/// Raises the calling thread's priority to [`DRAIN_NICE`]. Needs CAP_SYS_NICE (root has it);
+/// without it the drain keeps the default priority.
+fn raise_drain_priority() {
+    // SAFETY: gettid has no preconditions; setpriority with a thread id sets that thread only.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DRAIN_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "the ring drain keeps the default priority ({}): under full CPU load the ring may \
+             overflow sooner (grant CAP_SYS_NICE)",
+            io::Error::last_os_error()
+        );
     }
 }
 

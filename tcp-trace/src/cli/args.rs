@@ -73,7 +73,8 @@ pub struct AgentArgs {
     /// opens, establishments and closes until someone asks: about half the records.
     #[arg(long)]
     pub all_transitions: bool,
-    /// Events queued per subscriber before it starts losing events (it is told how many).
+    /// Events queued per subscriber before it starts losing events (it is told how many); a
+    /// queue also holds at most 128 MiB.
     #[arg(long, value_name = "N", default_value_t = defaults().limits.subscriber_queue as u64, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
     /// Closed connections that lived at least this many seconds count as long-lived, the rest
