@@ -486,6 +486,7 @@ pub(super) mod tests {
                         total_retrans: (j % 3) as u32,
                         bytes_acked: 1,
                         bytes_received: 1,
+                        all_recorded: true,
                     });
                     if k == n - 1 {
                         closed.push(applied.connection);
