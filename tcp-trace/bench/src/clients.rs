@@ -32,7 +32,8 @@ impl ClientRun {
     }
 }
 
-/// Fills an agent's replay buffer with `events` events of loopback churn, then times `watch`
+/// Fills an agent's replay buffer with `events` events of loopback churn (`--all-transitions`:
+/// nobody subscribes while it fills, and by default events are then only counted), then times `watch`
 /// printing all of them, `rounds` times in each mode (JSON and text alternating).
 pub async fn client_rates(opts: &Options) -> Result<Vec<ClientRun>> {
     let (events, rounds) = if opts.quick { (5_000, 1) } else { (200_000, 3) };
@@ -43,7 +44,7 @@ pub async fn client_rates(opts: &Options) -> Result<Vec<ClientRun>> {
         &opts.out_dir,
         "clients",
         Some(ns.inode()),
-        &["--replay", &replay],
+        &["--replay", &replay, "--all-transitions"],
     )
     .await?;
     let spec = ChurnSpec {
