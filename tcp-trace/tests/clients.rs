@@ -70,6 +70,8 @@ async fn agent_with_history(tag: &str, trips: usize) -> (Arc<NetNs>, TestAgent) 
     let ns = Arc::new(NetNs::new(tag));
     let mut config = AgentConfig::default();
     config.capture.netns = Some(ns.inode() as u32);
+    // Nobody subscribes while the history is made: only --all-transitions builds it.
+    config.capture.all_transitions = true;
     let mut agent = TestAgent::start_with(config).await;
     let traffic = Arc::clone(&ns);
     tokio::task::spawn_blocking(move || roundtrips(&traffic, "127.0.0.1".parse().unwrap(), trips))
