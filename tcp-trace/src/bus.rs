@@ -311,8 +311,13 @@ impl Bus {
         let _ = self.demand_hook.set(hook);
     }
 
-    /// Tells the hook if the demand for state changes changed with the last (un)subscribe.
-    fn demand_changed(&self, state: &State, before: bool) {
+    /// After an (un)subscribe, under the lock: publishes the subscriber count, and tells the
+    /// hook if the demand for state changes changed.
+    fn subscribers_changed(&self, state: &State, before: bool) {
+        self.subscribers_now.store(
+            state.subscribers.len(),
+            std::sync::atomic::Ordering::Release,
+        );
         let now = state.wants_state_changes();
         if now != before
             && let Some(hook) = self.demand_hook.get()
@@ -362,11 +367,7 @@ impl Bus {
             peer: request.peer,
             since: SystemTime::now(),
         });
-        self.demand_changed(&state, demand_before);
-        self.subscribers_now.store(
-            state.subscribers.len(),
-            std::sync::atomic::Ordering::Release,
-        );
+        self.subscribers_changed(&state, demand_before);
         Ok(Subscription {
             id,
             replay,
@@ -386,11 +387,7 @@ impl Bus {
             state.gone.dropped += gone.dropped;
             state.gone.abandoned += gone.queued;
         }
-        self.demand_changed(&state, demand_before);
-        self.subscribers_now.store(
-            state.subscribers.len(),
-            std::sync::atomic::Ordering::Release,
-        );
+        self.subscribers_changed(&state, demand_before);
     }
 
     /// Numbers the events (encoded without their seq) in order, offers each to every subscriber
