@@ -284,7 +284,8 @@ pub struct KernelOffsets {
     pub fdt_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
-    pub _reserved: u32,
+    /// `timer_list.function`: the BTF timer programs read an expiring timer's function from it.
+    pub timer_function: u32,
     /// Address of `tcp_keepalive_timer` (from /proc/kallsyms), which the keepalive programs
     /// compare every expiring timer's function with.
     pub keepalive_timer_fn: u64,

@@ -11,14 +11,14 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{cgroup_sockopt, map, tracepoint},
+    macros::{btf_tracepoint, cgroup_sockopt, map, tracepoint},
     maps::PerCpuArray,
-    programs::{SockoptContext, TracePointContext},
+    programs::{BtfTracePointContext, SockoptContext, TracePointContext},
 };
 use tcp_trace_common::{Header, Keepalive, SocketOption, kind, sockopt};
 
 use crate::{
-    fields::field,
+    fields::{field, load},
     kernel,
     maps::{self, offset},
 };
@@ -35,17 +35,52 @@ pub struct Running {
 #[map(name = "KEEPALIVE_RUNNING")]
 static RUNNING: PerCpuArray<Running> = PerCpuArray::with_max_entries(1, 0);
 
+// Two program pairs for the one pair of hooks; the agent loads one. The BTF tracepoints have a
+// recursion guard of their own; the classic ones share `bpf_prog_active` with every classic
+// tracepoint and kprobe program on the host, so a timer that expires while another tracer's
+// program runs on that CPU (softirqs run on the way out of an interrupt) is skipped. The agent
+// falls back to the classic pair where the kernel or its BTF does not allow the first.
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn timer_expire_entry_btf(ctx: BtfTracePointContext) -> u32 {
+    let timer: *const u8 = ctx.arg(0);
+    let target = offset!(keepalive_timer_fn);
+    // Every timer in the kernel comes here: leave at once for all but the keepalive timer.
+    if target == 0 || load::<u64>(timer, offset!(timer_function)) != target {
+        return 0;
+    }
+    entered(timer as u64);
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub fn timer_expire_exit_btf(ctx: BtfTracePointContext) -> u32 {
+    exited(ctx.arg::<u64>(0));
+    0
+}
+
 #[tracepoint(category = "timer", name = "timer_expire_entry")]
 pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
     let target = offset!(keepalive_timer_fn);
-    // Every timer in the kernel comes here: leave at once for all but the keepalive timer.
     if target == 0 || field::<u64>(&ctx, 24) != target {
         return 0;
     }
-    let timer: u64 = field(&ctx, 8);
+    entered(field(&ctx, 8));
+    0
+}
+
+#[tracepoint(category = "timer", name = "timer_expire_exit")]
+pub fn timer_expire_exit(ctx: TracePointContext) -> u32 {
+    exited(field(&ctx, 8));
+    0
+}
+
+/// The keepalive timer `timer` is about to run.
+#[inline(always)]
+fn entered(timer: u64) {
     let sock = timer.wrapping_sub(offset!(sk_timer) as u64);
     let Some(slot) = RUNNING.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     // Namespace now: the socket may be freed by the time the timer function returns.
     let running = Running {
@@ -54,27 +89,27 @@ pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
         probes_before: u32::from(kernel::probes_out(sock)),
     };
     unsafe { *slot = running };
-    0
 }
 
-#[tracepoint(category = "timer", name = "timer_expire_exit")]
-pub fn timer_expire_exit(ctx: TracePointContext) -> u32 {
+/// The timer `timer` has run: if it was the keepalive timer seen entering, record whether it
+/// sent a probe.
+#[inline(always)]
+fn exited(timer: u64) {
     let Some(slot) = RUNNING.get_ptr_mut(0) else {
-        return 0;
+        return;
     };
     let running = unsafe { *slot };
     if running.sock == 0 {
-        return 0;
+        return;
     }
     unsafe { (*slot).sock = 0 };
-    let timer: u64 = field(&ctx, 8);
     if timer.wrapping_sub(offset!(sk_timer) as u64) != running.sock
         || !maps::netns_wanted(running.netns)
     {
-        return 0;
+        return;
     }
     let Some(mut entry) = maps::reserve::<Keepalive>() else {
-        return 0;
+        return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     entry.write(Keepalive {
@@ -90,7 +125,6 @@ pub fn timer_expire_exit(ctx: TracePointContext) -> u32 {
         _reserved: 0,
     });
     maps::submit(entry, now);
-    0
 }
 
 /// Runs before the kernel applies a setsockopt(); always lets it through unchanged.

@@ -49,7 +49,7 @@ pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     fdt_fd: 0,
     file_private_data: 0,
     socket_sk: 0,
-    _reserved: 0,
+    timer_function: 0,
     keepalive_timer_fn: 0,
     sock: SockLayout {
         family: 0,

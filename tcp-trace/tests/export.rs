@@ -5,7 +5,7 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{NetNs, Roundtrip, agent::TestAgent, roundtrips};
+use support::{NetNs, Roundtrip, agent::TestAgent, http_get, roundtrips};
 use tcp_trace::{
     agent::AgentConfig,
     capture::CaptureConfig,
@@ -41,33 +41,6 @@ fn config(ns: &NetNs, export: ExportConfig) -> AgentConfig {
 
 fn loopback_metrics() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 0)))
-}
-
-/// A plain HTTP/1.0 GET: (status, body).
-fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"));
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head in {response:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_owned())
 }
 
 /// The agent's `/metrics` in the Prometheus text format.

@@ -34,6 +34,11 @@ pub const TEST_TOOLS: &[Tool] = &[
         program: "redis-benchmark",
         package: "redis-tools",
     },
+    // tests/cotenant.rs: another BPF tracer on the host.
+    Tool {
+        program: "bpftrace",
+        package: "bpftrace",
+    },
     // tests/export.rs: a real Prometheus server, and promtool.
     Tool {
         program: "prometheus",

@@ -20,8 +20,8 @@ pub fn run(args: &[OsString]) -> Result<()> {
     setup::python_packages(setup::TEST_PYTHON_PACKAGES)?;
     let mut cargo = build::cargo(&linker, "test");
     if needs_optimised_binary(args) {
-        // tests/watch_follows.rs runs the agent and `watch` against a busy server, which a debug
-        // build cannot follow; only the binary is built optimised (the tests stay debug).
+        // Some tests run the agent (and `watch`) against a busy server, which a debug build
+        // cannot follow; only the binary is built optimised (the tests stay debug).
         let mut release = build::cargo(&linker, "build");
         release.args(["--release", "-p", "tcp-trace", "--bin", "tcp-trace"]);
         cmd::run(&mut release)?;
@@ -68,10 +68,13 @@ pub fn run(args: &[OsString]) -> Result<()> {
     Ok(())
 }
 
-/// Whether the tests asked for may include tests/watch_follows.rs: the whole suite, or that test
-/// named. A `--release` run uses its own optimised binary.
+/// The tests that run the optimised binary (TCP_TRACE_OPTIMISED_BIN).
+const OPTIMISED: [&str; 2] = ["watch_follows", "cotenant"];
+
+/// Whether the tests asked for may include one of [`OPTIMISED`]: the whole suite, or such a
+/// test named. A `--release` run uses its own optimised binary.
 fn needs_optimised_binary(args: &[OsString]) -> bool {
-    let named = |a: &OsString| a.to_string_lossy().contains("watch_follows");
+    let named = |a: &OsString| OPTIMISED.iter().any(|t| a.to_string_lossy().contains(t));
     let release = args.iter().any(|a| a == "--release");
     !release && (args.is_empty() || args.iter().any(named))
 }
@@ -116,6 +119,7 @@ mod tests {
             "--test",
             "watch_follows"
         ])));
+        assert!(needs_optimised_binary(&args(&["--", "--test", "cotenant"])));
         assert!(!needs_optimised_binary(&args(&["--", "--lib", "bus"])));
         assert!(!needs_optimised_binary(&args(&[
             "--release",

@@ -29,6 +29,12 @@ use crate::model::{Context, TcpState};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcp-trace"));
 
+/// The compiled eBPF object, every program in it (the agent attaches some): for tools that
+/// measure a program on its own, such as the bench's floors (tcp-trace-ebpf/src/floor.rs).
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 /// The state tracepoint's record layout the program reads (see tcp-trace-ebpf/src/state.rs).
 const STATE_LAYOUT: &[(&str, usize, usize)] = &[
     ("skaddr", 8, 8),
@@ -202,15 +208,7 @@ impl Capture {
         let keepalive_lost = "keepalive probes and answers (a dead peer still shows as ETIMEDOUT)";
         let o = &kernel.offsets;
         if o.keepalive_timer_fn != 0 && o.sk_timer != 0 && o.probes_out != 0 {
-            for event in ["timer_expire_entry", "timer_expire_exit"] {
-                let attached = attach(&mut ebpf, event, "timer", event);
-                optional(
-                    &mut hooks,
-                    format!("timer:{event}"),
-                    keepalive_lost,
-                    attached,
-                );
-            }
+            attach_keepalive_timer(&mut ebpf, o.timer_function != 0, keepalive_lost, &mut hooks);
         } else {
             hooks.missing.push(format!(
                 "timer:timer_expire_entry/exit (tcp_keepalive_timer not in /proc/kallsyms, or \
@@ -437,6 +435,37 @@ fn attach_state(
     })?;
     hooks.attached.push("sock:inet_sock_set_state".into());
     Ok(())
+}
+
+/// The keepalive timer hooks: the BTF tracepoint pair where the kernel takes it (its recursion
+/// guard is its own, so another tracer's programs never make it skip a timer), else the classic
+/// pair.
+fn attach_keepalive_timer(ebpf: &mut Ebpf, btf: bool, lost: &str, hooks: &mut Hooks) {
+    const EVENTS: [&str; 2] = ["timer_expire_entry", "timer_expire_exit"];
+    let why_not_btf = if btf {
+        let attached = EVENTS
+            .iter()
+            .try_for_each(|event| attach_btf_tracepoint(ebpf, &format!("{event}_btf"), event));
+        match attached {
+            Ok(()) => {
+                hooks
+                    .attached
+                    .extend(EVENTS.iter().map(|event| format!("tp_btf:{event}")));
+                return;
+            }
+            Err(err) => error_chain(&err),
+        }
+    } else {
+        "no offset for timer_list.function in the kernel BTF".to_owned()
+    };
+    tracing::info!(
+        "tp_btf/timer_expire_entry/exit ({why_not_btf}): using the classic tracepoints, which \
+         miss the timers that expire while another tracer's program runs"
+    );
+    for event in EVENTS {
+        let attached = attach(ebpf, event, "timer", event);
+        optional(hooks, format!("timer:{event}"), lost, attached);
+    }
 }
 
 /// Loads a BTF tracepoint program against the kernel's BTF. aya's own BTF parse of vmlinux

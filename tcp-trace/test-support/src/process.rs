@@ -151,3 +151,19 @@ pub fn terminate(child: &mut Child, signal: i32) -> Result<()> {
     child.wait()?;
     bail!("{} did not stop within 10 s of signal {signal}", child.id())
 }
+
+/// The optimised tcp-trace binary, for tests whose agent must keep up with a real load (a debug
+/// build cannot): `cargo xtask test` builds it and names it in TCP_TRACE_OPTIMISED_BIN; under
+/// `cargo test --release` the test's own binary is one.
+pub fn optimised_binary(own: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os("TCP_TRACE_OPTIMISED_BIN") {
+        return path.into();
+    }
+    if cfg!(debug_assertions) {
+        panic!(
+            "this test needs an optimised tcp-trace: run it with `cargo xtask test` (which builds \
+             one and sets TCP_TRACE_OPTIMISED_BIN) or `cargo test --release`"
+        );
+    }
+    own.into()
+}

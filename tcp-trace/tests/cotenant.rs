@@ -1,0 +1,233 @@
+//! Nothing the kernel counted is lost while another BPF tracer shares the host.
+//!
+//! Syscall tracers (Falco, Tetragon) are common neighbours. A classic tracepoint or kprobe
+//! program runs under the kernel's one per-CPU recursion guard (`bpf_prog_active`): a softirq
+//! that fires while the neighbour's program runs in a system call skips every classic program
+//! it would run, and the kernel only counts the skip. Here bpftrace on `raw_syscalls:sys_enter`
+//! stands in for the neighbour, a real server (redis, `redis-benchmark -k 0`) churns 100,000
+//! connections, and keepalive probes go out all along; the agent must report exactly what the
+//! namespace's own counters say, and no skipped run.
+mod support;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::{
+    NetNs, http_get,
+    process::{AgentProcess, KillOnDrop, optimised_binary},
+};
+
+const REDIS_PORT: u16 = 6379;
+const REQUESTS: &str = "100000";
+/// Idle connections probed every second during the churn.
+const PROBED: usize = 32;
+
+/// bpftrace counting every system call, attached before this returns.
+fn cotenant() -> KillOnDrop {
+    let mut bpftrace = Command::new("bpftrace")
+        .args([
+            "-e",
+            "tracepoint:raw_syscalls:sys_enter { @[cpu] = count(); }",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bpftrace runs (cargo xtask test installs it)");
+    let stdout = bpftrace.stdout.take().expect("piped");
+    let mut bpftrace = KillOnDrop(Some(bpftrace));
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("bpftrace writes");
+    assert!(
+        line.starts_with("Attaching"),
+        "bpftrace did not attach: {line:?} ({:?})",
+        bpftrace.get().try_wait()
+    );
+    bpftrace
+}
+
+fn redis(ns: &NetNs) -> KillOnDrop {
+    let server = ns
+        .command("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &REDIS_PORT.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--tcp-backlog", "4096"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (cargo xtask test installs it)");
+    let server = KillOnDrop(Some(server));
+    let until = Instant::now() + Duration::from_secs(10);
+    while ns.run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, REDIS_PORT)).is_err()) {
+        assert!(Instant::now() < until, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+fn set(stream: &TcpStream, level: i32, name: i32, value: i32) {
+    // SAFETY: setsockopt with a pointer to a live i32 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+/// `PROBED` connections to a server that holds them open, each probing its live peer every
+/// second once idle for a second.
+fn probing(ns: &NetNs) -> (Vec<TcpStream>, Vec<TcpStream>) {
+    ns.run(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let server: SocketAddr = listener.local_addr().unwrap();
+        let clients: Vec<TcpStream> = (0..PROBED)
+            .map(|_| {
+                let client = TcpStream::connect(server).unwrap();
+                set(&client, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+                set(&client, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
+                set(&client, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
+                client
+            })
+            .collect();
+        let accepted = (0..PROBED).map(|_| listener.accept().unwrap().0).collect();
+        (clients, accepted)
+    })
+}
+
+/// A free loopback port for the agent's `/metrics` (free a moment ago: the agent binds it next).
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The sum of a metric's samples, over all its label sets, from `/metrics` text.
+fn sum(metrics: &str, name: &str) -> i64 {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as i64
+}
+
+/// The one sample of `name` with `labels` (`stage="kernel_missed"`).
+fn sample(metrics: &str, name: &str, labels: &str) -> i64 {
+    let prefix = format!("{name}{{{labels}}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics")) as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepalive_probes_match_the_kernel_counters()
+ {
+    let ns = NetNs::new("cotenant");
+    // The client closes first: TIME_WAIT may take every ephemeral port otherwise.
+    ns.sysctl("ipv4/ip_local_port_range", "1024 65000");
+    let _bpftrace = cotenant();
+    let binary = optimised_binary(env!("CARGO_BIN_EXE_tcp-trace"));
+    let metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    // No subscriber: the always-on mode, read as an operator reads it, from /metrics.
+    let (agent, _client) = AgentProcess::start(
+        &binary,
+        &std::env::temp_dir(),
+        "cotenant",
+        Some(ns.inode()),
+        &["--metrics", &metrics_addr.to_string()],
+    )
+    .await
+    .unwrap();
+    let metrics = || {
+        let (status, body) = http_get(metrics_addr, "/metrics", "text/plain");
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let _redis = redis(&ns);
+    // The readiness probe's server side closes a moment after it: before the count starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (opened, closed, probes) = (
+        "tcptrace_connections_opened_total",
+        "tcptrace_connections_closed_total",
+        "tcptrace_keepalive_probes_total",
+    );
+    let at_start = metrics();
+    let before = ns.snmp();
+
+    let (clients, accepted) = probing(&ns);
+    let mut load = ns.command("redis-benchmark");
+    load.args(["-h", "127.0.0.1", "-p", &REDIS_PORT.to_string()])
+        .args([
+            "-k",
+            "0",
+            "-c",
+            "20",
+            "-n",
+            REQUESTS,
+            "-t",
+            "ping_inline",
+            "-q",
+        ])
+        .stdout(Stdio::null());
+    let started = Instant::now();
+    let load = tokio::task::spawn_blocking(move || load.status().expect("redis-benchmark runs"))
+        .await
+        .unwrap();
+    assert!(load.success(), "redis-benchmark: {load}");
+    eprintln!("churn took {:?}", started.elapsed());
+    // At least two probes each, however fast the churn was.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    drop(clients);
+    drop(accepted);
+
+    // The agent has caught up once it has seen every close the kernel counted.
+    let until = Instant::now() + Duration::from_secs(60);
+    let (mut delta, mut now);
+    loop {
+        delta = ns.snmp().delta(&before);
+        now = metrics();
+        let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
+        if sum(&now, closed) - sum(&at_start, closed) >= opens || Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Anything extra (a duplicate) would arrive in this moment too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delta = ns.snmp().delta(&before);
+    let now = metrics();
+    agent.stop(true).unwrap();
+
+    let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
+    assert!(opens >= 200_000, "{opens} opens");
+    let grown = |name| sum(&now, name) - sum(&at_start, name);
+    let lost = |stage: &str| {
+        let labels = format!("stage=\"{stage}\"");
+        sample(&now, "tcptrace_events_lost_total", &labels)
+    };
+    assert_eq!(
+        (lost("kernel_missed"), lost("kernel_ring")),
+        (0, 0),
+        "no program run skipped, no record dropped"
+    );
+    assert!(grown(probes) >= 2 * PROBED as i64, "{}", grown(probes));
+    assert_eq!(
+        (grown(opened), grown(closed), grown(probes)),
+        (opens, opens, delta.get("TcpExt:TCPKeepAlive")),
+        "opens, closes and keepalive probes as the namespace's counters"
+    );
+}
