@@ -4,6 +4,7 @@
 
 mod accept;
 mod fields;
+mod floor;
 mod keepalive;
 mod kernel;
 mod maps;

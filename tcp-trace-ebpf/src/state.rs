@@ -154,7 +154,7 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 /// (the record's `ALL_TRANSITIONS` flag). Decided first, on the state alone, so that a
 /// transition nobody asked for costs the dispatch, one load and one array lookup.
 #[inline(always)]
-fn wanted(new_state: u8) -> Option<bool> {
+pub(crate) fn wanted(new_state: u8) -> Option<bool> {
     let all = maps::all_transitions();
     (all || recorded_when_quiet(new_state)).then_some(all)
 }

@@ -27,6 +27,7 @@
 pub mod clients;
 pub mod export;
 pub mod figures;
+pub mod floor;
 mod plot;
 pub mod redis;
 pub mod report;
@@ -196,6 +197,9 @@ pub enum Tracer {
     /// bpftrace with an empty action on the tracepoint: the floor of any program's cost there
     /// (tracepoint dispatch, and the run-time stats' own clock reads).
     EmptyProgram,
+    /// A cut-down state program on the BTF tracepoint, attached by the bench itself: the floor
+    /// of one part of the agent's path.
+    Floor(floor::FloorProgram),
 }
 
 impl Tracer {
@@ -223,6 +227,7 @@ impl Tracer {
             ),
             Tracer::Bpftrace => "bpftrace".into(),
             Tracer::EmptyProgram => "empty program (bpftrace)".into(),
+            Tracer::Floor(program) => program.label().into(),
         }
     }
 }
@@ -495,7 +500,10 @@ async fn run_phases(opts: &Options) -> Result<Results> {
     let stats = if opts.wants("stats") {
         if opts.quick {
             // bpftrace takes seconds to start and stop.
-            vec![Tracer::agent(0), Tracer::agent(1)]
+            [Tracer::agent(0), Tracer::agent(1)]
+                .into_iter()
+                .chain(floor::FloorProgram::ALL.map(Tracer::Floor))
+                .collect()
         } else {
             installed(&[
                 Tracer::agent(0),
@@ -509,6 +517,9 @@ async fn run_phases(opts: &Options) -> Result<Results> {
                 Tracer::Bpftrace,
                 Tracer::EmptyProgram,
             ])
+            .into_iter()
+            .chain(floor::FloorProgram::ALL.map(Tracer::Floor))
+            .collect()
         }
     } else if opts.wants("always-on") {
         // The always-on figure's BPF cost, without the rest of the stats phase.

@@ -396,7 +396,11 @@ const METHOD: &[&str] = &[
      when the bench exits). \"All programs\" divides the time of every program, the timer, \
      accept and setsockopt hooks included, by the runs of the per-transition program. The empty \
      program (bpftrace, `{ }` on the same tracepoint) is the floor: tracepoint dispatch plus \
-     the stats' own clock reads. The `tcp-trace, 0 subscribers` rows are the always-on mode \
+     the stats' own clock reads. The `floor:` rows are the agent's own object cut down \
+     (tcp-trace-ebpf/src/floor.rs), attached alone to the BTF tracepoint by the bench: the empty \
+     program (dispatch and stats), the transitions switch alone (a transition that writes no \
+     record), and the switch plus an empty record through the agent's ring (what any record \
+     costs before the socket is read). The `tcp-trace, 0 subscribers` rows are the always-on mode \
      (`--phases always-on` measures them without the rest of this phase).",
     "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \
      million transitions it handled in all namespaces (the agent's records_decoded; bpftrace's \

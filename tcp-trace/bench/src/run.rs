@@ -7,7 +7,9 @@ use tcp_trace_test_support::process::AgentProcess;
 use super::{
     AGENT_EVENTS_PER_CONNECTION, AGENT_EVENTS_PER_LISTENER, AgentRun, CONSUMER_THREADS, Options,
     Phase, PopulationResult, RunResult, TRANSITIONS_PER_CONNECTION, TRANSITIONS_PER_LISTENER,
-    Tracer, program_holders,
+    Tracer,
+    floor::Floor,
+    program_holders,
     redis::{self, RedisSpec},
     stats::Histogram,
     subscribers::Subscribers,
@@ -59,6 +61,10 @@ enum Running {
         subscribers: Subscribers,
     },
     Bpftrace(BpftraceProcess),
+    /// Attached by this process (its programs are the bench's own) until dropped.
+    Floor {
+        _attached: Floor,
+    },
 }
 
 impl Running {
@@ -67,6 +73,7 @@ impl Running {
             Running::None => None,
             Running::Agent { process, .. } => Some(process.pid),
             Running::Bpftrace(bt) => Some(bt.pid),
+            Running::Floor { .. } => Some(std::process::id()),
         }
     }
 
@@ -74,7 +81,7 @@ impl Running {
     /// agent has decoded every record the kernel wrote.
     async fn caught_up(&mut self, expected: u64) -> Result<bool> {
         Ok(match self {
-            Running::None => true,
+            Running::None | Running::Floor { .. } => true,
             Running::Agent {
                 subscribers,
                 client,
@@ -136,6 +143,9 @@ async fn run_once(
                 subscribers: Subscribers::empty(),
             }
         }
+        Tracer::Floor(program) => Running::Floor {
+            _attached: Floor::start(program)?,
+        },
         Tracer::Bpftrace | Tracer::EmptyProgram => {
             let exe = opts
                 .bpftrace
@@ -244,7 +254,10 @@ async fn run_once(
     }
     let kernel = TcpCounters::read(&ns).since(&kernel_before);
     let expected = match tracer {
-        Tracer::None | Tracer::EmptyProgram | Tracer::Agent { subscribers: 0, .. } => 0,
+        Tracer::None
+        | Tracer::EmptyProgram
+        | Tracer::Floor(_)
+        | Tracer::Agent { subscribers: 0, .. } => 0,
         Tracer::Agent { .. } => {
             AGENT_EVENTS_PER_CONNECTION * kernel.active_opens
                 + AGENT_EVENTS_PER_LISTENER * churn.listeners
@@ -299,7 +312,7 @@ async fn run_once(
         progs: tracer::prog_delta(&progs_before, &progs_after),
     };
     match running {
-        Running::None => {}
+        Running::None | Running::Floor { .. } => {}
         Running::Agent {
             process,
             mut client,

@@ -1,0 +1,44 @@
+//! Floors of the state hook's cost, for `cargo xtask bench` only (the agent never attaches
+//! them). Each is the state program cut down to one part of its path, so the bench can measure
+//! what that part alone costs a transition on the running kernel, with the same dispatch.
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
+use tcp_trace_common::{Header, StateChange, kind};
+
+use crate::{maps, state::wanted};
+
+/// No work: the dispatch and the run-time statistics' own clock reads.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_empty(_ctx: BtfTracePointContext) -> u32 {
+    0
+}
+
+/// A transition that writes no record: the state program's first step, the new state and the
+/// transitions switch.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_skip(ctx: BtfTracePointContext) -> u32 {
+    wanted(ctx.arg::<i32>(2) as u8).is_some() as u32
+}
+
+/// A transition that writes a record and reads nothing of the socket: the switch, then a
+/// record of the state program's size reserved, written and submitted with its wake-up policy.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_record(ctx: BtfTracePointContext) -> u32 {
+    if wanted(ctx.arg::<i32>(2) as u8).is_none() {
+        return 0;
+    }
+    let Some(mut entry) = maps::reserve::<StateChange>() else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: StateChange is plain old data; all zeroes is a valid value.
+    let mut record: StateChange = unsafe { core::mem::zeroed() };
+    record.header = Header {
+        kind: kind::STATE_CHANGE,
+        cpu: 0,
+        ts_ns: now,
+        sock: ctx.arg(0),
+    };
+    entry.write(record);
+    maps::submit(entry, now);
+    0
+}

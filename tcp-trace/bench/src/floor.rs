@@ -1,0 +1,112 @@
+//! The floors of the state hook's cost: programs of the agent's own object cut down to one part
+//! of the state program's path (tcp-trace-ebpf/src/floor.rs), each attached alone to the same
+//! BTF tracepoint by this process, with the agent's ring and wake-up policy. Their run time per
+//! transition, beside the real program's in the same phase, says how much of its cost any
+//! design must pay here: what no change to the program can remove.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::RingBuf,
+    programs::{BtfTracePoint, ProgramError},
+};
+use tcp_trace::capture::{self, CaptureConfig};
+use tcp_trace_common::globals;
+
+/// Which cut-down program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FloorProgram {
+    /// Returns at once: dispatch and the run-time statistics' own clock reads.
+    Empty,
+    /// The state and the transitions switch: a transition that writes no record.
+    Skip,
+    /// The switch, then a record of the state program's size reserved, written, submitted.
+    Record,
+}
+
+impl FloorProgram {
+    pub const ALL: [FloorProgram; 3] = [
+        FloorProgram::Empty,
+        FloorProgram::Skip,
+        FloorProgram::Record,
+    ];
+
+    /// The program's name in the object.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloorProgram::Empty => "floor_empty",
+            FloorProgram::Skip => "floor_skip",
+            FloorProgram::Record => "floor_record",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FloorProgram::Empty => "floor: empty tp_btf program",
+            FloorProgram::Skip => "floor: switch only, no record",
+            FloorProgram::Record => "floor: switch and an empty record",
+        }
+    }
+}
+
+/// A floor program attached by this process, its ring drained (and discarded) by a thread.
+pub struct Floor {
+    _ebpf: Ebpf,
+    stop: Arc<AtomicBool>,
+    drain: Option<JoinHandle<()>>,
+}
+
+impl Floor {
+    pub fn start(program: FloorProgram) -> Result<Floor> {
+        let defaults = CaptureConfig::default();
+        let wakeup_ns = u64::try_from(defaults.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
+            .map_max_entries("EVENTS", defaults.ring_bytes)
+            .load(capture::object())
+            .context("load the agent's eBPF object")?;
+        let btf = Btf::from_sys_fs().context("the kernel's BTF")?;
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(program.name())
+            .with_context(|| format!("no program {} in the object", program.name()))?
+            .try_into()?;
+        prog.load("inet_sock_set_state", &btf)
+            .and_then(|()| prog.attach().map(drop))
+            .map_err(|e: ProgramError| anyhow::anyhow!(capture::error_chain(&e)))
+            .with_context(|| format!("attach {}", program.name()))?;
+        let mut ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let drain = thread::Builder::new().name("floor-drain".into()).spawn({
+            let stop = stop.clone();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    while ring.next().is_some() {}
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })?;
+        Ok(Floor {
+            _ebpf: ebpf,
+            stop,
+            drain: Some(drain),
+        })
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+    }
+}
