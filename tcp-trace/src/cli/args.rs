@@ -74,9 +74,13 @@ pub struct AgentArgs {
     #[arg(long)]
     pub all_transitions: bool,
     /// Events queued per subscriber before it starts losing events (it is told how many); a
-    /// queue also holds at most 128 MiB.
+    /// queue also holds at most --subscriber-queue-mib.
     #[arg(long, value_name = "N", default_value_t = defaults().limits.subscriber_queue as u64, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
     pub subscriber_queue: u64,
+    /// Most MiB of events queued per subscriber, whatever its queue length: the memory one
+    /// slow client may hold while it is behind (1 to 4096).
+    #[arg(long, value_name = "MIB", default_value_t = (defaults().limits.subscriber_queue_bytes >> 20) as u64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub subscriber_queue_mib: u64,
     /// Closed connections that lived at least this many seconds count as long-lived, the rest
     /// as short-lived (churn that pooling or keepalive would avoid).
     #[arg(long, value_name = "SECONDS", default_value_t = defaults().long_lived.as_secs())]
@@ -147,6 +151,7 @@ impl AgentArgs {
             heal_interval: Duration::from_secs(self.heal_interval),
             limits: Limits {
                 subscriber_queue: self.subscriber_queue as usize,
+                subscriber_queue_bytes: (self.subscriber_queue_mib as usize) << 20,
                 max_subscribers: self.max_subscribers,
                 ..Limits::default()
             },
@@ -550,6 +555,17 @@ mod tests {
         );
         assert!(agent(&["--max-peers", "1000001"]).is_err());
         assert!(agent(&["--subscriber-queue", "1048577"]).is_err());
+        for mib in ["0", "4097"] {
+            assert!(agent(&["--subscriber-queue-mib", mib]).is_err(), "{mib} MiB");
+        }
+        let Command::Agent(small) =
+            Cli::try_parse_from(["tcp-trace", "agent", "--subscriber-queue-mib", "16"])
+                .unwrap()
+                .command
+        else {
+            panic!("agent parses as agent")
+        };
+        assert_eq!(small.config().limits.subscriber_queue_bytes, 16 << 20);
     }
 
     #[test]
