@@ -13,6 +13,8 @@ mod heal;
 pub mod peers;
 mod socket_map;
 mod table;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use connection::{
     Cause, Closer, Connection, Keepalive, KeepaliveDefaults, KeepaliveSettings, Owner, OwnerSource,
