@@ -105,7 +105,7 @@ pub fn build_deb(profile: Profile) -> Result<PathBuf> {
 
     let bin = stage.join("usr/bin").join(NAME);
     copy(&binary, &bin, 0o755)?;
-    // Debug info is most of a dev build's size (140 MB); the package needs none of it.
+    // Debug info is most of a dev build's size; the package needs none of it.
     if cmd::find_program("strip").is_some() {
         cmd::run(Command::new("strip").arg("--strip-debug").arg(&bin))?;
     }

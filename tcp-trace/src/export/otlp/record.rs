@@ -1,10 +1,10 @@
 //! A closed connection's log record, written straight into its protobuf encoding.
 //!
-//! As an `opentelemetry_proto` `LogRecord` a record was some forty allocations (a `String` for
-//! every attribute's key and for each address, the body, the vectors) built on the pipeline's
-//! thread, then encoded by prost, which computes each nested message's length once per level
+//! Built as an `opentelemetry_proto` `LogRecord`, a record would take some forty allocations (a
+//! `String` for every attribute's key and for each address, the body, the vectors) on the
+//! pipeline's thread, and prost would compute each nested message's length once per level
 //! above it. This writes the same message (the tests decode it with prost and compare with the
-//! message built the slow way) into the batch's buffer: no allocation per record. Resource and
+//! message built that way) into the batch's buffer: no allocation per record. Resource and
 //! scope are encoded once, when the exporter starts, and framed around each batch's records.
 use std::{fmt::Write as _, net::IpAddr};
 
