@@ -99,8 +99,8 @@ pub fn mismatch(
         .then(|| Mismatch::NotTls(sock.to_string())),
         // A TLS server answers the HTTP/2 preface with an alert record, which HTTP/2 reads as a
         // frame header with an impossible length, or hangs up.
-        // When the agent hung up before the first request went out, hyper says the connection
-        // "was not ready" (seen in the suite under load).
+        // When the agent hangs up before the first request goes out (a loaded host can delay
+        // the first request that long), hyper says the connection "was not ready".
         None if connected => (has(&[
             "h2 protocol error",
             "frame with invalid size",

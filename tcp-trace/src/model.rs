@@ -254,6 +254,23 @@ pub struct SocketOption {
     pub task: Task,
 }
 
+/// The namespace's keepalive defaults (net.ipv4.tcp_keepalive_time/intvl/probes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepaliveDefaults {
+    pub idle_s: u32,
+    pub interval_s: u32,
+    pub count: u32,
+}
+
+impl KeepaliveDefaults {
+    /// Linux's built-in defaults, for namespaces whose sysctls could not be read.
+    pub const LINUX: KeepaliveDefaults = KeepaliveDefaults {
+        idle_s: 7200,
+        interval_s: 75,
+        count: 9,
+    };
+}
+
 /// accept() handed a socket to a process: the process that took the passive connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accept {

@@ -10,7 +10,6 @@ mod build;
 mod cmd;
 mod linker;
 mod package;
-mod package_check;
 mod run;
 mod setup;
 mod test;

@@ -50,7 +50,7 @@ pub fn run(args: &[OsString]) -> Result<()> {
     // (seconds; a release build would take minutes). Only for the whole suite.
     if args.is_empty() && status.success() {
         let checked = package::build_deb(package::Profile::Dev)
-            .and_then(|deb| crate::package_check::run(&deb));
+            .and_then(|deb| package::check_installed(&deb));
         match checked {
             Ok(outcome) => {
                 total.passed += outcome.passed;

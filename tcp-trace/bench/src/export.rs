@@ -1,5 +1,5 @@
 //! The `export` phase: what Prometheus scraping and OTLP export add to the agent's CPU at full
-//! churn (issue 13 asks for at most 1%). Paired rounds of two agents, each tracing only the
+//! churn (the target is at most 1%). Paired rounds of two agents, each tracing only the
 //! bench namespace with no subscriber: one exporting nothing, one serving `--metrics` (scraped
 //! every second, as Prometheus would) and exporting to an OTLP/gRPC receiver on loopback. The
 //! receiver is this process, with the official protos' generated server: it counts the log

@@ -67,12 +67,11 @@ impl From<ApiError> for Status {
 }
 
 /// Bytes queued per subscriber at most by default: about 3 s of a server taking 12,000
-/// connections/s (150,000 events/s of some 300 bytes). Such a server and a `watch --json > file`
-/// sharing two CPUs keep the watcher at under half a CPU, so it falls behind for as long as the
-/// load lasts and catches up after it: in `tests/watch_follows.rs` by up to 190,000 events in
-/// 6 s. A queue of 16,384 events (110 ms) lost a third of them. Memory is only held while a
-/// subscriber is behind, and what it holds is mostly shared with the replay buffer and the
-/// other subscribers.
+/// connections/s (150,000 events/s of some 300 bytes). A watcher that shares the CPUs with such
+/// a load falls behind for as long as the load lasts and catches up after it, so its queue must
+/// hold seconds of events, not milliseconds (`tests/watch_follows.rs` holds it to that; the
+/// figures are in docs/benchmarks.md). Memory is only held while a subscriber is behind, and
+/// what it holds is mostly shared with the replay buffer and the other subscribers.
 pub const SUBSCRIBER_QUEUE_BYTES: usize = 128 << 20;
 
 /// Limits and defaults the service applies to clients.

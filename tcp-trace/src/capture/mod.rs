@@ -578,7 +578,7 @@ fn attach_setsockopt(ebpf: &mut Ebpf) -> Result<(), SockoptAttachError> {
 
 /// The keepalive sysctls of the network namespace `pid` lives in, read from inside it (sysctls
 /// under /proc/sys show the reader's namespace). Blocking; None if the process is gone.
-pub fn keepalive_defaults(pid: u32) -> Option<crate::lifecycle::KeepaliveDefaults> {
+pub fn keepalive_defaults(pid: u32) -> Option<crate::model::KeepaliveDefaults> {
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
     std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
@@ -593,7 +593,7 @@ pub fn keepalive_defaults(pid: u32) -> Option<crate::lifecycle::KeepaliveDefault
                 .parse()
                 .ok()
         };
-        Some(crate::lifecycle::KeepaliveDefaults {
+        Some(crate::model::KeepaliveDefaults {
             idle_s: read("tcp_keepalive_time")?,
             interval_s: read("tcp_keepalive_intvl")?,
             count: read("tcp_keepalive_probes")?,

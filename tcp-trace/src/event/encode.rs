@@ -181,7 +181,7 @@ mod tests {
     use super::*;
     use crate::{
         event::EncodedEvent,
-        lifecycle::{KeepaliveDefaults, Peers, Table},
+        lifecycle::{KeepaliveDefaults, Peers, Table, testing::LIVES},
         model::{Accept, Context, KeepaliveOption, SocketOption},
     };
 
@@ -245,33 +245,6 @@ mod tests {
         }
     }
 
-    /// The lives the table knows: active and passive opens, and connections first seen mid-life.
-    const LIVES: [&[(TcpState, TcpState)]; 4] = {
-        use TcpState::*;
-        [
-            &[
-                (Close, SynSent),
-                (SynSent, Established),
-                (Established, FinWait1),
-                (FinWait1, FinWait2),
-                (FinWait2, Close),
-            ],
-            &[
-                (Listen, SynRecv),
-                (SynRecv, Established),
-                (Established, CloseWait),
-                (CloseWait, LastAck),
-                (LastAck, Close),
-            ],
-            &[(Close, SynSent), (SynSent, Close)],
-            &[
-                (Established, FinWait1),
-                (FinWait1, Closing),
-                (Closing, Close),
-            ],
-        ]
-    };
-
     #[test]
     fn state_changes_encode_exactly_as_prost_encodes_the_same_message() {
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -288,27 +261,18 @@ mod tests {
             let mut ts = rng.edgy(1 << 62);
             for (i, &(old, new)) in rng.pick(&LIVES).iter().enumerate() {
                 ts += rng.next() % 10_000_000_000;
-                let t = Transition {
-                    ts_ns: ts,
-                    sock,
-                    netns,
-                    old,
-                    new,
-                    local,
-                    remote,
-                    context: rng.context(),
-                    cpu: 0,
-                    error: if new == TcpState::Close {
-                        rng.pick(&[0, 0, 104, 110, 111, 113, 5, 999_999])
-                    } else {
-                        0
-                    },
-                    srtt_us: rng.edgy(u64::from(u32::MAX)) as u32,
-                    total_retrans: rng.edgy(7) as u32,
-                    bytes_acked: rng.next(),
-                    bytes_received: rng.next(),
-                    all_recorded: true,
+                let error = if new == TcpState::Close {
+                    rng.pick(&[0, 0, 104, 110, 111, 113, 5, 999_999])
+                } else {
+                    0
                 };
+                let t = Transition::test(sock, ts, old, new)
+                    .in_netns(netns)
+                    .between(local, remote)
+                    .by(rng.context())
+                    .error(error)
+                    .rtt(rng.edgy(u64::from(u32::MAX)) as u32, rng.edgy(7) as u32)
+                    .bytes(rng.next(), rng.next());
                 let c = table.apply(&t).connection;
                 let seq = rng.edgy(u64::MAX);
                 let (mut expected, _) = convert::state_change(&t, &c, &clock);

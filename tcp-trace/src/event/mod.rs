@@ -81,8 +81,8 @@ pub struct Events {
     /// This drain's events, encoded without their seq, with their keys: what the bus publishes.
     pub batch: Vec<(Bytes, Keys)>,
     /// Nobody subscribes: events are counted (so seqs stay exact and a resumed subscription is
-    /// told what it missed), not built. Building and encoding them for a replay buffer nobody
-    /// reads was the larger part of the agent's work with no subscriber.
+    /// told what it missed), not built: building and encoding an event is most of the agent's
+    /// work per record, wasted on a replay buffer nobody reads.
     pub unwatched: bool,
     /// Events counted, not built, this drain.
     pub skipped: u64,

@@ -94,8 +94,8 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Every family as it is now. Counting live connections walks the table under its lock
-    /// (about 5 ms per million connections here), once per scrape or export.
+    /// Every family as it is now. Counting live connections walks the table under its lock, so
+    /// it runs once per scrape or export, never per event.
     pub fn families(&self) -> Vec<Family> {
         let mut live = Live::default();
         let table_full = {

@@ -6,7 +6,7 @@ use std::{
 };
 
 use crate::model::{
-    Direction, Task, TcpState,
+    Direction, KeepaliveDefaults, Task, TcpState,
     errno::{ECONNREFUSED, ECONNRESET, EHOSTUNREACH, ENETUNREACH, EPIPE, ETIMEDOUT},
 };
 
@@ -125,23 +125,6 @@ pub struct Keepalive {
     pub unanswered: u32,
     /// Probes sent over the connection's life.
     pub probes: u32,
-}
-
-/// The namespace's keepalive defaults (net.ipv4.tcp_keepalive_time/intvl/probes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KeepaliveDefaults {
-    pub idle_s: u32,
-    pub interval_s: u32,
-    pub count: u32,
-}
-
-impl KeepaliveDefaults {
-    /// Linux's built-in defaults, for namespaces whose sysctls could not be read.
-    pub const LINUX: KeepaliveDefaults = KeepaliveDefaults {
-        idle_s: 7200,
-        interval_s: 75,
-        count: 9,
-    };
 }
 
 /// Effective keepalive settings: the socket's own where set, else the namespace's.

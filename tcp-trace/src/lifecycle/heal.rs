@@ -287,38 +287,19 @@ mod tests {
     use super::*;
     use crate::{
         capture::sockdiag::KernelSocket,
-        lifecycle::{Cause, Peers},
-        model::{Context, TcpState::*},
+        lifecycle::{
+            Cause, Peers,
+            testing::{LOCAL, NETNS},
+        },
+        model::TcpState::*,
     };
-
-    const NS: u32 = 7;
-
-    fn t(sock: u64, ts: u64, old: TcpState, new: TcpState, remote_port: u16) -> Transition {
-        Transition {
-            ts_ns: ts,
-            sock,
-            netns: NS,
-            old,
-            new,
-            local: "127.0.0.1:5000".parse().unwrap(),
-            remote: SocketAddr::new([127, 0, 0, 1].into(), remote_port),
-            context: Context::Kernel,
-            cpu: 0,
-            error: 0,
-            srtt_us: 0,
-            total_retrans: 0,
-            bytes_acked: 0,
-            bytes_received: 0,
-            all_recorded: true,
-        }
-    }
 
     fn socket(cookie: u64, state: TcpState, remote_port: u16) -> KernelSocket {
         KernelSocket {
-            netns: NS,
+            netns: NETNS,
             state,
-            local: "127.0.0.1:5000".parse().unwrap(),
-            remote: SocketAddr::new([127, 0, 0, 1].into(), remote_port),
+            local: LOCAL,
+            remote: SocketAddr::new(LOCAL.ip(), remote_port),
             cookie,
         }
     }
@@ -326,14 +307,14 @@ mod tests {
     fn list(started_ns: u64, sockets: Vec<KernelSocket>) -> SocketList {
         SocketList {
             started_ns,
-            netns: vec![NS],
+            netns: vec![NETNS],
             sockets,
         }
     }
 
     fn established(table: &mut Table, sock: u64, ts: u64, remote_port: u16) {
-        table.apply(&t(sock, ts, Listen, SynRecv, remote_port));
-        table.apply(&t(sock, ts, SynRecv, Established, remote_port));
+        table.apply(&Transition::test(sock, ts, Listen, SynRecv).remote_port(remote_port));
+        table.apply(&Transition::test(sock, ts, SynRecv, Established).remote_port(remote_port));
     }
 
     fn done(table: &mut Table) -> Vec<Connection> {
@@ -402,13 +383,10 @@ mod tests {
         table.heal(&list(100, kernel.clone()));
         table.heal(&list(200, kernel));
         let id = table.connections().next().unwrap().id;
-        let applied = table.apply(&t(
-            0xffff_8880_0000_1000,
-            300,
-            Established,
-            CloseWait,
-            40001,
-        ));
+        let applied = table.apply(
+            &Transition::test(0xffff_8880_0000_1000, 300, Established, CloseWait)
+                .remote_port(40001),
+        );
         assert_eq!(
             (applied.connection.id, applied.connection.sock),
             (id, 0xffff_8880_0000_1000)
@@ -434,8 +412,10 @@ mod tests {
     #[test]
     fn a_socket_still_connecting_without_its_port_is_neither_closed_nor_adopted() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
-        let mut connect = t(1, 10, Close, SynSent, 80);
-        connect.local = "127.0.0.1:0".parse().unwrap();
+        // connect() reports SYN_SENT before it binds the local port.
+        let connect = Transition::test(1, 10, Close, SynSent)
+            .local_port(0)
+            .remote_port(80);
         table.apply(&connect);
         let kernel = vec![KernelSocket {
             local: "127.0.0.1:43210".parse().unwrap(),
@@ -453,7 +433,8 @@ mod tests {
     #[test]
     fn a_connection_that_missed_a_transition_takes_the_listed_state() {
         let mut table = Table::new(10, Peers::new(10, 1_000));
-        table.apply(&t(1, 10, Listen, SynRecv, 40001)); // its ESTABLISHED was lost
+        // Its ESTABLISHED was lost.
+        table.apply(&Transition::test(1, 10, Listen, SynRecv).remote_port(40001));
         let healed = table.heal(&list(100, vec![socket(900, Established, 40001)]));
         assert_eq!(healed, Healed::default());
         let c = table.connections().next().unwrap();
@@ -468,7 +449,7 @@ mod tests {
         let mut table = Table::new(10, Peers::new(10, 1_000));
         established(&mut table, 1, 10, 40001);
         let other = SocketList {
-            netns: vec![NS + 1],
+            netns: vec![NETNS + 1],
             ..list(100, vec![])
         };
         table.heal(&other);

@@ -13,13 +13,14 @@ mod heal;
 pub mod peers;
 mod socket_map;
 mod table;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use connection::{
-    Cause, Closer, Connection, Keepalive, KeepaliveDefaults, KeepaliveSettings, Owner, OwnerSource,
-    Path,
+    Cause, Closer, Connection, Keepalive, KeepaliveSettings, Owner, OwnerSource, Path,
 };
 pub use heal::Healed;
 pub use peers::{PeerKey, PeerStats, Peers};
 pub use table::{Applied, KeepaliveChange, Table};
 
-pub use crate::model::Direction;
+pub use crate::model::{Direction, KeepaliveDefaults};

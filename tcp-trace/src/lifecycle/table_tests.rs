@@ -1,57 +1,28 @@
 //! The table, fed transitions by hand: what each kind of life means.
 use super::*;
 use crate::{
-    lifecycle::{Cause, Closer, KeepaliveSettings},
+    lifecycle::{
+        Cause, Closer, KeepaliveSettings,
+        testing::{LIVES, OPENED},
+    },
     model::{KeepaliveOption, KeepaliveTimer, Reset, SocketOption, errno::*},
 };
 use TcpState::*;
 
-fn task(pid: u32) -> Task {
-    let mut comm = [0u8; 16];
-    comm[..3].copy_from_slice(b"app");
-    Task {
-        pid,
-        tid: pid,
-        comm,
-    }
-}
-
-fn t(sock: u64, ts: u64, old: TcpState, new: TcpState, context: Context) -> Transition {
-    Transition {
-        ts_ns: ts,
-        sock,
-        netns: 7,
-        old,
-        new,
-        local: "127.0.0.1:8080".parse().unwrap(),
-        remote: "127.0.0.1:40000".parse().unwrap(),
-        context,
-        cpu: 0,
-        error: 0,
-        srtt_us: 0,
-        total_retrans: 0,
-        bytes_acked: 0,
-        bytes_received: 0,
-        all_recorded: true,
-    }
-}
-
-const KERNEL: Context = Context::Kernel;
-
 #[test]
 fn an_active_connection_lives_from_syn_sent_to_close() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    let p = Context::Process(task(100));
+    let p = Context::Process(Task::test(100, "app"));
     let steps = [
         (Close, SynSent, p),
-        (SynSent, Established, KERNEL),
+        (SynSent, Established, Context::Kernel),
         (Established, FinWait1, p),
-        (FinWait1, FinWait2, KERNEL),
-        (FinWait2, Close, KERNEL),
+        (FinWait1, FinWait2, Context::Kernel),
+        (FinWait2, Close, Context::Kernel),
     ];
     let mut last = None;
     for (i, (old, new, ctx)) in steps.into_iter().enumerate() {
-        last = Some(table.apply(&t(1, 1000 * i as u64, old, new, ctx)));
+        last = Some(table.apply(&Transition::test(1, 1000 * i as u64, old, new).by(ctx)));
     }
     let last = last.unwrap();
     assert!(last.closed);
@@ -71,7 +42,7 @@ fn an_active_connection_lives_from_syn_sent_to_close() {
 #[test]
 fn kernel_context_transitions_never_name_the_interrupted_task_as_owner() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    let applied = table.apply(&t(1, 0, Listen, SynRecv, KERNEL));
+    let applied = table.apply(&Transition::test(1, 0, Listen, SynRecv));
     assert_eq!(applied.connection.owner(), None);
     assert_eq!(applied.connection.direction, Direction::Passive);
 }
@@ -79,15 +50,17 @@ fn kernel_context_transitions_never_name_the_interrupted_task_as_owner() {
 #[test]
 fn accepted_connections_inherit_the_listeners_owner() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    table.apply(&t(1, 0, Close, Listen, Context::Process(task(42))));
-    let child = table.apply(&t(2, 5, Listen, SynRecv, KERNEL)).connection;
+    table.apply(&Transition::test(1, 0, Close, Listen).by_process(42));
+    let child = table
+        .apply(&Transition::test(2, 5, Listen, SynRecv))
+        .connection;
     let owner = child.owner().unwrap();
     assert_eq!((owner.task.pid, owner.source), (42, OwnerSource::Listener));
     // Once the listener closes, new children have no owner to inherit.
-    table.apply(&t(1, 6, Listen, Close, Context::Process(task(42))));
+    table.apply(&Transition::test(1, 6, Listen, Close).by_process(42));
     assert_eq!(
         table
-            .apply(&t(3, 7, Listen, SynRecv, KERNEL))
+            .apply(&Transition::test(3, 7, Listen, SynRecv))
             .connection
             .owner(),
         None
@@ -97,14 +70,14 @@ fn accepted_connections_inherit_the_listeners_owner() {
 #[test]
 fn a_reused_socket_address_is_a_new_connection() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    let p = Context::Process(task(1));
-    let first = table.apply(&t(1, 0, Close, SynSent, p)).connection.id;
-    table.apply(&t(1, 1, SynSent, Close, KERNEL));
-    let second = table.apply(&t(1, 2, Close, SynSent, p)).connection.id;
+    let connect = |ts| Transition::test(1, ts, Close, SynSent).by_process(1);
+    let first = table.apply(&connect(0)).connection.id;
+    table.apply(&Transition::test(1, 1, SynSent, Close));
+    let second = table.apply(&connect(2)).connection.id;
     assert_ne!(first, second);
     assert_eq!(table.reopened, 0);
     // An opening transition for a socket still in the table: its CLOSE was lost.
-    let third = table.apply(&t(1, 3, Close, SynSent, p)).connection.id;
+    let third = table.apply(&connect(3)).connection.id;
     assert_ne!(second, third);
     assert_eq!(table.reopened, 1);
     assert_eq!(table.len(), 1);
@@ -120,7 +93,7 @@ fn a_reused_socket_address_is_a_new_connection() {
 fn connections_first_seen_mid_life_say_so() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
     let c = table
-        .apply(&t(9, 50, Established, FinWait1, KERNEL))
+        .apply(&Transition::test(9, 50, Established, FinWait1))
         .connection;
     assert_eq!(c.direction, Direction::Unknown);
     assert!(!c.seen_open());
@@ -130,9 +103,8 @@ fn connections_first_seen_mid_life_say_so() {
 #[test]
 fn a_full_table_counts_what_it_could_not_follow() {
     let mut table = Table::new(1, Peers::new(10, 1_000));
-    let p = Context::Process(task(1));
-    table.apply(&t(1, 0, Close, SynSent, p));
-    let applied = table.apply(&t(2, 0, Close, SynSent, p));
+    table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
+    let applied = table.apply(&Transition::test(2, 0, Close, SynSent).by_process(1));
     assert_eq!(applied.connection.state, SynSent); // the event itself is still reported
     assert_eq!(table.len(), 1);
     assert_eq!(table.table_full, 1);
@@ -148,7 +120,7 @@ fn long_paths_keep_their_first_states_and_count_the_rest() {
         } else {
             (CloseWait, Established)
         };
-        last = Some(table.apply(&t(1, i, old, new, KERNEL)).connection);
+        last = Some(table.apply(&Transition::test(1, i, old, new)).connection);
     }
     let last = last.unwrap();
     assert_eq!(last.path.states().len(), Path::CAPACITY);
@@ -163,16 +135,13 @@ fn finish(table: &mut Table) -> Vec<Connection> {
 }
 
 fn close_with(error: u32, from: TcpState) -> Transition {
-    Transition {
-        error,
-        ..t(1, 10, from, Close, KERNEL)
-    }
+    Transition::test(1, 10, from, Close).error(error)
 }
 
 #[test]
 fn a_refused_connect_is_a_failure_with_its_reason_not_a_short_connection() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
     table.apply(&close_with(ECONNREFUSED, SynSent));
     let [c] = &finish(&mut table)[..] else {
         panic!("one life completes")
@@ -185,9 +154,9 @@ fn a_refused_connect_is_a_failure_with_its_reason_not_a_short_connection() {
 #[test]
 fn a_summary_waits_one_drain_so_a_reset_sent_after_close_joins_it() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
-    table.apply(&t(1, 1, SynSent, Established, KERNEL));
-    table.apply(&t(1, 2, Established, Close, Context::Process(task(1))));
+    table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
+    table.apply(&Transition::test(1, 1, SynSent, Established));
+    table.apply(&Transition::test(1, 2, Established, Close).by_process(1));
     let mut out = Vec::new();
     table.end_batch(&mut out);
     assert!(out.is_empty(), "held for one more drain");
@@ -209,12 +178,8 @@ fn a_summary_waits_one_drain_so_a_reset_sent_after_close_joins_it() {
 #[test]
 fn causes_follow_the_socket_error_and_what_the_connection_went_through() {
     let established = |table: &mut Table| {
-        table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
-        table.apply(&Transition {
-            srtt_us: 50,
-            total_retrans: 1,
-            ..t(1, 1_000_000, SynSent, Established, KERNEL)
-        });
+        table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
+        table.apply(&Transition::test(1, 1_000_000, SynSent, Established).rtt(50, 1));
     };
     let cases = [
         (ETIMEDOUT, true, Cause::KeepaliveTimeout),
@@ -250,7 +215,7 @@ fn causes_follow_the_socket_error_and_what_the_connection_went_through() {
 #[test]
 fn keepalive_probes_count_up_and_an_answer_resets_the_series() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
     let timer = |before, after| KeepaliveTimer {
         ts_ns: 5,
         sock: 1,
@@ -287,7 +252,7 @@ fn keepalive_probes_count_up_and_an_answer_resets_the_series() {
 #[test]
 fn socket_options_set_their_own_settings_over_the_namespace_defaults() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
     let defaults = KeepaliveDefaults {
         idle_s: 600,
         interval_s: 30,
@@ -299,7 +264,7 @@ fn socket_options_set_their_own_settings_over_the_namespace_defaults() {
         netns: 7,
         option,
         value,
-        task: task(1),
+        task: Task::test(1, "app"),
     };
     table
         .socket_option(&set(KeepaliveOption::Enabled, 1), defaults)
@@ -322,12 +287,9 @@ fn socket_options_set_their_own_settings_over_the_namespace_defaults() {
 #[test]
 fn an_established_connection_without_keepalive_allocates_nothing_beyond_its_slot() {
     let mut table = Table::new(10, Peers::new(10, 1_000));
-    table.apply(&t(1, 0, Close, SynSent, Context::Process(task(1))));
+    table.apply(&Transition::test(1, 0, Close, SynSent).by_process(1));
     let c = table
-        .apply(&Transition {
-            srtt_us: 50,
-            ..t(1, 1_000, SynSent, Established, KERNEL)
-        })
+        .apply(&Transition::test(1, 1_000, SynSent, Established).rtt(50, 0))
         .connection;
     assert_eq!(c.details, None);
     assert_eq!((c.handshake_ns(), c.srtt_us), (Some(1_000), 50));
@@ -341,11 +303,11 @@ fn ipv6_endpoints_come_back_as_they_were_reported() {
         "[fd00::2]:50000".parse().unwrap(),
     );
     let c = table
-        .apply(&Transition {
-            local,
-            remote,
-            ..t(1, 0, Close, SynSent, Context::Process(task(1)))
-        })
+        .apply(
+            &Transition::test(1, 0, Close, SynSent)
+                .by_process(1)
+                .between(local, remote),
+        )
         .connection;
     assert_eq!((c.local(), c.remote()), (local, remote));
 }
@@ -363,7 +325,7 @@ fn the_first_fin_names_who_closed() {
     .into_iter()
     .enumerate()
     {
-        table.apply(&t(2, i as u64, old, new, KERNEL));
+        table.apply(&Transition::test(2, i as u64, old, new));
     }
     let [c] = &finish(&mut table)[..] else {
         panic!()
@@ -377,44 +339,9 @@ fn the_first_fin_names_who_closed() {
 /// The lives of both ends of a connection closed by each side, and by a reset, as the kernel
 /// records them with every transition, and as it records them with its switch off (only the
 /// transitions into SYN_SENT, ESTABLISHED, LISTEN and CLOSE).
-fn lives() -> Vec<Vec<(TcpState, TcpState)>> {
-    vec![
-        // Active end, closing first; passive end, closed by its peer.
-        vec![
-            (Close, SynSent),
-            (SynSent, Established),
-            (Established, FinWait1),
-            (FinWait1, FinWait2),
-            (FinWait2, Close),
-        ],
-        vec![
-            (Listen, SynRecv),
-            (SynRecv, Established),
-            (Established, CloseWait),
-            (CloseWait, LastAck),
-            (LastAck, Close),
-        ],
-        // Both FINs crossing; a reset in CLOSE_WAIT; a refused connect.
-        vec![
-            (Close, SynSent),
-            (SynSent, Established),
-            (Established, FinWait1),
-            (FinWait1, Closing),
-            (Closing, Close),
-        ],
-        vec![
-            (Listen, SynRecv),
-            (SynRecv, Established),
-            (Established, CloseWait),
-            (CloseWait, Close),
-        ],
-        vec![(Close, SynSent), (SynSent, Close)],
-    ]
-}
-
 #[test]
 fn a_life_recorded_without_its_middle_transitions_is_summarized_as_if_all_were_recorded() {
-    for life in lives() {
+    for life in &LIVES[..OPENED] {
         let summarize = |quiet: bool| {
             let mut table = Table::new(10, Peers::new(10, 1_000));
             let mut last = None;
@@ -422,10 +349,10 @@ fn a_life_recorded_without_its_middle_transitions_is_summarized_as_if_all_were_r
                 if quiet && !tcp_trace_common::recorded_when_quiet(new as u8) {
                     continue;
                 }
-                let mut t = t(1, 1000 * i as u64, old, new, KERNEL);
-                t.all_recorded = !quiet;
-                t.bytes_acked = 10;
-                t.bytes_received = 10;
+                let t = Transition {
+                    all_recorded: !quiet,
+                    ..Transition::test(1, 1000 * i as u64, old, new).bytes(10, 10)
+                };
                 last = Some(table.apply(&t));
             }
             let last = last.expect("a CLOSE is always recorded");

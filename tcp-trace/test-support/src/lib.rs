@@ -441,7 +441,7 @@ fn wait_until_closed(in_use: &mut [TcpInUse], idle: &[i64], trip: Roundtrip) {
 /// The number of hashed (listening or connected, not TIME_WAIT) TCP sockets of one namespace, from
 /// the `inuse` fields of `/proc/net/sockstat{,6}`. The kernel keeps these per namespace, so reading
 /// them is cheap, unlike `/proc/net/tcp`, which walks the whole host's connection hash table
-/// (about 6 ms per read here). A /proc/net file stays bound to the namespace it was opened in,
+/// on every read. A /proc/net file stays bound to the namespace it was opened in,
 /// so the files are opened once inside and then re-read from any thread.
 pub struct TcpInUse {
     files: [File; 2],

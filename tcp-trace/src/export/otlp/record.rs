@@ -1,10 +1,10 @@
 //! A closed connection's log record, written straight into its protobuf encoding.
 //!
-//! As an `opentelemetry_proto` `LogRecord` a record was some forty allocations (a `String` for
-//! every attribute's key and for each address, the body, the vectors) built on the pipeline's
-//! thread, then encoded by prost, which computes each nested message's length once per level
+//! Built as an `opentelemetry_proto` `LogRecord`, a record would take some forty allocations (a
+//! `String` for every attribute's key and for each address, the body, the vectors) on the
+//! pipeline's thread, and prost would compute each nested message's length once per level
 //! above it. This writes the same message (the tests decode it with prost and compare with the
-//! message built the slow way) into the batch's buffer: no allocation per record. Resource and
+//! message built that way) into the batch's buffer: no allocation per record. Resource and
 //! scope are encoded once, when the exporter starts, and framed around each batch's records.
 use std::{fmt::Write as _, net::IpAddr};
 
@@ -322,8 +322,8 @@ pub(super) mod tests {
         *,
     };
     use crate::{
-        lifecycle::{Peers, Table},
-        model::{Context, Task, TcpState, TcpState::*, Transition},
+        lifecycle::{Peers, Table, testing::LIVES},
+        model::{Context, Task, TcpState::*, Transition, errno::ECONNREFUSED},
     };
 
     fn int(key: &str, value: impl Into<i64>) -> KeyValue {
@@ -414,39 +414,7 @@ pub(super) mod tests {
         }
     }
 
-    fn task(pid: u32) -> Task {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"curl");
-        Task {
-            pid,
-            tid: pid,
-            comm,
-        }
-    }
-
-    /// Lives of every kind the exporter sees, each ending in CLOSE: (transitions, error at close).
-    const LIVES: [&[(TcpState, TcpState)]; 4] = [
-        &[
-            (Close, SynSent),
-            (SynSent, Established),
-            (Established, FinWait1),
-            (FinWait1, FinWait2),
-            (FinWait2, Close),
-        ],
-        &[
-            (Listen, SynRecv),
-            (SynRecv, Established),
-            (Established, CloseWait),
-            (CloseWait, LastAck),
-            (LastAck, Close),
-        ],
-        // Refused.
-        &[(Close, SynSent), (SynSent, Close)],
-        // Seen only from the middle: no open, no handshake.
-        &[(Established, FinWait1), (FinWait1, Close)],
-    ];
-
-    /// Connections of every life above, over IPv4 and IPv6, with and without an owner.
+    /// Connections of every life the table knows, over IPv4 and IPv6, with and without an owner.
     pub(in crate::export) fn closed_connections() -> Vec<Connection> {
         let mut table = Table::new(1000, Peers::new(10, 1_000_000_000));
         let addrs: [(&str, &str); 4] = [
@@ -466,28 +434,22 @@ pub(super) mod tests {
                 let n = life.len();
                 for (k, &(old, new)) in life.iter().enumerate() {
                     ts += 123_456_789;
-                    let context = if j % 2 == 0 && k == 0 {
-                        Context::Process(task(4242 + j as u32))
+                    let t = Transition::test(sock, ts, old, new)
+                        .in_netns(4_026_531_840 + j as u32)
+                        .between(local.parse().unwrap(), remote.parse().unwrap())
+                        .rtt(40, (j % 3) as u32)
+                        .bytes(1, 1);
+                    let t = if j % 2 == 0 && k == 0 {
+                        t.by(Context::Process(Task::test(4242 + j as u32, "curl")))
                     } else {
-                        Context::Kernel
+                        t
                     };
-                    let applied = table.apply(&Transition {
-                        ts_ns: ts,
-                        sock,
-                        netns: 4_026_531_840 + j as u32,
-                        old,
-                        new,
-                        local: local.parse().unwrap(),
-                        remote: remote.parse().unwrap(),
-                        context,
-                        cpu: 0,
-                        error: if i == 2 && k == n - 1 { 111 } else { 0 },
-                        srtt_us: 40,
-                        total_retrans: (j % 3) as u32,
-                        bytes_acked: 1,
-                        bytes_received: 1,
-                        all_recorded: true,
-                    });
+                    let t = if (old, new) == (SynSent, Close) {
+                        t.error(ECONNREFUSED)
+                    } else {
+                        t
+                    };
+                    let applied = table.apply(&t);
                     if k == n - 1 {
                         closed.push(applied.connection);
                     }

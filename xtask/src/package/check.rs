@@ -17,7 +17,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{cmd, package::NAME};
+use super::deb::NAME;
+use crate::cmd;
 
 const UNIT: &str = "/lib/systemd/system/tcp-trace.service";
 

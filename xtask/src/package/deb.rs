@@ -1,5 +1,5 @@
-//! `cargo xtask package`: the Debian package, built with dpkg-deb from the release binary, the
-//! systemd unit and maintainer scripts in deploy/debian/, and a man page made from `--help`.
+//! The Debian package, built with dpkg-deb from the agent binary, the systemd unit and
+//! maintainer scripts in deploy/debian/, and a man page made from `--help`.
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -9,8 +9,9 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use crate::{build, cmd, setup};
+use crate::cmd;
 
+/// The package's name, which is also the binary's and the unit's.
 pub const NAME: &str = "tcp-trace";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -48,40 +49,6 @@ pub fn deploy_dir() -> PathBuf {
     cmd::repo_root().join("deploy").join("debian")
 }
 
-/// `cargo xtask package`: builds the release binary (the dev one with `dev`), then the .deb;
-/// with `check`, installs and checks it (see package_check), then purges it.
-pub fn run(check: bool, dev: bool) -> Result<()> {
-    let linker = setup::toolchain()?;
-    let mut cargo = build::cargo(&linker, "build");
-    cargo.args(["--package", NAME]);
-    let profile = if dev {
-        Profile::Dev
-    } else {
-        cargo.arg("--release");
-        Profile::Release
-    };
-    cmd::run(&mut cargo)?;
-    let deb = build_deb(profile)?;
-    eprintln!("package: {}", deb.display());
-    if check {
-        ensure!(
-            cmd::is_root(),
-            "`cargo xtask package --check` installs the package: run it as root"
-        );
-        let outcome = crate::package_check::run(&deb)?;
-        println!(
-            "package checks: {} passed, {} failed",
-            outcome.passed, outcome.failed
-        );
-        ensure!(
-            outcome.failed == 0,
-            "{} package check(s) failed",
-            outcome.failed
-        );
-    }
-    Ok(())
-}
-
 /// Stages the package tree under target/debian/ and builds the .deb next to it.
 pub fn build_deb(profile: Profile) -> Result<PathBuf> {
     ensure!(
@@ -105,7 +72,7 @@ pub fn build_deb(profile: Profile) -> Result<PathBuf> {
 
     let bin = stage.join("usr/bin").join(NAME);
     copy(&binary, &bin, 0o755)?;
-    // Debug info is most of a dev build's size (140 MB); the package needs none of it.
+    // Debug info is most of a dev build's size; the package needs none of it.
     if cmd::find_program("strip").is_some() {
         cmd::run(Command::new("strip").arg("--strip-debug").arg(&bin))?;
     }
