@@ -124,10 +124,10 @@ pub fn count(index: u32) {
 }
 
 /// Flags for `bpf_ringbuf_submit`. A wake-up per record costs an irq_work and an epoll wake-up
-/// each (measured on a VM: a loopback connect/close loop fell from ~8,000 to ~450 connections/s),
-/// so a record wakes the agent only if no record did in the last WAKEUP_INTERVAL_NS. The agent, once woken, keeps draining every interval
-/// until a drain one interval after its last wake-up finds the ring empty, so a record that did
-/// not wake it still arrives within about one interval.
+/// each, more than the record itself, so a record wakes the agent only if no record did in the
+/// last WAKEUP_INTERVAL_NS. The agent, once woken, keeps draining every interval until a drain
+/// one interval after its last wake-up finds the ring empty, so a record that did not wake it
+/// still arrives within about one interval.
 pub fn submit_flags(now: u64) -> u64 {
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
         return BPF_RB_FORCE_WAKEUP as u64;

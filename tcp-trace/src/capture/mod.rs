@@ -304,7 +304,7 @@ impl Capture {
     /// Once records have kept coming for a whole interval, it drains once per interval, the
     /// longest the programs let a record wait anyway: each drain has a cost of its own (waking
     /// every subscriber's task, a write to each, this thread's sleep), which under sustained
-    /// churn was a third of the agent's CPU at four drains per interval.
+    /// churn outweighs the records themselves if it drains more often.
     pub fn run(&mut self, cancel: &tokio_util::sync::CancellationToken, sink: &mut impl Sink) {
         raise_drain_priority();
         let fd = self.ring.as_raw_fd();
@@ -342,10 +342,9 @@ impl Capture {
 /// Nice value of the drain thread. When the traced workload keeps every CPU busy, the scheduler
 /// gives the drain a fair share like any other thread, less than it needs: the programs then find
 /// the ring full and those records are lost for good, while a workload that waits a little only
-/// slows down. Measured with a redis server taking 13,000 connections/s on both CPUs: the drain
-/// waited 2.7 s of 6 s on the run queue and half the records (357,000) were lost to a full ring;
-/// at nice -10 (weight 9,548 against 1,024) it waited 1 s of 12 s and none were. Its work is
-/// bounded by what the kernel writes, so the weight costs the workload only that much CPU.
+/// slows down. At nice -10 (weight 9,548 against 1,024) the drain runs when it has work (the
+/// measurements are in docs/benchmarks.md). Its work is bounded by what the kernel writes, so
+/// the weight costs the workload only that much CPU.
 const DRAIN_NICE: libc::c_int = -10;
 
 /// Raises the calling thread's priority to [`DRAIN_NICE`]. Needs CAP_SYS_NICE (root has it);
