@@ -1,10 +1,14 @@
 //! The agent: capture -> lifecycle -> bus -> gRPC, wired together and shut down as one.
+mod catch_up;
 mod heal;
 mod pipeline;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -12,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use self::{heal::Heal, pipeline::Pipeline};
+use self::{catch_up::CatchUp, heal::Heal, pipeline::Pipeline};
 use crate::{
     api::{self, Access, Limits, ListenAddr, Listeners},
     bus::{Bus, BusConfig},
@@ -129,9 +133,23 @@ impl Agent {
         // unless told to always.
         let switch = capture.transition_switch();
         let always = config.capture.all_transitions;
+        // Until then, a listing catches the table up with the kernel's socket list first.
+        let recording_all_since = Arc::new(AtomicU64::new(u64::MAX));
+        let since = Arc::clone(&recording_all_since);
         bus.on_state_change_demand(Box::new(move |wanted| {
-            if let Err(err) = switch.set(wanted || always) {
-                tracing::error!("cannot switch the kernel's transition records: {err}");
+            let on = wanted || always;
+            if !on {
+                // Before: a transition from here on may go unrecorded.
+                since.store(u64::MAX, Ordering::Release);
+            }
+            match switch.set(on) {
+                // After: every transition from here on is recorded.
+                Ok(()) if on => since.store(catch_up::monotonic_ns(), Ordering::Release),
+                Ok(()) => {}
+                Err(err) => {
+                    since.store(u64::MAX, Ordering::Release);
+                    tracing::error!("cannot switch the kernel's transition records: {err}");
+                }
             }
         }));
         let cancel = CancellationToken::new();
@@ -170,12 +188,14 @@ impl Agent {
         // runtime would wait for it forever, with the programs attached).
         let stop_on_error = cancel.clone().drop_guard();
 
+        let catch_up = CatchUp::new(Arc::clone(&table), recording_all_since);
         let service = Arc::new(api::Service {
             bus,
             table,
             stats,
             limits: config.limits.clone(),
             stop: cancel.clone(),
+            catch_up: Some(Arc::new(move |fresh_enough| catch_up.run(fresh_enough))),
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
