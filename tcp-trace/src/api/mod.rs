@@ -109,7 +109,18 @@ pub struct Service {
     pub limits: Limits,
     /// Cancelled when the agent stops.
     pub stop: CancellationToken,
+    /// Called before a listing (blocking) to bring the table's states up to the kernel's.
+    pub catch_up: Option<CatchUp>,
 }
+
+/// Brings the table's connection states up to date with the kernel's (the agent's wiring: a
+/// socket dump while the kernel records only opens and closes), unless that was done at most
+/// the given time ago. Blocking.
+pub type CatchUp = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
+/// How old the catch-up a page after the first may use: the first page's. A dump took 25 to
+/// 70 ms among 108,000 established sockets here, and a listing of them takes 108 pages.
+const CATCH_UP_PER_LISTING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A subscriber's stream: ends when the agent stops (so graceful shutdown does not wait on
 /// endless streams); dropping it unsubscribes.
@@ -223,6 +234,16 @@ impl TcpTrace for Service {
         let resume = listing
             .resume(&request.page_token)
             .map_err(ApiError::from)?;
+        if let Some(catch_up) = &self.catch_up {
+            let catch_up = Arc::clone(catch_up);
+            let fresh_enough = if request.page_token.is_empty() {
+                std::time::Duration::ZERO
+            } else {
+                CATCH_UP_PER_LISTING
+            };
+            // A netlink dump: off the async workers. A panic in it leaves the table as it was.
+            let _ = tokio::task::spawn_blocking(move || catch_up(fresh_enough)).await;
+        }
         let clock = Clock::now();
         let mut matched = 0u64;
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());

@@ -130,20 +130,49 @@ impl SockDiag {
     /// named in the returned errors).
     pub fn list(&mut self, only: Option<u32>) -> (SocketList, Vec<SockDiagError>) {
         let namespaces = namespaces(only);
-        // Sockets of namespaces gone from view: closing them lets the namespace go.
-        self.sockets.retain(|ns, _| namespaces.contains_key(ns));
+        let wanted: Vec<u32> = match only {
+            Some(ns) => vec![ns],
+            None => namespaces.keys().copied().collect(),
+        };
+        self.list_in(&wanted, Some(&namespaces), state_mask(&DUMPED_STATES))
+    }
+
+    /// Dumps the TCP sockets of the namespaces `netns` that are in one of `states`. The kernel
+    /// filters by state as it walks its socket hash, so sockets in other states cost no answer:
+    /// a dump of a few states stays cheap among many established sockets. Namespaces are
+    /// looked up (a walk of /proc) only when one has no socket kept from an earlier dump.
+    pub fn list_states(
+        &mut self,
+        netns: &[u32],
+        states: &[TcpState],
+    ) -> (SocketList, Vec<SockDiagError>) {
+        let known = netns.iter().all(|ns| self.sockets.contains_key(ns));
+        let only = match netns {
+            [ns] => Some(*ns),
+            _ => None,
+        };
+        let namespaces = (!known).then(|| namespaces(only));
+        self.list_in(netns, namespaces.as_ref(), state_mask(states))
+    }
+
+    fn list_in(
+        &mut self,
+        wanted: &[u32],
+        namespaces: Option<&HashMap<u32, PathBuf>>,
+        states: u32,
+    ) -> (SocketList, Vec<SockDiagError>) {
+        // Sockets of namespaces gone from view (or no longer asked for): closing them lets the
+        // namespace go.
+        self.sockets.retain(|ns, _| wanted.contains(ns));
         let mut list = SocketList {
             started_ns: monotonic_ns(),
             ..SocketList::default()
         };
         let mut errors = Vec::new();
-        let wanted: Vec<u32> = match only {
-            Some(ns) => vec![ns],
-            None => namespaces.keys().copied().collect(),
-        };
-        for ns in wanted {
+        for &ns in wanted {
             let before = list.sockets.len();
-            match self.dump_namespace(ns, namespaces.get(&ns), &mut list.sockets) {
+            let path = namespaces.and_then(|n| n.get(&ns));
+            match self.dump_namespace(ns, path, states, &mut list.sockets) {
                 Ok(()) => list.netns.push(ns),
                 Err(err) => {
                     list.sockets.truncate(before);
@@ -159,6 +188,7 @@ impl SockDiag {
         &mut self,
         ns: u32,
         path: Option<&PathBuf>,
+        states: u32,
         out: &mut Vec<KernelSocket>,
     ) -> Result<(), SockDiagError> {
         let fd = match self.sockets.remove(&ns) {
@@ -167,7 +197,7 @@ impl SockDiag {
         };
         let result = [libc::AF_INET, libc::AF_INET6]
             .into_iter()
-            .try_for_each(|family| self.dump(&fd, ns, family as u8, out))
+            .try_for_each(|family| self.dump(&fd, ns, family as u8, states, out))
             .map_err(|err| SockDiagError::Dump(ns, err));
         if result.is_ok() && self.sockets.len() < MAX_CACHED {
             self.sockets.insert(ns, fd);
@@ -175,12 +205,13 @@ impl SockDiag {
         result
     }
 
-    /// One SOCK_DIAG_BY_FAMILY dump of `family`'s TCP sockets in the followed states.
+    /// One SOCK_DIAG_BY_FAMILY dump of `family`'s TCP sockets in `states` (a bitmask).
     fn dump(
         &mut self,
         fd: &OwnedFd,
         netns: u32,
         family: u8,
+        states: u32,
         out: &mut Vec<KernelSocket>,
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
@@ -195,9 +226,7 @@ impl SockDiag {
             request: Request {
                 family,
                 protocol: libc::IPPROTO_TCP as u8,
-                states: DUMPED_STATES
-                    .iter()
-                    .fold(0, |mask, &state| mask | 1 << state as u32),
+                states,
                 ..Request::default()
             },
         };
@@ -241,6 +270,13 @@ impl SockDiag {
             }
         }
     }
+}
+
+/// The kernel's bitmask of `states` (bit n for state n, as `inet_diag_req_v2.idiag_states`).
+fn state_mask(states: &[TcpState]) -> u32 {
+    states
+        .iter()
+        .fold(0, |mask, &state| mask | 1 << state as u32)
 }
 
 /// Parses one read's netlink messages into `out`; true once the dump is done.

@@ -33,9 +33,9 @@ use crate::{
 /// and hashing them as one 40-byte write costs a fraction of hashing two `SocketAddr`s field by
 /// field (the hasher stays std's: peers choose their addresses and ports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct Key([u64; 5]);
+pub(super) struct Key([u64; 5]);
 
-fn key(netns: u32, local: SocketAddr, remote: SocketAddr) -> Key {
+pub(super) fn key(netns: u32, local: SocketAddr, remote: SocketAddr) -> Key {
     let ip = |a: SocketAddr| {
         let v6 = match a.ip() {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -171,7 +171,12 @@ impl Table {
             if let Some(c) = self.connections.get_mut(&sock)
                 && c.state != state
             {
-                c.enter(state);
+                // Through the states between, as a recorded close would have: the kernel
+                // records none of them while quiet.
+                c.infer_path_to(state);
+                if c.state != state {
+                    c.enter(state);
+                }
             }
         }
         for sock in &doomed {

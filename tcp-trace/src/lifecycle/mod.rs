@@ -21,6 +21,6 @@ pub use connection::{
 };
 pub use heal::Healed;
 pub use peers::{PeerKey, PeerStats, Peers};
-pub use table::{Applied, KeepaliveChange, Table};
+pub use table::{Applied, KeepaliveChange, Table, UNRECORDED_WHEN_QUIET};
 
 pub use crate::model::{Direction, KeepaliveDefaults};

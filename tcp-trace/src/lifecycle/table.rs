@@ -5,12 +5,35 @@ use std::{collections::HashMap, num::NonZeroU32};
 use super::{
     Connection, Direction, KeepaliveDefaults, OwnerSource, Path, Peers,
     connection::{NO_HANDSHAKE, NO_TASK},
+    heal::{Key, key},
     socket_map::SocketMap,
 };
-use crate::model::{
-    Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
-    TcpState, Transition,
+use crate::{
+    capture::sockdiag::SocketList,
+    model::{
+        Accept, Context, KeepaliveOption, KeepaliveTimer, Reset, Retransmit, SocketOption, Task,
+        TcpState, Transition,
+    },
 };
+
+/// The states a socket can sit in that the kernel does not record while it records only opens
+/// and closes (`tcp_trace_common::recorded_when_quiet`): a table that heard nothing of them
+/// shows the state before.
+pub const UNRECORDED_WHEN_QUIET: [TcpState; 5] = [
+    TcpState::FinWait1,
+    TcpState::FinWait2,
+    TcpState::CloseWait,
+    TcpState::LastAck,
+    TcpState::Closing,
+];
+
+/// The states a row can show while its socket moved on unrecorded: the ones an
+/// [`UNRECORDED_WHEN_QUIET`] state follows.
+const BEHIND_WHEN_QUIET: [TcpState; 3] = [
+    TcpState::Established,
+    TcpState::FinWait1,
+    TcpState::CloseWait,
+];
 
 /// What one transition did to the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,11 +252,19 @@ impl Table {
             Some(existing) => existing.clone(),
             None => self.open(t, opening),
         };
-        // Transitions the kernel did not record (its switch was off) lie between the state the
-        // table holds and the one the socket leaves now.
-        connection.infer_path_to(t.old);
         let entered_from = connection.state;
-        connection.enter(t.new);
+        // A dump (`catch_up`) may have moved the row past this transition already, while the
+        // record was on its way: the row is not in the state the socket leaves, its path has
+        // the one it enters (a socket enters each at most once in a life), and it does not go
+        // back.
+        let ahead =
+            t.new != TcpState::Close && connection.state != t.old && connection.visited(t.new);
+        if !ahead {
+            // Transitions the kernel did not record (its switch was off) lie between the state
+            // the table holds and the one the socket leaves now.
+            connection.infer_path_to(t.old);
+            connection.enter(t.new);
+        }
         connection.last_ns = t.ts_ns;
         match t.new {
             TcpState::Established => {
@@ -305,6 +336,75 @@ impl Table {
         }
     }
 
+    /// The namespaces of the connections whose state may be behind their socket's: in a state
+    /// an unrecorded one follows, with no transition since the kernel began recording all of
+    /// them (`recording_all_since_ns`, CLOCK_MONOTONIC; u64::MAX while it records only opens
+    /// and closes). Empty when the table is exact.
+    pub fn behind_netns(&self, recording_all_since_ns: u64) -> Vec<u32> {
+        let mut netns: Vec<u32> = Vec::new();
+        for c in self.connections.values() {
+            if c.last_ns < recording_all_since_ns
+                && BEHIND_WHEN_QUIET.contains(&c.state)
+                && !netns.contains(&c.netns)
+            {
+                netns.push(c.netns);
+            }
+        }
+        netns
+    }
+
+    /// Moves connections to the state `list` (a dump of [`UNRECORDED_WHEN_QUIET`] states)
+    /// shows their socket in, through the states between (as a recorded close would have).
+    /// Only where the kernel cannot have told the table: a connection with a transition since
+    /// the dump began is left alone, so is one whose addresses two listed sockets or two
+    /// connections share, and one the listed state cannot follow (its socket was reused).
+    /// Returns how many moved.
+    pub fn catch_up(&mut self, list: &SocketList) -> u64 {
+        if list.sockets.is_empty() {
+            return 0;
+        }
+        let mut listed: HashMap<Key, Option<TcpState>> = HashMap::with_capacity(list.sockets.len());
+        // The listed sockets' port pairs, a test far cheaper than hashing a row's key: a dump of
+        // a few closing sockets is matched against a table of 100,000s.
+        let mut ports = PortFilter::default();
+        for s in &list.sockets {
+            listed
+                .entry(key(s.netns, s.local, s.remote))
+                .and_modify(|state| *state = None)
+                .or_insert(Some(s.state));
+            ports.insert(s.local.port(), s.remote.port());
+        }
+        let mut claims: HashMap<Key, (u32, u64, TcpState)> = HashMap::new();
+        for (&sock, c) in self.connections.iter() {
+            if c.last_ns >= list.started_ns
+                || !BEHIND_WHEN_QUIET.contains(&c.state)
+                || !ports.contains(c.local_port, c.remote_port)
+            {
+                continue;
+            }
+            let k = key(c.netns, c.local(), c.remote());
+            if let Some(Some(state)) = listed.get(&k)
+                && *state != c.state
+            {
+                let claim = claims.entry(k).or_insert((0, sock, *state));
+                claim.0 += 1;
+            }
+        }
+        let mut moved = 0;
+        for (count, sock, state) in claims.into_values() {
+            let Some(c) = self.connections.get_mut(&sock) else {
+                continue;
+            };
+            let mut probe = c.clone();
+            probe.infer_path_to(state);
+            if count == 1 && probe.state == state {
+                *c = probe;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     fn open(&mut self, t: &Transition, opening: Option<Direction>) -> Connection {
         let id = self.next_id;
         self.next_id += 1;
@@ -360,6 +460,33 @@ impl Table {
     }
 }
 
+/// A set of (local port, remote port) pairs that may answer yes for a pair not in it: one bit per
+/// hash of the pair.
+struct PortFilter(Box<[u64; 1024]>);
+
+impl Default for PortFilter {
+    fn default() -> Self {
+        PortFilter(Box::new([0; 1024]))
+    }
+}
+
+impl PortFilter {
+    fn bit(local: u16, remote: u16) -> (usize, u64) {
+        let h = (u32::from(local) << 16 | u32::from(remote)).wrapping_mul(0x9e37_79b1) >> 16;
+        ((h as usize >> 6) & 1023, 1 << (h & 63))
+    }
+
+    fn insert(&mut self, local: u16, remote: u16) {
+        let (word, bit) = Self::bit(local, remote);
+        self.0[word] |= bit;
+    }
+
+    fn contains(&self, local: u16, remote: u16) -> bool {
+        let (word, bit) = Self::bit(local, remote);
+        self.0[word] & bit != 0
+    }
+}
+
 /// The transitions that start a socket's life, and what kind of life. A passive socket's first
 /// record may be its SYN_RECV -> ESTABLISHED (or -> CLOSE): the kernel records LISTEN -> SYN_RECV
 /// only while its switch asks for every transition. `held`: the table holds the socket already.
@@ -376,3 +503,7 @@ fn opening(t: &Transition, held: impl FnOnce() -> bool) -> Option<Direction> {
 #[cfg(test)]
 #[path = "table_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "catch_up_tests.rs"]
+mod catch_up_tests;

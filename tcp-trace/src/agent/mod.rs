@@ -1,25 +1,29 @@
 //! The agent: capture -> lifecycle -> bus -> gRPC, wired together and shut down as one.
+mod catch_up;
+mod heal;
+mod pipeline;
+
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, atomic::Ordering, mpsc},
-    time::{Duration, Instant},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use self::{catch_up::CatchUp, heal::Heal, pipeline::Pipeline};
 use crate::{
     api::{self, Access, Limits, ListenAddr, Listeners},
     bus::{Bus, BusConfig},
-    capture::{
-        self, Capture, CaptureConfig, DecodeError, Record,
-        sockdiag::{SockDiag, SocketList},
-    },
+    capture::{self, Capture, CaptureConfig},
     event::Events,
-    export::{self, ExportConfig, Observer},
-    lifecycle::{Connection, KeepaliveChange, KeepaliveDefaults, Peers, Table},
-    model::TcpState,
+    export::{self, ExportConfig},
+    lifecycle::{Peers, Table},
     proto,
     stats::AgentStats,
 };
@@ -129,9 +133,23 @@ impl Agent {
         // unless told to always.
         let switch = capture.transition_switch();
         let always = config.capture.all_transitions;
+        // Until then, a listing catches the table up with the kernel's socket list first.
+        let recording_all_since = Arc::new(AtomicU64::new(u64::MAX));
+        let since = Arc::clone(&recording_all_since);
         bus.on_state_change_demand(Box::new(move |wanted| {
-            if let Err(err) = switch.set(wanted || always) {
-                tracing::error!("cannot switch the kernel's transition records: {err}");
+            let on = wanted || always;
+            if !on {
+                // Before: a transition from here on may go unrecorded.
+                since.store(u64::MAX, Ordering::Release);
+            }
+            match switch.set(on) {
+                // After: every transition from here on is recorded.
+                Ok(()) if on => since.store(catch_up::monotonic_ns(), Ordering::Release),
+                Ok(()) => {}
+                Err(err) => {
+                    since.store(u64::MAX, Ordering::Release);
+                    tracing::error!("cannot switch the kernel's transition records: {err}");
+                }
             }
         }));
         let cancel = CancellationToken::new();
@@ -170,12 +188,14 @@ impl Agent {
         // runtime would wait for it forever, with the programs attached).
         let stop_on_error = cancel.clone().drop_guard();
 
+        let catch_up = CatchUp::new(Arc::clone(&table), recording_all_since);
         let service = Arc::new(api::Service {
             bus,
             table,
             stats,
             limits: config.limits.clone(),
             stop: cancel.clone(),
+            catch_up: Some(Arc::new(move |fresh_enough| catch_up.run(fresh_enough))),
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -322,281 +342,6 @@ impl StopSignals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
             _ = self.hup.recv() => {}
-        }
-    }
-}
-
-/// Decodes records, updates the table and publishes the resulting events, one drain at a time.
-struct Pipeline {
-    table: Arc<Mutex<Table>>,
-    bus: Arc<Bus>,
-    stats: Arc<AgentStats>,
-    events: Events,
-    /// Build events for the replay buffer even while nobody subscribes.
-    keep_replay: bool,
-    /// Reused buffer for connections whose lives completed.
-    closed: Vec<Connection>,
-    keepalive_defaults: HashMap<u32, KeepaliveDefaults>,
-    warned_malformed: bool,
-    /// The table's capacity after the last drain, to see it grow.
-    table_capacity: usize,
-    heal: Heal,
-    /// Prometheus and OTLP: told of each connection's open, establishment and close.
-    export: Observer,
-}
-
-/// The pipeline's side of healing: tells subscribers of kernel-side losses, asks the heal
-/// thread for the kernel's socket list (after a loss, and to confirm suspects), and compares a
-/// list with the table once a whole drain began after the list was complete.
-struct Heal {
-    /// None when healing is off.
-    requests: Option<mpsc::SyncSender<()>>,
-    lists: Option<mpsc::Receiver<SocketList>>,
-    /// A list received at the end of the drain before.
-    received: Option<SocketList>,
-    /// The kernel counters when last checked, and when.
-    counters: capture::KernelCounters,
-    checked: Instant,
-    /// Heals asked for in a row only to confirm suspects, bounded so a table that never
-    /// settles costs one list per interval, not one a second.
-    confirming: u32,
-}
-
-/// How often the drain looks at the kernel's loss counters (a read of each program's fdinfo).
-const LOSS_CHECK: Duration = Duration::from_millis(250);
-/// At most one socket list per this, however many losses ask for one.
-const HEAL_SPACING: Duration = Duration::from_secs(1);
-const MAX_CONFIRMING: u32 = 5;
-
-impl Heal {
-    fn start(interval: Duration, netns: Option<u32>, stats: &AgentStats) -> Heal {
-        let mut heal = Heal {
-            requests: None,
-            lists: None,
-            received: None,
-            counters: stats.kernel.read(),
-            checked: Instant::now(),
-            confirming: 0,
-        };
-        if interval.is_zero() {
-            return heal;
-        }
-        let (requests, requested) = mpsc::sync_channel(1);
-        let (send_list, lists) = mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("heal".into())
-            .spawn(move || heal_thread(interval, netns, &requested, &send_list));
-        match spawned {
-            Ok(_) => (heal.requests, heal.lists) = (Some(requests), Some(lists)),
-            Err(err) => tracing::warn!("no healing of the connection table: {err}"),
-        }
-        heal
-    }
-
-    fn request(&self) {
-        if let Some(requests) = &self.requests {
-            // Full: a list is already asked for.
-            let _ = requests.try_send(());
-        }
-    }
-
-    /// Kernel-side losses since the last check, as (ring full, runs skipped), at most every
-    /// LOSS_CHECK.
-    fn kernel_losses(&mut self, stats: &AgentStats) -> Option<(u64, u64)> {
-        if self.checked.elapsed() < LOSS_CHECK {
-            return None;
-        }
-        self.checked = Instant::now();
-        let now = stats.kernel.read();
-        let before = std::mem::replace(&mut self.counters, now);
-        let lost = (
-            now.ring_full.saturating_sub(before.ring_full),
-            now.missed.saturating_sub(before.missed),
-        );
-        (lost != (0, 0)).then_some(lost)
-    }
-}
-
-/// Lists the kernel's sockets every `interval`, or sooner when asked, until the pipeline is
-/// gone. Its own thread: a list of 60,000 sockets takes tens of milliseconds, which the drain
-/// must not wait for.
-fn heal_thread(
-    interval: Duration,
-    netns: Option<u32>,
-    requested: &mpsc::Receiver<()>,
-    lists: &mpsc::SyncSender<SocketList>,
-) {
-    let mut diag = SockDiag::default();
-    let mut warned = false;
-    loop {
-        if let Err(mpsc::RecvTimeoutError::Disconnected) = requested.recv_timeout(interval) {
-            return;
-        }
-        let started = Instant::now();
-        let (list, errors) = diag.list(netns);
-        for err in &errors {
-            if !warned {
-                tracing::warn!("healing the connection table: {err}");
-            } else {
-                tracing::debug!("healing the connection table: {err}");
-            }
-        }
-        warned |= !errors.is_empty();
-        tracing::debug!(
-            "listed {} sockets in {} namespaces in {:?}",
-            list.sockets.len(),
-            list.netns.len(),
-            started.elapsed()
-        );
-        if lists.send(list).is_err() {
-            return;
-        }
-        std::thread::sleep(HEAL_SPACING.saturating_sub(started.elapsed()));
-    }
-}
-
-impl Pipeline {
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The keepalive sysctls of a namespace, read once per namespace through a process in it.
-    fn keepalive_defaults(&mut self, netns: u32, pid: u32) -> KeepaliveDefaults {
-        *self
-            .keepalive_defaults
-            .entry(netns)
-            .or_insert_with(|| capture::keepalive_defaults(pid).unwrap_or(KeepaliveDefaults::LINUX))
-    }
-}
-
-impl capture::Sink for Pipeline {
-    fn record(&mut self, record: Result<Record, DecodeError>) {
-        let record = match record {
-            Ok(record) => record,
-            Err(err) => {
-                self.stats.records_malformed.fetch_add(1, Ordering::Relaxed);
-                if !self.warned_malformed {
-                    self.warned_malformed = true;
-                    tracing::warn!("undecodable record from the kernel (counted in stats): {err}");
-                }
-                return;
-            }
-        };
-        self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
-        // With nobody subscribed, events are counted, not built (unless the replay is to hold
-        // them: --all-transitions). Decided per record: a Subscribe that returned sees every
-        // event of every record the agent reads after it.
-        self.events.unwatched = !self.keep_replay && !self.bus.has_subscribers();
-        match record {
-            Record::Transition(t) => {
-                let applied = self.table().apply(&t);
-                let c = &applied.connection;
-                if applied.opened {
-                    self.export.opened(c);
-                }
-                if t.new == TcpState::Established {
-                    if let Some(ns) = c.handshake_ns() {
-                        self.stats.established(ns);
-                    }
-                    self.export.established(c);
-                }
-                // A transition recorded while the kernel skipped its neighbours is not shown:
-                // no subscriber asked for state changes when it happened.
-                if t.all_recorded {
-                    self.events.state_change(&t, c);
-                }
-            }
-            Record::Retransmit(r) => {
-                let connection = self.table().retransmit(&r);
-                if let Some(c) = connection {
-                    self.events.retransmit(&r, &c);
-                }
-            }
-            Record::Reset(r) => {
-                let connection = self.table().reset(&r);
-                // A reset sent without a socket has no connection; a reset for a socket the
-                // agent never saw is reported bare too.
-                self.events.reset(&r, connection.as_ref());
-            }
-            Record::Keepalive(k) => {
-                let changes = self.table().keepalive_timer(&k);
-                if let Some((c, changes)) = changes {
-                    for change in changes.iter().flatten() {
-                        if let KeepaliveChange::ProbeSent { .. } = change {
-                            self.export.keepalive_probe();
-                        }
-                        self.events.keepalive(k.ts_ns, change, &c);
-                    }
-                }
-            }
-            Record::Accept(a) => {
-                // Changes the owner that later events carry; not an event of its own.
-                self.table().accepted(&a);
-            }
-            Record::SocketOption(o) => {
-                let defaults = self.keepalive_defaults(o.netns, o.task.pid);
-                let change = self.table().socket_option(&o, defaults);
-                if let Some((c, change)) = change {
-                    self.events.keepalive(o.ts_ns, &change, &c);
-                }
-            }
-        }
-    }
-
-    fn batch_done(&mut self) {
-        let mut closed = std::mem::take(&mut self.closed);
-        // Compared only now: this drain began after the list was complete, so the table has
-        // every CLOSE the kernel wrote before the list missed a socket.
-        let healed = self
-            .heal
-            .received
-            .take()
-            .map(|list| self.table().heal(&list));
-        if let Some(healed) = healed {
-            self.stats.healed(&healed);
-            if healed.pending && self.heal.confirming < MAX_CONFIRMING {
-                self.heal.confirming += 1;
-                self.heal.request();
-            } else if !healed.pending {
-                self.heal.confirming = 0;
-            }
-        }
-        let (long_lived_ns, table_capacity) = {
-            let mut table = self.table();
-            table.end_batch(&mut closed);
-            (table.peers.long_lived_ns(), table.capacity())
-        };
-        if table_capacity > self.table_capacity {
-            // The table doubled and freed its old slots: megabytes that glibc keeps resident in
-            // the heap (blocks that size come from it rather than from mmap once blocks as
-            // large were freed, as the BTF was at load). 4 MiB at 100,000 connections; at most
-            // once per doubling, and only once the old slots were worth it (a trim walks every
-            // arena under its lock, on this thread).
-            self.table_capacity = table_capacity;
-            if table_capacity >= 1 << 14 {
-                release_free_heap();
-            }
-        }
-        for connection in closed.drain(..) {
-            self.stats.closed(&connection);
-            self.export.closed(&connection);
-            self.events.closed(&connection, long_lived_ns);
-        }
-        self.closed = closed;
-        // The events counted, not built, came before any built in this drain: a subscriber
-        // arrived in between.
-        self.bus.skip(std::mem::take(&mut self.events.skipped));
-        self.bus.publish(&mut self.events.batch);
-        self.events.drain_done();
-        // After publishing: reading the kernel's counters (a file per program) must not delay
-        // this drain's events. A loss found here goes out with the next drain, at most one
-        // ring poll (100 ms) later.
-        if let Some((ring_full, skipped)) = self.heal.kernel_losses(&self.stats) {
-            self.events.kernel_lost(ring_full, skipped);
-            self.heal.request();
-        }
-        if let Some(list) = self.heal.lists.as_ref().and_then(|l| l.try_recv().ok()) {
-            self.heal.received = Some(list);
         }
     }
 }

@@ -1,0 +1,124 @@
+//! Healing's agent side: the thread that lists the kernel's sockets, and what the drain
+//! asks of it.
+use std::{
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    capture::{
+        self,
+        sockdiag::{SockDiag, SocketList},
+    },
+    stats::AgentStats,
+};
+
+/// The pipeline's side of healing: tells subscribers of kernel-side losses, asks the heal
+/// thread for the kernel's socket list (after a loss, and to confirm suspects), and compares a
+/// list with the table once a whole drain began after the list was complete.
+pub(super) struct Heal {
+    /// None when healing is off.
+    requests: Option<mpsc::SyncSender<()>>,
+    pub(super) lists: Option<mpsc::Receiver<SocketList>>,
+    /// A list received at the end of the drain before.
+    pub(super) received: Option<SocketList>,
+    /// The kernel counters when last checked, and when.
+    counters: capture::KernelCounters,
+    checked: Instant,
+    /// Heals asked for in a row only to confirm suspects, bounded so a table that never
+    /// settles costs one list per interval, not one a second.
+    pub(super) confirming: u32,
+}
+
+/// How often the drain looks at the kernel's loss counters (a read of each program's fdinfo).
+const LOSS_CHECK: Duration = Duration::from_millis(250);
+/// At most one socket list per this, however many losses ask for one.
+const HEAL_SPACING: Duration = Duration::from_secs(1);
+pub(super) const MAX_CONFIRMING: u32 = 5;
+
+impl Heal {
+    pub(super) fn start(interval: Duration, netns: Option<u32>, stats: &AgentStats) -> Heal {
+        let mut heal = Heal {
+            requests: None,
+            lists: None,
+            received: None,
+            counters: stats.kernel.read(),
+            checked: Instant::now(),
+            confirming: 0,
+        };
+        if interval.is_zero() {
+            return heal;
+        }
+        let (requests, requested) = mpsc::sync_channel(1);
+        let (send_list, lists) = mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("heal".into())
+            .spawn(move || heal_thread(interval, netns, &requested, &send_list));
+        match spawned {
+            Ok(_) => (heal.requests, heal.lists) = (Some(requests), Some(lists)),
+            Err(err) => tracing::warn!("no healing of the connection table: {err}"),
+        }
+        heal
+    }
+
+    pub(super) fn request(&self) {
+        if let Some(requests) = &self.requests {
+            // Full: a list is already asked for.
+            let _ = requests.try_send(());
+        }
+    }
+
+    /// Kernel-side losses since the last check, as (ring full, runs skipped), at most every
+    /// LOSS_CHECK.
+    pub(super) fn kernel_losses(&mut self, stats: &AgentStats) -> Option<(u64, u64)> {
+        if self.checked.elapsed() < LOSS_CHECK {
+            return None;
+        }
+        self.checked = Instant::now();
+        let now = stats.kernel.read();
+        let before = std::mem::replace(&mut self.counters, now);
+        let lost = (
+            now.ring_full.saturating_sub(before.ring_full),
+            now.missed.saturating_sub(before.missed),
+        );
+        (lost != (0, 0)).then_some(lost)
+    }
+}
+
+/// Lists the kernel's sockets every `interval`, or sooner when asked, until the pipeline is
+/// gone. Its own thread: a list of 60,000 sockets takes tens of milliseconds, which the drain
+/// must not wait for.
+fn heal_thread(
+    interval: Duration,
+    netns: Option<u32>,
+    requested: &mpsc::Receiver<()>,
+    lists: &mpsc::SyncSender<SocketList>,
+) {
+    let mut diag = SockDiag::default();
+    let mut warned = false;
+    loop {
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = requested.recv_timeout(interval) {
+            return;
+        }
+        let started = Instant::now();
+        let (list, errors) = diag.list(netns);
+        for err in &errors {
+            if !warned {
+                tracing::warn!("healing the connection table: {err}");
+            } else {
+                tracing::debug!("healing the connection table: {err}");
+            }
+        }
+        warned |= !errors.is_empty();
+        tracing::debug!(
+            "listed {} sockets in {} namespaces in {:?}",
+            list.sockets.len(),
+            list.netns.len(),
+            started.elapsed()
+        );
+        if lists.send(list).is_err() {
+            return;
+        }
+        std::thread::sleep(HEAL_SPACING.saturating_sub(started.elapsed()));
+    }
+}

@@ -1,0 +1,184 @@
+//! The drain's side of the agent: each record from the kernel through the table to the bus.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering},
+};
+
+use super::{
+    heal::{Heal, MAX_CONFIRMING},
+    release_free_heap,
+};
+use crate::{
+    bus::Bus,
+    capture::{self, DecodeError, Record},
+    event::Events,
+    export::Observer,
+    lifecycle::{Connection, KeepaliveChange, KeepaliveDefaults, Table},
+    model::TcpState,
+    stats::AgentStats,
+};
+
+/// Decodes records, updates the table and publishes the resulting events, one drain at a time.
+pub(super) struct Pipeline {
+    pub(super) table: Arc<Mutex<Table>>,
+    pub(super) bus: Arc<Bus>,
+    pub(super) stats: Arc<AgentStats>,
+    pub(super) events: Events,
+    /// Build events for the replay buffer even while nobody subscribes.
+    pub(super) keep_replay: bool,
+    /// Reused buffer for connections whose lives completed.
+    pub(super) closed: Vec<Connection>,
+    pub(super) keepalive_defaults: HashMap<u32, KeepaliveDefaults>,
+    pub(super) warned_malformed: bool,
+    /// The table's capacity after the last drain, to see it grow.
+    pub(super) table_capacity: usize,
+    pub(super) heal: Heal,
+    /// Prometheus and OTLP: told of each connection's open, establishment and close.
+    pub(super) export: Observer,
+}
+
+impl Pipeline {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The keepalive sysctls of a namespace, read once per namespace through a process in it.
+    fn keepalive_defaults(&mut self, netns: u32, pid: u32) -> KeepaliveDefaults {
+        *self
+            .keepalive_defaults
+            .entry(netns)
+            .or_insert_with(|| capture::keepalive_defaults(pid).unwrap_or(KeepaliveDefaults::LINUX))
+    }
+}
+
+impl capture::Sink for Pipeline {
+    fn record(&mut self, record: Result<Record, DecodeError>) {
+        let record = match record {
+            Ok(record) => record,
+            Err(err) => {
+                self.stats.records_malformed.fetch_add(1, Ordering::Relaxed);
+                if !self.warned_malformed {
+                    self.warned_malformed = true;
+                    tracing::warn!("undecodable record from the kernel (counted in stats): {err}");
+                }
+                return;
+            }
+        };
+        self.stats.records_decoded.fetch_add(1, Ordering::Relaxed);
+        // With nobody subscribed, events are counted, not built (unless the replay is to hold
+        // them: --all-transitions). Decided per record: a Subscribe that returned sees every
+        // event of every record the agent reads after it.
+        self.events.unwatched = !self.keep_replay && !self.bus.has_subscribers();
+        match record {
+            Record::Transition(t) => {
+                let applied = self.table().apply(&t);
+                let c = &applied.connection;
+                if applied.opened {
+                    self.export.opened(c);
+                }
+                if t.new == TcpState::Established {
+                    if let Some(ns) = c.handshake_ns() {
+                        self.stats.established(ns);
+                    }
+                    self.export.established(c);
+                }
+                // A transition recorded while the kernel skipped its neighbours is not shown:
+                // no subscriber asked for state changes when it happened.
+                if t.all_recorded {
+                    self.events.state_change(&t, c);
+                }
+            }
+            Record::Retransmit(r) => {
+                let connection = self.table().retransmit(&r);
+                if let Some(c) = connection {
+                    self.events.retransmit(&r, &c);
+                }
+            }
+            Record::Reset(r) => {
+                let connection = self.table().reset(&r);
+                // A reset sent without a socket has no connection; a reset for a socket the
+                // agent never saw is reported bare too.
+                self.events.reset(&r, connection.as_ref());
+            }
+            Record::Keepalive(k) => {
+                let changes = self.table().keepalive_timer(&k);
+                if let Some((c, changes)) = changes {
+                    for change in changes.iter().flatten() {
+                        if let KeepaliveChange::ProbeSent { .. } = change {
+                            self.export.keepalive_probe();
+                        }
+                        self.events.keepalive(k.ts_ns, change, &c);
+                    }
+                }
+            }
+            Record::Accept(a) => {
+                // Changes the owner that later events carry; not an event of its own.
+                self.table().accepted(&a);
+            }
+            Record::SocketOption(o) => {
+                let defaults = self.keepalive_defaults(o.netns, o.task.pid);
+                let change = self.table().socket_option(&o, defaults);
+                if let Some((c, change)) = change {
+                    self.events.keepalive(o.ts_ns, &change, &c);
+                }
+            }
+        }
+    }
+
+    fn batch_done(&mut self) {
+        let mut closed = std::mem::take(&mut self.closed);
+        // Compared only now: this drain began after the list was complete, so the table has
+        // every CLOSE the kernel wrote before the list missed a socket.
+        let healed = self
+            .heal
+            .received
+            .take()
+            .map(|list| self.table().heal(&list));
+        if let Some(healed) = healed {
+            self.stats.healed(&healed);
+            if healed.pending && self.heal.confirming < MAX_CONFIRMING {
+                self.heal.confirming += 1;
+                self.heal.request();
+            } else if !healed.pending {
+                self.heal.confirming = 0;
+            }
+        }
+        let (long_lived_ns, table_capacity) = {
+            let mut table = self.table();
+            table.end_batch(&mut closed);
+            (table.peers.long_lived_ns(), table.capacity())
+        };
+        if table_capacity > self.table_capacity {
+            // The table doubled and freed its old slots: megabytes that glibc keeps resident in
+            // the heap (blocks that size come from it rather than from mmap once blocks as
+            // large were freed, as the BTF was at load). 4 MiB at 100,000 connections; at most
+            // once per doubling, and only once the old slots were worth it (a trim walks every
+            // arena under its lock, on this thread).
+            self.table_capacity = table_capacity;
+            if table_capacity >= 1 << 14 {
+                release_free_heap();
+            }
+        }
+        for connection in closed.drain(..) {
+            self.stats.closed(&connection);
+            self.export.closed(&connection);
+            self.events.closed(&connection, long_lived_ns);
+        }
+        self.closed = closed;
+        // The events counted, not built, came before any built in this drain: a subscriber
+        // arrived in between.
+        self.bus.skip(std::mem::take(&mut self.events.skipped));
+        self.bus.publish(&mut self.events.batch);
+        self.events.drain_done();
+        // After publishing: reading the kernel's counters (a file per program) must not delay
+        // this drain's events. A loss found here goes out with the next drain, at most one
+        // ring poll (100 ms) later.
+        if let Some((ring_full, skipped)) = self.heal.kernel_losses(&self.stats) {
+            self.events.kernel_lost(ring_full, skipped);
+            self.heal.request();
+        }
+        if let Some(list) = self.heal.lists.as_ref().and_then(|l| l.try_recv().ok()) {
+            self.heal.received = Some(list);
+        }
+    }
+}
