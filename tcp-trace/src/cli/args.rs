@@ -556,7 +556,10 @@ mod tests {
         assert!(agent(&["--max-peers", "1000001"]).is_err());
         assert!(agent(&["--subscriber-queue", "1048577"]).is_err());
         for mib in ["0", "4097"] {
-            assert!(agent(&["--subscriber-queue-mib", mib]).is_err(), "{mib} MiB");
+            assert!(
+                agent(&["--subscriber-queue-mib", mib]).is_err(),
+                "{mib} MiB"
+            );
         }
         let Command::Agent(small) =
             Cli::try_parse_from(["tcp-trace", "agent", "--subscriber-queue-mib", "16"])

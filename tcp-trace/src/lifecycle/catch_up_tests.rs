@@ -20,23 +20,11 @@ fn server(
     port: u16,
     all: bool,
 ) -> Transition {
-    Transition {
-        ts_ns: ts,
-        sock,
-        netns: NS,
-        old,
-        new,
-        local: SERVER.parse().unwrap(),
-        remote: SocketAddr::from(([127, 0, 0, 1], port)),
-        context: Context::Kernel,
-        cpu: 0,
-        error: 0,
-        srtt_us: 0,
-        total_retrans: 0,
-        bytes_acked: 0,
-        bytes_received: 0,
-        all_recorded: all,
-    }
+    let t = Transition::test(sock, ts, old, new).in_netns(NS).between(
+        SERVER.parse().unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    );
+    if all { t } else { t.quiet() }
 }
 
 fn dump(started_ns: u64, sockets: &[(TcpState, u16)]) -> SocketList {

@@ -121,6 +121,14 @@ impl Transition {
         }
     }
 
+    /// As a quiet kernel records it: not every transition of the socket is recorded.
+    pub(crate) fn quiet(self) -> Transition {
+        Transition {
+            all_recorded: false,
+            ..self
+        }
+    }
+
     /// `sk_err` at close.
     pub(crate) fn error(self, error: u32) -> Transition {
         Transition { error, ..self }
