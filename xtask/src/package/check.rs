@@ -465,7 +465,10 @@ fn expect_all_attached(lines: &[String]) -> Result<()> {
         "a hook is missing under the unit's capabilities: {text}"
     );
     ensure!(
-        text.contains("attached cgroup/setsockopt") && text.contains("attached timer:"),
+        text.contains("attached cgroup/setsockopt")
+            && lines
+                .iter()
+                .any(|l| l.contains("attached") && l.contains("timer_expire_entry")),
         "start-up lines: {text}"
     );
     Ok(())
