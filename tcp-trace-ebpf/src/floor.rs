@@ -23,11 +23,25 @@ pub fn floor_skip(ctx: BtfTracePointContext) -> u32 {
 /// record of the state program's size reserved, written and submitted with its wake-up policy.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn floor_record(ctx: BtfTracePointContext) -> u32 {
-    if wanted(ctx.arg::<i32>(2) as u8).is_none() {
-        return 0;
+    if wanted(ctx.arg::<i32>(2) as u8).is_some() {
+        empty_record(ctx.arg(0));
     }
+    0
+}
+
+/// Like [`floor_record`] for every transition, the switch not read: the cost of a record when
+/// every run writes one.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_record_all(ctx: BtfTracePointContext) -> u32 {
+    empty_record(ctx.arg(0));
+    0
+}
+
+/// An all-zero state record but for its header, through the agent's ring.
+#[inline(always)]
+fn empty_record(sock: u64) {
     let Some(mut entry) = maps::reserve::<StateChange>() else {
-        return 0;
+        return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: StateChange is plain old data; all zeroes is a valid value.
@@ -36,9 +50,29 @@ pub fn floor_record(ctx: BtfTracePointContext) -> u32 {
         kind: kind::STATE_CHANGE,
         cpu: 0,
         ts_ns: now,
-        sock: ctx.arg(0),
+        sock,
     };
     entry.write(record);
+    maps::submit(entry, now);
+}
+
+/// Like [`floor_record`] with a record of the header alone (24 bytes, against the state
+/// record's 136): what a record costs apart from its size.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_record_small(ctx: BtfTracePointContext) -> u32 {
+    if wanted(ctx.arg::<i32>(2) as u8).is_none() {
+        return 0;
+    }
+    let Some(mut entry) = maps::reserve::<Header>() else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    entry.write(Header {
+        kind: kind::STATE_CHANGE,
+        cpu: 0,
+        ts_ns: now,
+        sock: ctx.arg(0),
+    });
     maps::submit(entry, now);
     0
 }

@@ -30,13 +30,19 @@ pub enum FloorProgram {
     Skip,
     /// The switch, then a record of the state program's size reserved, written, submitted.
     Record,
+    /// A record of that size for every transition, the switch not read.
+    RecordAll,
+    /// The switch, then a record of the header alone.
+    RecordSmall,
 }
 
 impl FloorProgram {
-    pub const ALL: [FloorProgram; 3] = [
+    pub const ALL: [FloorProgram; 5] = [
         FloorProgram::Empty,
         FloorProgram::Skip,
         FloorProgram::Record,
+        FloorProgram::RecordAll,
+        FloorProgram::RecordSmall,
     ];
 
     /// The program's name in the object.
@@ -45,6 +51,8 @@ impl FloorProgram {
             FloorProgram::Empty => "floor_empty",
             FloorProgram::Skip => "floor_skip",
             FloorProgram::Record => "floor_record",
+            FloorProgram::RecordAll => "floor_record_all",
+            FloorProgram::RecordSmall => "floor_record_small",
         }
     }
 
@@ -53,6 +61,8 @@ impl FloorProgram {
             FloorProgram::Empty => "floor: empty tp_btf program",
             FloorProgram::Skip => "floor: switch only, no record",
             FloorProgram::Record => "floor: switch and an empty record",
+            FloorProgram::RecordAll => "floor: an empty record every run",
+            FloorProgram::RecordSmall => "floor: switch and a header-only record",
         }
     }
 }
