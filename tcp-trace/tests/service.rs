@@ -1199,7 +1199,7 @@ async fn memory_per_idle_subscriber_and_per_replay_slot_stays_small() {
     let subscribed = settle_rss(plain.pid()).await;
     let per_subscriber = subscribed.saturating_sub(base) as f64 * 1024.0 / SUBSCRIBERS as f64;
     drop((streams, channels));
-    let _ = plain_settled(&mut client, 0).await;
+    let _ = support::agent::wait_for_subscribers(&mut client, 0).await;
 
     // A full replay buffer. A first connection makes the per-batch buffers of both agents
     // exist before the baseline.
@@ -1245,28 +1245,4 @@ async fn memory_per_idle_subscriber_and_per_replay_slot_stays_small() {
         "{per_subscriber} B per idle subscriber"
     );
     assert!(per_slot < 4096.0, "{per_slot} B per replay slot");
-}
-
-/// Waits until the agent counts `n` subscribers.
-async fn plain_settled(
-    client: &mut tcp_trace::proto::tcp_trace_client::TcpTraceClient<tonic::transport::Channel>,
-    n: u32,
-) -> proto::Stats {
-    let until = tokio::time::Instant::now() + 10 * SECOND;
-    loop {
-        let stats = client
-            .get_stats(proto::GetStatsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if stats.subscribers == n {
-            return stats;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{} subscribers",
-            stats.subscribers
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -127,18 +127,7 @@ async fn watch_json_into_a_file_follows_a_server_taking_12000_connections_a_seco
         .expect("the tcp-trace binary runs");
     let mut watch = Running(watch);
     // Subscribed once the agent counts it (the test's own client does not subscribe).
-    let until = Instant::now() + Duration::from_secs(10);
-    while client
-        .get_stats(proto::GetStatsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .subscribers
-        == 0
-    {
-        assert!(Instant::now() < until, "watch did not subscribe");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    support::agent::wait_for_subscribers(&mut client, 1).await;
 
     let before = ns.snmp();
     let started = Instant::now();

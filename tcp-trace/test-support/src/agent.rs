@@ -93,19 +93,7 @@ impl TestAgent {
     /// Waits until the agent counts exactly `n` subscribers (a dropped stream is noticed by the
     /// server a moment later).
     pub async fn wait_for_subscribers(&mut self, n: u32) -> proto::Stats {
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let stats = self.stats().await;
-            if stats.subscribers == n {
-                return stats;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "{} subscribers, expected {n}",
-                stats.subscribers
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_subscribers(&mut self.client, n).await
     }
 
     pub async fn stats(&mut self) -> proto::Stats {
@@ -263,4 +251,26 @@ pub fn cli(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// Waits (up to 10 s, then panics) until the agent behind `client` counts `n` subscribers;
+/// returns its stats then.
+pub async fn wait_for_subscribers(client: &mut TcpTraceClient<Channel>, n: u32) -> proto::Stats {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = client
+            .get_stats(proto::GetStatsRequest {})
+            .await
+            .expect("GetStats")
+            .into_inner();
+        if stats.subscribers == n {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{} subscribers, expected {n}",
+            stats.subscribers
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
