@@ -12,6 +12,9 @@ use crate::{
     proto,
 };
 
+/// The hooks the kernel's skips are counted by (/metrics `tcptrace_kernel_runs_missed_total`).
+pub use crate::capture::HOOKS;
+
 pub struct AgentStats {
     pub records_decoded: AtomicU64,
     pub records_malformed: AtomicU64,
@@ -88,6 +91,12 @@ impl AgentStats {
             kernel_ring_full: kernel.ring_full,
             kernel_filtered: kernel.filtered,
             kernel_missed: kernel.missed,
+            kernel_missed_by_program: self
+                .kernel
+                .missed_by_program()
+                .into_iter()
+                .map(|(name, n)| (name.to_owned(), n))
+                .collect(),
             records_decoded: self.records_decoded.load(Ordering::Relaxed),
             records_malformed: self.records_malformed.load(Ordering::Relaxed),
             subscribers: u32::try_from(bus.subscribers.len()).unwrap_or(u32::MAX),

@@ -6,7 +6,14 @@
 //! it would run, and the kernel only counts the skip. Here bpftrace on `raw_syscalls:sys_enter`
 //! stands in for the neighbour, a real server (redis, `redis-benchmark -k 0`) churns 100,000
 //! connections, and keepalive probes go out all along; the agent must report exactly what the
-//! namespace's own counters say, and no skipped run.
+//! namespace's own counters say.
+//!
+//! The agent's state and timer programs are BTF tracepoints, whose guard is per program: the
+//! neighbour cannot make them skip. The kernel still skips a run when the same program is
+//! already running on that CPU (an interrupt's softirq changing another socket's state in the
+//! middle of a run); such skips are rare, counted, and reported by hook. So each count must
+//! equal the kernel's, short by no more than the skips the agent reported for the hook that
+//! records it: no loss goes unreported, and nothing is counted twice.
 mod support;
 
 use std::{
@@ -21,6 +28,7 @@ use support::{
     NetNs, http_get,
     process::{AgentProcess, KillOnDrop, optimised_binary},
 };
+use tcp_trace::proto;
 
 const REDIS_PORT: u16 = 6379;
 const REQUESTS: &str = "100000";
@@ -143,7 +151,7 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
     let binary = optimised_binary(env!("CARGO_BIN_EXE_tcp-trace"));
     let metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     // No subscriber: the always-on mode, read as an operator reads it, from /metrics.
-    let (agent, _client) = AgentProcess::start(
+    let (agent, mut client) = AgentProcess::start(
         &binary,
         &std::env::temp_dir(),
         "cotenant",
@@ -201,7 +209,8 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
         delta = ns.snmp().delta(&before);
         now = metrics();
         let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
-        if sum(&now, closed) - sum(&at_start, closed) >= opens || Instant::now() > until {
+        let seen = sum(&now, closed) - sum(&at_start, closed) + skipped(&now, "state");
+        if seen >= opens || Instant::now() > until {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -210,6 +219,8 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
     tokio::time::sleep(Duration::from_millis(500)).await;
     let delta = ns.snmp().delta(&before);
     let now = metrics();
+    let stats = client.get_stats(proto::GetStatsRequest {}).await.unwrap();
+    let stats = stats.into_inner();
     agent.stop(true).unwrap();
 
     let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
@@ -219,15 +230,38 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
         let labels = format!("stage=\"{stage}\"");
         sample(&now, "tcptrace_events_lost_total", &labels)
     };
-    assert_eq!(
-        (lost("kernel_missed"), lost("kernel_ring")),
-        (0, 0),
-        "no program run skipped, no record dropped"
+    let skips = |hook| skipped(&now, hook) - skipped(&at_start, hook);
+    eprintln!(
+        "runs skipped by program: {:?}; hooks: {:?}; missing: {:?}",
+        stats.kernel_missed_by_program, stats.hooks_attached, stats.hooks_missing
+    );
+    assert_eq!(lost("kernel_ring"), 0, "no record dropped");
+    assert!(
+        lost("kernel_missed") <= opens / 1_000,
+        "runs skipped are rare: {}",
+        lost("kernel_missed")
     );
     assert!(grown(probes) >= 2 * PROBED as i64, "{}", grown(probes));
-    assert_eq!(
-        (grown(opened), grown(closed), grown(probes)),
-        (opens, opens, delta.get("TcpExt:TCPKeepAlive")),
-        "opens, closes and keepalive probes as the namespace's counters"
+    let kernel = (opens, opens, delta.get("TcpExt:TCPKeepAlive"));
+    let agent = (grown(opened), grown(closed), grown(probes));
+    let unreported =
+        |kernel: i64, agent: i64, skipped: i64| !(0..=skipped).contains(&(kernel - agent));
+    assert!(
+        !unreported(kernel.0, agent.0, skips("state"))
+            && !unreported(kernel.1, agent.1, skips("state"))
+            && !unreported(kernel.2, agent.2, skips("keepalive")),
+        "opens, closes and keepalive probes {agent:?} as the namespace's counters {kernel:?}, \
+         short by no more than the runs skipped (state {}, keepalive {})",
+        skips("state"),
+        skips("keepalive")
     );
+}
+
+/// The kernel's skips of one hook's programs, from /metrics.
+fn skipped(metrics: &str, hook: &str) -> i64 {
+    sample(
+        metrics,
+        "tcptrace_kernel_runs_missed_total",
+        &format!("hook=\"{hook}\""),
+    )
 }

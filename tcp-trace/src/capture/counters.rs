@@ -23,12 +23,12 @@ pub struct KernelCounters {
 #[derive(Clone)]
 pub struct KernelCounterReader {
     map: Arc<Mutex<PerCpuArray<MapData, u64>>>,
-    /// Duplicates of the attached programs' fds, for their fdinfo.
-    programs: Arc<Vec<OwnedFd>>,
+    /// The programs' names, and duplicates of their fds for their fdinfo.
+    programs: Arc<Vec<(&'static str, OwnedFd)>>,
 }
 
 impl KernelCounterReader {
-    pub fn new(map: PerCpuArray<MapData, u64>, programs: Vec<OwnedFd>) -> Self {
+    pub fn new(map: PerCpuArray<MapData, u64>, programs: Vec<(&'static str, OwnedFd)>) -> Self {
         KernelCounterReader {
             map: Arc::new(Mutex::new(map)),
             programs: Arc::new(programs),
@@ -44,10 +44,51 @@ impl KernelCounterReader {
             missed: self
                 .programs
                 .iter()
-                .map(|fd| recursion_misses(fd.as_raw_fd()))
+                .map(|(_, fd)| recursion_misses(fd.as_raw_fd()))
                 .sum(),
         }
     }
+
+    /// The kernel's skips summed by hook, in [`HOOKS`] order.
+    pub fn missed_by_hook(&self) -> [(&'static str, u64); HOOKS.len()] {
+        let mut missed = HOOKS.map(|hook| (hook, 0));
+        for (name, n) in self.missed_by_program() {
+            missed[hook_of(name)].1 += n;
+        }
+        missed
+    }
+
+    /// The kernel's skips of each program, by the program's name (every loaded program, in
+    /// name order): which hook lost runs tells which records are missing.
+    pub fn missed_by_program(&self) -> Vec<(&'static str, u64)> {
+        let mut missed: Vec<_> = self
+            .programs
+            .iter()
+            .map(|(name, fd)| (*name, recursion_misses(fd.as_raw_fd())))
+            .collect();
+        missed.sort_unstable();
+        missed
+    }
+}
+
+/// The hooks, as operators ask about them: what a skipped run of each loses (the state
+/// transitions; retransmits and resets; who accepted; keepalive probes; keepalive settings).
+pub const HOOKS: [&str; 5] = ["state", "tcp", "accept", "keepalive", "setsockopt"];
+
+/// The hook a program (by its name in the eBPF object) belongs to, as an index into [`HOOKS`].
+fn hook_of(program: &str) -> usize {
+    let hook = if program.starts_with("inet_sock_set_state") || program.starts_with("floor_") {
+        "state"
+    } else if program.starts_with("tcp_") {
+        "tcp"
+    } else if program.starts_with("sys_exit_accept") {
+        "accept"
+    } else if program.starts_with("timer_expire") {
+        "keepalive"
+    } else {
+        "setsockopt"
+    };
+    HOOKS.iter().position(|h| *h == hook).unwrap_or(0)
 }
 
 /// How often the kernel skipped a program because another BPF tracing program was already

@@ -22,7 +22,7 @@ use aya::{
 };
 use tcp_trace_common::{globals, switch};
 
-pub use counters::{KernelCounterReader, KernelCounters};
+pub use counters::{HOOKS, KernelCounterReader, KernelCounters};
 pub use decode::{DecodeError, Record};
 
 use crate::model::{Context, TcpState};
@@ -239,9 +239,13 @@ impl Capture {
             .expect("the object defines SWITCHES");
         let switches =
             Array::try_from(switches).map_err(|err| CaptureError::Map("SWITCHES", err))?;
+        // The names live as long as the agent: a dozen short strings, leaked once per load.
         let programs = ebpf
             .programs()
-            .filter_map(|(_, program)| program.fd().ok()?.as_fd().try_clone_to_owned().ok())
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?.as_fd().try_clone_to_owned().ok()?;
+                Some((&*Box::leak(name.into()), fd))
+            })
             .collect();
         let counters = KernelCounterReader::new(counters, programs);
         Ok(Capture {

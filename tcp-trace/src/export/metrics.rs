@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::{
     lifecycle::{Cause, Closer, Connection, Direction},
     model::TcpState,
-    stats::{DURATION_BOUNDS_NS, Histogram},
+    stats::{DURATION_BOUNDS_NS, HOOKS, Histogram},
 };
 
 /// Handshake buckets: below 1 s for handshakes without a retransmitted SYN, then one bucket
@@ -86,6 +86,7 @@ pub const MAX_SERIES: usize = OPENED.len() // opened
     + 2 // keepalive probes and dead peers
     + CLOSED.len() * TcpState::ALL.len() // live
     + LOSS_STAGES.len()
+    + HOOKS.len() // runs missed
     + 1; // build info
 
 pub(super) fn cause_name(c: Cause) -> &'static str {
@@ -227,6 +228,8 @@ pub struct Live {
     pub connections: [[u64; TcpState::ALL.len()]; CLOSED.len()],
     /// Losses by stage, in [`LOSS_STAGES`] order.
     pub lost: [u64; LOSS_STAGES.len()],
+    /// The kernel's skips of the programs (`kernel_missed`) by hook.
+    pub missed_by_hook: [(&'static str, u64); HOOKS.len()],
 }
 
 impl Live {
@@ -459,6 +462,16 @@ impl Metrics {
                     .zip(live.lost)
                     .map(|(&stage, n)| (vec![("stage", stage)], n)),
             ),
+            counter(
+                "tcptrace_kernel_runs_missed",
+                "Runs of the agent's programs the kernel skipped (stage kernel_missed), by hook: \
+                 state transitions, tcp retransmits and resets, accept, keepalive timers. A skip \
+                 happens when the program, or for the classic tracepoints any tracing program, \
+                 was already running on that CPU.",
+                live.missed_by_hook
+                    .iter()
+                    .map(|&(hook, n)| (vec![("hook", hook)], n)),
+            ),
             Family {
                 name: "tcptrace_build",
                 help: "The agent's version.",
@@ -512,6 +525,7 @@ mod tests {
         let live = Live {
             connections: [[1; TcpState::ALL.len()]; CLOSED.len()],
             lost: [1; LOSS_STAGES.len()],
+            missed_by_hook: HOOKS.map(|hook| (hook, 1)),
         };
         let series: usize = metrics.families(&live).iter().map(|f| f.points.len()).sum();
         assert_eq!(series, MAX_SERIES);

@@ -111,6 +111,7 @@ impl Sources {
             table_full,
             self.otlp_lost.load(Ordering::Relaxed),
         ];
+        live.missed_by_hook = self.stats.kernel.missed_by_hook();
         self.metrics.families(&live)
     }
 }

@@ -47,7 +47,7 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("kernel records", s.kernel_records.to_string());
     row("kernel ring full (lost)", s.kernel_ring_full.to_string());
     row("kernel filtered (--netns)", s.kernel_filtered.to_string());
-    row("kernel missed (nested BPF)", s.kernel_missed.to_string());
+    row("kernel missed (nested BPF)", missed(s));
     row("records decoded", s.records_decoded.to_string());
     row("records malformed", s.records_malformed.to_string());
     row("live connections", s.live_connections.to_string());
@@ -165,4 +165,20 @@ pub fn subscribers_table(subs: &[proto::SubscriberStats]) -> String {
         );
     }
     out
+}
+
+/// The kernel's skips, and which programs they were (sorted by name; programs never skipped are
+/// left out).
+fn missed(s: &proto::Stats) -> String {
+    let mut by: Vec<_> = s
+        .kernel_missed_by_program
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .collect();
+    by.sort_unstable();
+    if by.is_empty() {
+        return s.kernel_missed.to_string();
+    }
+    let by: Vec<_> = by.iter().map(|(name, n)| format!("{name} {n}")).collect();
+    format!("{} ({})", s.kernel_missed, by.join(", "))
 }
