@@ -18,7 +18,7 @@ use support::{NetNs, Roundtrip, agent::TestAgent, http_get, roundtrips};
 use tcp_trace::{
     agent::AgentConfig,
     capture::CaptureConfig,
-    export::{ExportConfig, OtlpConfig},
+    export::{ExportConfig, OtlpConfig, OtlpLogs},
 };
 
 fn free_port() -> u16 {
@@ -444,6 +444,45 @@ async fn otlp_receiver_gets_one_log_record_per_connection_end() {
     ] {
         assert!(last.get(name).is_some(), "{name} in {last}");
     }
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_logs_failures_exports_the_failed_connections_only() {
+    let ns = NetNs::new("otlpfail");
+    let port = free_port();
+    let receiver = Receiver::start(port);
+    let mut export = otlp_config(port, 8192);
+    if let Some(otlp) = &mut export.otlp {
+        otlp.logs = OtlpLogs::Failures;
+    }
+    let agent = TestAgent::start_with(config(&ns, export)).await;
+    // Twenty orderly ends, three refused connections.
+    let trips = workload(&ns, 10, 3);
+    let (mut logs, mut metrics) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while logs.len() < 3 || metrics.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 3 log records: {logs:?}",
+            logs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        receiver.take(&mut logs, &mut metrics);
+    }
+    // The orderly ends closed before the refusals: anything extra would be in by now, or
+    // within a batch's linger.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    receiver.take(&mut logs, &mut metrics);
+    let causes: Vec<&Value> = logs
+        .iter()
+        .map(|r| attribute(r, "tcptrace.close.cause"))
+        .collect();
+    assert_eq!(causes, ["refused"; 3], "{logs:#?}");
+    // The metrics still count every connection.
+    let last = &metrics.last().expect("a metrics export")["points"];
+    let opened = &last["tcptrace_connections_opened{direction=passive}"];
+    assert_eq!(opened.as_u64(), Some(trips.len() as u64), "{last}");
     agent.shutdown().await;
 }
 

@@ -1,9 +1,10 @@
 //! The `export` phase: what Prometheus scraping and OTLP export add to the agent's CPU at full
-//! churn (the target is at most 1%). Paired rounds of two agents, each tracing only the
-//! bench namespace with no subscriber: one exporting nothing, one serving `--metrics` (scraped
-//! every second, as Prometheus would) and exporting to an OTLP/gRPC receiver on loopback. The
-//! receiver is this process, with the official protos' generated server: it counts the log
-//! records and drops them, so the export's cost is the agent's alone.
+//! churn (the target is at most 1%). Paired rounds of three agents, each tracing only the
+//! bench namespace with no subscriber: one exporting nothing; one serving `--metrics` (scraped
+//! every second, as Prometheus would) and sending the metrics over OTLP (`--otlp-logs none`);
+//! one doing that and sending a log record per connection end (`--otlp-logs all`, the
+//! default). The receiver is this process, with the official protos' generated server: it
+//! counts the log records and drops them, so the export's cost is the agent's alone.
 //!
 //! With `TCP_TRACE_BENCH_EXPORT_BASELINE=<another tcp-trace binary>`, every round runs that
 //! agent's pair too, for a before/after figure measured side by side.
@@ -38,12 +39,42 @@ use crate::{
     workload::{self, ChurnSpec, TcpCounters},
 };
 
+/// What an agent exports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Export {
+    Off,
+    /// `--metrics` scraped every second, and the metrics over OTLP.
+    Metrics,
+    /// That, and a log record per connection end.
+    Logs,
+}
+
+impl Export {
+    const ALL: [Export; 3] = [Export::Off, Export::Metrics, Export::Logs];
+
+    fn label(self) -> &'static str {
+        match self {
+            Export::Off => "no export",
+            Export::Metrics => "--metrics + OTLP metrics",
+            Export::Logs => "--metrics + OTLP metrics + logs",
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Export::Off => "off",
+            Export::Metrics => "metrics",
+            Export::Logs => "logs",
+        }
+    }
+}
+
 /// One run of one variant.
 #[derive(Clone, Debug)]
 pub struct ExportRun {
     /// Which agent binary: "current", or "baseline".
     pub agent: &'static str,
-    pub exporting: bool,
+    pub export: Export,
     pub round: usize,
     /// Connections the kernel counted (ActiveOpens).
     pub connections: u64,
@@ -102,18 +133,18 @@ pub async fn export_cost(opts: &Options) -> Result<Vec<ExportRun>> {
     if let Some(baseline) = std::env::var_os("TCP_TRACE_BENCH_EXPORT_BASELINE") {
         agents.push(("baseline", baseline.into()));
     }
-    let variants: Vec<(&'static str, &Path, bool)> = agents
+    let variants: Vec<(&'static str, &Path, Export)> = agents
         .iter()
-        .flat_map(|(name, exe)| [(*name, exe.as_path(), false), (*name, exe.as_path(), true)])
+        .flat_map(|(name, exe)| Export::ALL.map(|export| (*name, exe.as_path(), export)))
         .collect();
     let mut runs = Vec::new();
     for round in 0..opts.rounds {
         for i in 0..variants.len() {
-            let (agent, exe, exporting) = variants[(i + round) % variants.len()];
-            let run = run_once(opts, agent, exe, round, exporting).await?;
+            let (agent, exe, export) = variants[(i + round) % variants.len()];
+            let run = run_once(opts, agent, exe, round, export).await?;
             eprintln!(
-                "bench: export round {round}: {agent:<8} {:<16} {:>8} connections, {:.2} agent CPU-s per million, {} records, {} scrapes, {} lost",
-                label(exporting),
+                "bench: export round {round}: {agent:<8} {:<31} {:>8} connections, {:.2} agent CPU-s per million, {} records, {} scrapes, {} lost",
+                export.label(),
                 run.connections,
                 run.cpu_per_million(),
                 run.records,
@@ -123,19 +154,11 @@ pub async fn export_cost(opts: &Options) -> Result<Vec<ExportRun>> {
             runs.push(run);
         }
     }
-    let table = render(&runs);
+    let table = render(&runs) + &encode_floor::render(&encode_floor::measure());
     eprintln!("{table}");
     let path = opts.out_dir.join("export.md");
     std::fs::write(&path, &table).with_context(|| format!("write {}", path.display()))?;
     Ok(runs)
-}
-
-fn label(exporting: bool) -> &'static str {
-    if exporting {
-        "--metrics + OTLP"
-    } else {
-        "no export"
-    }
 }
 
 async fn run_once(
@@ -143,8 +166,9 @@ async fn run_once(
     agent: &'static str,
     exe: &Path,
     round: usize,
-    exporting: bool,
+    export: Export,
 ) -> Result<ExportRun> {
+    let exporting = export != Export::Off;
     let ns = NetNs::new("export");
     let receiver = Receiver::default();
     let stop = CancellationToken::new();
@@ -152,18 +176,21 @@ async fn run_once(
     let (metrics, otlp) = (free_addr()?, free_addr()?);
     let flags: Vec<String> = if exporting {
         serve_receiver(otlp, receiver.clone(), stop.clone()).await?;
+        let logs = if export == Export::Logs {
+            "all"
+        } else {
+            "none"
+        };
         vec![
             format!("--metrics={metrics}"),
             format!("--otlp-endpoint=http://{otlp}"),
+            format!("--otlp-logs={logs}"),
         ]
     } else {
         Vec::new()
     };
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let tag = format!(
-        "export-{round}-{agent}-{}",
-        if exporting { "on" } else { "off" }
-    );
+    let tag = format!("export-{round}-{agent}-{}", export.tag());
     let (process, _client) =
         AgentProcess::start(exe, &opts.out_dir, &tag, Some(ns.inode()), &flags).await?;
     let scrapes = Arc::new(AtomicU64::new(0));
@@ -186,7 +213,11 @@ async fn run_once(
     let connections = TcpCounters::read(&ns).since(&kernel_before).active_opens;
     // Both ends of every connection are exported: wait for them (a batch lingers 200 ms), for
     // as long in both variants.
-    let expected = 2 * connections;
+    let expected = if export == Export::Logs {
+        2 * connections
+    } else {
+        0
+    };
     let deadline = Instant::now() + Duration::from_secs(3);
     tokio::time::sleep(Duration::from_millis(300)).await;
     while exporting
@@ -206,7 +237,7 @@ async fn run_once(
     process.stop(!opts.quick)?;
     Ok(ExportRun {
         agent,
-        exporting,
+        export,
         round,
         connections,
         agent_cpu_s: after - before,
@@ -294,42 +325,47 @@ pub fn render(runs: &[ExportRun]) -> String {
     );
     let mut summary = String::new();
     for agent in ["current", "baseline"] {
-        let of = |exporting: bool| -> Vec<&ExportRun> {
+        let of = |export: Export| -> Vec<&ExportRun> {
             runs.iter()
-                .filter(|r| r.agent == agent && r.exporting == exporting)
+                .filter(|r| r.agent == agent && r.export == export)
                 .collect()
         };
-        let (off, on) = (of(false), of(true));
+        let off = of(Export::Off);
         if off.is_empty() {
             continue;
         }
-        for (exporting, runs) in [(false, &off), (true, &on)] {
+        for export in Export::ALL {
+            let runs = of(export);
             out.push_str(&format!(
                 "| {agent} | {} | {:.0} | {:.2} | {} | {} |\n",
-                label(exporting),
+                export.label(),
                 median(runs.iter().map(|r| r.connections as f64).collect()),
                 median(runs.iter().map(|r| r.cpu_per_million()).collect()),
                 runs.iter().map(|r| r.records).sum::<u64>(),
                 runs.iter().map(|r| r.lost).sum::<u64>(),
             ));
         }
-        let added: Vec<f64> = off
-            .iter()
-            .filter_map(|a| {
-                let b = on.iter().find(|b| b.round == a.round)?;
-                Some(100.0 * (b.cpu_per_million() / a.cpu_per_million() - 1.0))
-            })
-            .collect();
-        summary.push_str(&format!(
-            "\n{agent}: export adds {:.1}% of the agent's CPU (median of {} paired rounds; each: {}).\n",
-            median(added.clone()),
-            added.len(),
-            added
+        for export in [Export::Metrics, Export::Logs] {
+            let on = of(export);
+            let added: Vec<f64> = off
                 .iter()
-                .map(|a| format!("{a:+.1}%"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+                .filter_map(|a| {
+                    let b = on.iter().find(|b| b.round == a.round)?;
+                    Some(100.0 * (b.cpu_per_million() / a.cpu_per_million() - 1.0))
+                })
+                .collect();
+            summary.push_str(&format!(
+                "\n{agent}: {} adds {:.1}% of the agent's CPU (median of {} paired rounds; each: {}).\n",
+                export.label(),
+                median(added.clone()),
+                added.len(),
+                added
+                    .iter()
+                    .map(|a| format!("{a:+.1}%"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
     out + &summary
 }
@@ -348,4 +384,130 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
         }
     }
     Ok(ns as f64 * 1e-9)
+}
+
+/// The log export's floor: what encoding the log records alone costs, the agent's own encoder
+/// (`tcp_trace::export::LogEncoder`) on closed connections as the agent's table completes them
+/// (both ends of each: a client closing first, and its server), nothing sent.
+pub mod encode_floor {
+    use std::{
+        net::{IpAddr, Ipv4Addr, SocketAddr},
+        time::Instant,
+    };
+
+    use tcp_trace::{
+        export::LogEncoder,
+        lifecycle::{Connection, Peers, Table},
+        model::{Context, TcpState::*, Transition},
+    };
+
+    /// Closed connections per timed pass, and passes.
+    const CONNECTIONS: usize = 50_000;
+    const PASSES: usize = 7;
+
+    /// Nanoseconds per record of each pass, and the bytes of one record.
+    pub struct Floor {
+        pub ns_per_record: Vec<f64>,
+        pub bytes_per_record: f64,
+    }
+
+    fn closed_connections() -> Vec<Connection> {
+        let mut table = Table::new(2 * CONNECTIONS, Peers::new(16, 1_000_000_000));
+        let mut closed = Vec::with_capacity(2 * CONNECTIONS);
+        let ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+        for i in 0..CONNECTIONS {
+            let port = 1024 + (i % 60_000) as u16;
+            let (client, server) = (SocketAddr::new(ip, port), SocketAddr::new(ip, 6379));
+            let ts = i as u64 * 10_000;
+            let sock = 2 * i as u64 + 1;
+            let lives = [
+                (
+                    sock,
+                    client,
+                    server,
+                    [
+                        (Close, SynSent),
+                        (SynSent, Established),
+                        (Established, FinWait1),
+                        (FinWait1, FinWait2),
+                        (FinWait2, Close),
+                    ],
+                ),
+                (
+                    sock + 1,
+                    server,
+                    client,
+                    [
+                        (Listen, SynRecv),
+                        (SynRecv, Established),
+                        (Established, CloseWait),
+                        (CloseWait, LastAck),
+                        (LastAck, Close),
+                    ],
+                ),
+            ];
+            for (sock, local, remote, path) in lives {
+                for (step, (old, new)) in path.into_iter().enumerate() {
+                    let applied = table.apply(&Transition {
+                        ts_ns: ts + step as u64 * 1_000,
+                        sock,
+                        netns: 1,
+                        old,
+                        new,
+                        local,
+                        remote,
+                        context: Context::Kernel,
+                        cpu: 0,
+                        error: 0,
+                        srtt_us: 50,
+                        total_retrans: 0,
+                        bytes_acked: 7,
+                        bytes_received: 7,
+                        all_recorded: true,
+                    });
+                    if applied.closed {
+                        closed.push(applied.connection);
+                    }
+                }
+            }
+        }
+        closed
+    }
+
+    pub fn measure() -> Floor {
+        let connections = closed_connections();
+        let mut encoder = LogEncoder::default();
+        let mut ns_per_record = Vec::with_capacity(PASSES);
+        let mut bytes = 0;
+        for _ in 0..PASSES {
+            encoder.out.clear();
+            let began = Instant::now();
+            for c in &connections {
+                encoder.encode(c);
+            }
+            let elapsed = began.elapsed();
+            bytes = encoder.out.len();
+            ns_per_record.push(elapsed.as_nanos() as f64 / connections.len() as f64);
+        }
+        Floor {
+            ns_per_record,
+            bytes_per_record: bytes as f64 / connections.len().max(1) as f64,
+        }
+    }
+
+    pub fn render(floor: &Floor) -> String {
+        let mut sorted = floor.ns_per_record.clone();
+        sorted.sort_by(f64::total_cmp);
+        format!(
+            "\nFloor of the log export (the agent's encoder alone, nothing sent, {} records per \
+             pass, {} passes): median {:.0} ns per record (min {:.0}, max {:.0}), {:.0} bytes \
+             per record.\n",
+            2 * CONNECTIONS,
+            sorted.len(),
+            sorted[sorted.len() / 2],
+            sorted[0],
+            sorted[sorted.len() - 1],
+            floor.bytes_per_record,
+        )
+    }
 }

@@ -8,7 +8,7 @@ use crate::{
     api::{Access, Limits, ListenAddr, TlsFiles},
     capture::CaptureConfig,
     client::{ClientTls, ConnectOptions},
-    export::{ExportConfig, OtlpConfig},
+    export::{ExportConfig, OtlpConfig, OtlpLogs},
     filter::Cidr,
     model::TcpState,
     proto,
@@ -126,6 +126,11 @@ pub struct AgentArgs {
     /// dropped and counted (tcptrace_events_lost_total{stage="otlp"}).
     #[arg(long, value_name = "N", default_value_t = OtlpConfig::default().queue as u64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub otlp_queue: u64,
+    /// Which closed connections --otlp-endpoint exports as log records: all, failures (refused,
+    /// reset, timed out, unreachable, dead peer) or none (metrics only). A record costs the
+    /// agent about as much as tracing the connection did.
+    #[arg(long, value_name = "WHICH", value_enum, default_value_t = Logs::All, requires = "otlp_endpoint")]
+    pub otlp_logs: Logs,
 }
 
 /// The agent's defaults, declared once in the library ([`AgentConfig::default`]): the flags
@@ -172,11 +177,27 @@ impl AgentArgs {
                 otlp: self.otlp_endpoint.as_ref().map(|endpoint| OtlpConfig {
                     endpoint: endpoint.clone(),
                     queue: self.otlp_queue as usize,
+                    logs: match self.otlp_logs {
+                        Logs::All => OtlpLogs::All,
+                        Logs::Failures => OtlpLogs::Failures,
+                        Logs::None => OtlpLogs::None,
+                    },
                     ..OtlpConfig::default()
                 }),
             },
         }
     }
+}
+
+/// `--otlp-logs`: which closed connections become OTLP log records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Logs {
+    /// Every connection's end.
+    All,
+    /// Only failed connections: refused, reset, timed out, unreachable, dead peer.
+    Failures,
+    /// None: OTLP carries the metrics only.
+    None,
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {

@@ -57,6 +57,11 @@ const CLOSERS: [Closer; 4] = [
     Closer::Simultaneous,
     Closer::None,
 ];
+/// Whether a connection that ended this way failed (`tcptrace_connection_failures_total`).
+pub(super) fn is_failure(cause: Cause) -> bool {
+    FAILURES.iter().any(|&(x, _)| x == cause)
+}
+
 /// Failures, in the words of the OpenTelemetry drafts for TCP where they have one.
 const FAILURES: [(Cause, &str); 7] = [
     (Cause::Refused, "refused"),

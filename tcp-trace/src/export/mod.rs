@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
-pub use otlp::OtlpConfig;
+pub use otlp::{LogEncoder, Logs as OtlpLogs, OtlpConfig};
 
 use crate::{bus::Bus, lifecycle::Connection, lifecycle::Table, stats::AgentStats};
 use metrics::{Family, Live};
@@ -57,6 +57,7 @@ pub enum ExportError {
 pub struct Observer {
     metrics: Arc<Metrics>,
     otlp: Option<otlp::Queue>,
+    logs: otlp::Logs,
 }
 
 impl Observer {
@@ -74,9 +75,14 @@ impl Observer {
 
     pub fn closed(&self, c: &Connection) {
         self.metrics.closed(c);
-        // A log record per connection: a listener closing is not one.
+        // A log record per connection (a listener closing is not one), or per failed one.
         if let Some(otlp) = &self.otlp
             && c.direction != crate::lifecycle::Direction::Listen
+            && match self.logs {
+                otlp::Logs::All => true,
+                otlp::Logs::Failures => metrics::is_failure(c.cause()),
+                otlp::Logs::None => false,
+            }
         {
             otlp.push(c);
         }
@@ -144,6 +150,7 @@ pub async fn start(
     let mut observer = Observer {
         metrics: Arc::clone(&sources.metrics),
         otlp: None,
+        logs: otlp::Logs::None,
     };
     let mut metrics_addr = None;
     if let Some(addr) = config.metrics {
@@ -159,7 +166,7 @@ pub async fn start(
     }
     if let Some(otlp) = &config.otlp {
         let (queue, exporter) = otlp::start(otlp, Arc::clone(&sources), otlp_lost)?;
-        observer.otlp = Some(queue);
+        (observer.otlp, observer.logs) = (Some(queue), otlp.logs);
         let stop = stop.clone();
         tasks.spawn(exporter.run(stop));
     }

@@ -409,19 +409,19 @@ impl Connection {
 
     /// Who sent the first FIN, from the states the connection went through.
     pub fn first_closer(&self) -> Closer {
-        let at = |s| self.path.states().position(|x| x == s);
-        match (
-            at(TcpState::FinWait1),
-            at(TcpState::CloseWait),
-            at(TcpState::Closing),
-        ) {
-            (_, _, Some(_)) => Closer::Simultaneous,
-            (Some(_), None, _) => Closer::Local,
-            (None, Some(_), _) => Closer::Remote,
-            (Some(a), Some(b), _) if a < b => Closer::Local,
-            (Some(_), Some(_), _) => Closer::Remote,
-            (None, None, _) => Closer::None,
+        // One pass (it runs for every closed connection, for each exporter): the first of
+        // FIN_WAIT1 (we sent the first FIN) and CLOSE_WAIT (the peer did), unless CLOSING
+        // (both FINs crossed) comes at all.
+        let mut first = Closer::None;
+        for state in self.path.states() {
+            match state {
+                TcpState::Closing => return Closer::Simultaneous,
+                TcpState::FinWait1 if first == Closer::None => first = Closer::Local,
+                TcpState::CloseWait if first == Closer::None => first = Closer::Remote,
+                _ => {}
+            }
         }
+        first
     }
 
     /// Why it ended; meaningful once it is closed.

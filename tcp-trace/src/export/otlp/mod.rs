@@ -49,6 +49,22 @@ pub struct OtlpConfig {
     /// Most log records per export request.
     pub batch: usize,
     pub metrics_interval: Duration,
+    /// Which closed connections become log records.
+    pub logs: Logs,
+}
+
+/// Which closed connections are exported as log records. A record costs the agent about as
+/// much as tracing the connection did (docs/benchmarks.md, "Export cost"): on hosts that
+/// churn, `failures` keeps the records that alerts and investigations start from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Logs {
+    /// Every connection's end.
+    #[default]
+    All,
+    /// Only connections that failed: refused, reset, timed out, unreachable, dead peer.
+    Failures,
+    /// None: OTLP carries the metrics only.
+    None,
 }
 
 impl Default for OtlpConfig {
@@ -58,6 +74,7 @@ impl Default for OtlpConfig {
             queue: 8192,
             batch: 512,
             metrics_interval: Duration::from_secs(10),
+            logs: Logs::All,
         }
     }
 }
@@ -104,6 +121,32 @@ pub fn start(
         started_ns: unix_ns(SystemTime::now()),
     };
     Ok((queue, exporter))
+}
+
+/// The log export's floor, for the bench: records encoded exactly as the exporter encodes them,
+/// into one buffer, and never sent.
+pub struct LogEncoder {
+    writer: record::RecordWriter,
+    clock: crate::event::Clock,
+    /// The encoded records.
+    pub out: Vec<u8>,
+}
+
+impl Default for LogEncoder {
+    fn default() -> Self {
+        LogEncoder {
+            writer: record::RecordWriter::default(),
+            clock: crate::event::Clock::now(),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl LogEncoder {
+    pub fn encode(&mut self, c: &crate::lifecycle::Connection) {
+        let now_ns = unix_ns(SystemTime::now());
+        self.writer.write(&mut self.out, c, &self.clock, now_ns);
+    }
 }
 
 /// Waits between attempts to send one batch; after the last it is dropped (and counted).

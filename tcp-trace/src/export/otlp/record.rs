@@ -141,7 +141,8 @@ impl RecordWriter {
         let local_ip = push_ip(text, local.ip());
         let peer_ip = push_ip(text, peer.ip());
         let cause = cause_name(c.cause());
-        let closer = closer_name(c.first_closer());
+        let first_closer = c.first_closer();
+        let closer = closer_name(first_closer);
         let body_at = text.len();
         // Writing into a String cannot fail.
         let _ = write!(
@@ -149,7 +150,7 @@ impl RecordWriter {
             "{} {local} -> {peer} closed: {cause}",
             c.direction.name()
         );
-        if c.first_closer() != Closer::None {
+        if first_closer != Closer::None {
             let _ = write!(text, ", {closer} sent the first FIN");
         }
         let (local_ip, peer_ip, body) = (
