@@ -456,7 +456,18 @@ fn attach_keepalive_timer(ebpf: &mut Ebpf, btf: bool, lost: &str, hooks: &mut Ho
                     .extend(EVENTS.iter().map(|event| format!("tp_btf:{event}")));
                 return;
             }
-            Err(err) => error_chain(&err),
+            Err(err) => {
+                // Half a pair is no use: the entry program may be attached already.
+                for event in EVENTS {
+                    let program: Option<&mut aya::programs::BtfTracePoint> = ebpf
+                        .program_mut(&format!("{event}_btf"))
+                        .and_then(|p| p.try_into().ok());
+                    if let Some(program) = program {
+                        let _ = program.unload();
+                    }
+                }
+                error_chain(&err)
+            }
         }
     } else {
         "no offset for timer_list.function in the kernel BTF".to_owned()
