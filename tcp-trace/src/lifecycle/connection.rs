@@ -61,6 +61,14 @@ impl Path {
         true
     }
 
+    /// Whether `state` is among the states kept: a compare per nibble, no decoding (asked
+    /// several times per closed connection; a bit set in the path would cost the table a
+    /// larger slot per socket).
+    pub fn contains(&self, state: TcpState) -> bool {
+        let number = state as u8;
+        (0..usize::from(self.len)).any(|i| (self.packed[i / 2] >> (4 * (i % 2))) & 0xf == number)
+    }
+
     fn get(&self, i: usize) -> TcpState {
         let number = (self.packed[i / 2] >> (4 * (i % 2))) & 0xf;
         // Only push() writes, and only TcpState numbers.
@@ -378,7 +386,7 @@ impl Connection {
     }
 
     pub(super) fn visited(&self, state: TcpState) -> bool {
-        self.path.states().any(|s| s == state)
+        self.path.contains(state)
     }
 
     /// Payload bytes sent (and acknowledged) and received. The kernel counts sequence space,
@@ -409,19 +417,29 @@ impl Connection {
 
     /// Who sent the first FIN, from the states the connection went through.
     pub fn first_closer(&self) -> Closer {
-        // One pass (it runs for every closed connection, for each exporter): the first of
-        // FIN_WAIT1 (we sent the first FIN) and CLOSE_WAIT (the peer did), unless CLOSING
-        // (both FINs crossed) comes at all.
-        let mut first = Closer::None;
-        for state in self.path.states() {
-            match state {
-                TcpState::Closing => return Closer::Simultaneous,
-                TcpState::FinWait1 if first == Closer::None => first = Closer::Local,
-                TcpState::CloseWait if first == Closer::None => first = Closer::Remote,
-                _ => {}
-            }
+        // It runs for every closed connection, for each exporter: CLOSING (both FINs crossed)
+        // anywhere, else the first of FIN_WAIT1 (we sent the first FIN) and CLOSE_WAIT (the
+        // peer did). One life has one or the other; a walk only for a path with both.
+        let (local, remote) = (
+            self.visited(TcpState::FinWait1),
+            self.visited(TcpState::CloseWait),
+        );
+        match (self.visited(TcpState::Closing), local, remote) {
+            (true, _, _) => return Closer::Simultaneous,
+            (false, true, false) => return Closer::Local,
+            (false, false, true) => return Closer::Remote,
+            (false, false, false) => return Closer::None,
+            (false, true, true) => {}
         }
-        first
+        let first = self
+            .path
+            .states()
+            .find(|&s| s == TcpState::FinWait1 || s == TcpState::CloseWait);
+        if first == Some(TcpState::FinWait1) {
+            Closer::Local
+        } else {
+            Closer::Remote
+        }
     }
 
     /// Why it ended; meaningful once it is closed.
