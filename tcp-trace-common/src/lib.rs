@@ -322,7 +322,11 @@ pub mod counter {
     pub const RING_FULL: u32 = 0;
     /// Transitions skipped by the kernel-side netns filter.
     pub const FILTERED: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Runs of the BTF state program the kernel skipped (it was already running on that CPU,
+    /// an interrupt's softirq nested in it) that its guard program recorded instead: to be
+    /// taken from the state program's `recursion_misses`, which counts them all.
+    pub const RECOVERED: u32 = 2;
+    pub const COUNT: u32 = 3;
     // Successes are not counted in the kernel: the agent counts what it reads.
 }
 

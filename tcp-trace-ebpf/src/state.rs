@@ -5,16 +5,25 @@
 //! the kernel's BTF: no record is formatted for it and no helper call per field. The classic
 //! tracepoint reads the formatted record plus `bpf_probe_read_kernel` for what the record lacks;
 //! the agent falls back to it where the kernel or its BTF does not allow the first.
+//!
+//! The kernel runs a BTF tracepoint program once per CPU at a time: a transition in a softirq
+//! that an interrupt started in the middle of the program's run in a system call (connect,
+//! close, a socket's backlog) finds it running and is skipped, only counted. Softirqs do that
+//! in batches: a timer tick's expired SYN timers, a backlog of packets. So a second program,
+//! the guard, is attached beside it: it does nothing unless the state program is running on
+//! its CPU, which for the guard means this transition is one the kernel skipped for the state
+//! program, and then records it in its place.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock,
     },
-    macros::{btf_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::PerCpuArray,
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcp_trace_common::{
-    AF_INET, Header, IPPROTO_TCP, StateChange, flags, kind, recorded_when_quiet, tcp_state,
+    AF_INET, Header, IPPROTO_TCP, StateChange, counter, flags, kind, recorded_when_quiet, tcp_state,
 };
 
 use crate::{
@@ -87,8 +96,37 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// 1 while the BTF state program runs on this CPU.
+#[map(name = "STATE_RUNNING")]
+static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let running = RUNNING.get_ptr_mut(0);
+    if let Some(running) = running {
+        unsafe { *running = 1 };
+    }
+    record_btf(&ctx);
+    if let Some(running) = running {
+        unsafe { *running = 0 };
+    }
+    0
+}
+
+/// The state program's stand-in for the transitions the kernel skips it for (module doc).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_guard(ctx: BtfTracePointContext) -> u32 {
+    match RUNNING.get_ptr(0) {
+        Some(running) if unsafe { *running } != 0 => {}
+        _ => return 0,
+    }
+    maps::count(counter::RECOVERED);
+    record_btf(&ctx);
+    0
+}
+
+#[inline(always)]
+fn record_btf(ctx: &BtfTracePointContext) -> u32 {
     let new_state = ctx.arg::<i32>(2) as u8;
     let Some(all) = wanted(new_state) else {
         return 0;

@@ -91,6 +91,7 @@ impl AgentStats {
             kernel_ring_full: kernel.ring_full,
             kernel_filtered: kernel.filtered,
             kernel_missed: kernel.missed,
+            kernel_recovered: self.kernel.recovered(),
             kernel_missed_by_program: self
                 .kernel
                 .missed_by_program()

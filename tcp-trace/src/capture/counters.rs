@@ -36,17 +36,24 @@ impl KernelCounterReader {
     }
 
     pub fn read(&self) -> KernelCounters {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        let (ring_full, filtered) = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            (sum(counter::RING_FULL), sum(counter::FILTERED))
+        };
         KernelCounters {
-            ring_full: sum(counter::RING_FULL),
-            filtered: sum(counter::FILTERED),
-            missed: self
-                .programs
-                .iter()
-                .map(|(_, fd)| recursion_misses(fd.as_raw_fd()))
-                .sum(),
+            ring_full,
+            filtered,
+            missed: self.missed_by_program().iter().map(|(_, n)| n).sum(),
         }
+    }
+
+    /// The state program's skips its guard recorded instead (`counter::RECOVERED`).
+    pub fn recovered(&self) -> u64 {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&counter::RECOVERED, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     /// The kernel's skips summed by hook, in [`HOOKS`] order.
@@ -64,12 +71,28 @@ impl KernelCounterReader {
         let mut missed: Vec<_> = self
             .programs
             .iter()
+            // The guard's own skips lose nothing: it is skipped only where it already runs,
+            // and there the state program is free to run.
+            .filter(|(name, _)| *name != STATE_GUARD)
             .map(|(name, fd)| (*name, recursion_misses(fd.as_raw_fd())))
             .collect();
+        // Read after the skips (the kernel counts a skip before the guard records it): a
+        // recovery that slips in between makes this a moment late, never ahead.
+        let recovered = self.recovered();
+        for (name, n) in &mut missed {
+            if *name == STATE_BTF {
+                *n = n.saturating_sub(recovered);
+            }
+        }
         missed.sort_unstable();
         missed
     }
 }
+
+/// The BTF state program, and its guard (`tcp-trace-ebpf` `state.rs`): the state program's
+/// skips the guard recorded are not lost.
+pub(super) const STATE_BTF: &str = "inet_sock_set_state_btf";
+pub(super) const STATE_GUARD: &str = "inet_sock_set_state_guard";
 
 /// The hooks, as operators ask about them: what a skipped run of each loses (the state
 /// transitions; retransmits and resets; who accepted; keepalive probes; keepalive settings).

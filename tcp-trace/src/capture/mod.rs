@@ -418,6 +418,14 @@ fn attach_state(
             match attach_btf_tracepoint(ebpf, "inet_sock_set_state_btf", "inet_sock_set_state") {
                 Ok(()) => {
                     hooks.attached.push("tp_btf:inet_sock_set_state".into());
+                    let guard =
+                        attach_btf_tracepoint(ebpf, counters::STATE_GUARD, "inet_sock_set_state");
+                    optional(
+                        hooks,
+                        "tp_btf:inet_sock_set_state (guard)".into(),
+                        "transitions that nest in another on one CPU (counted as kernel missed)",
+                        guard,
+                    );
                     return Ok(());
                 }
                 Err(err) => error_chain(&err),

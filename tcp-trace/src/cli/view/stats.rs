@@ -48,6 +48,7 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("kernel ring full (lost)", s.kernel_ring_full.to_string());
     row("kernel filtered (--netns)", s.kernel_filtered.to_string());
     row("kernel missed (nested BPF)", missed(s));
+    row("kernel nested, recorded", s.kernel_recovered.to_string());
     row("records decoded", s.records_decoded.to_string());
     row("records malformed", s.records_malformed.to_string());
     row("live connections", s.live_connections.to_string());
