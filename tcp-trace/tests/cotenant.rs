@@ -25,13 +25,12 @@ use std::{
 };
 
 use support::{
-    NetNs, http_get,
-    process::{AgentProcess, KillOnDrop, optimised_binary},
+    NetNs, metric_sum,
+    process::{KillOnDrop, MetricsAgent, redis_churn, redis_server},
 };
-use tcp_trace::proto;
 
 const REDIS_PORT: u16 = 6379;
-const REQUESTS: &str = "100000";
+const REQUESTS: u32 = 100_000;
 /// Idle connections probed every second during the churn.
 const PROBED: usize = 32;
 
@@ -58,23 +57,6 @@ fn cotenant() -> KillOnDrop {
         bpftrace.get().try_wait()
     );
     bpftrace
-}
-
-fn redis(ns: &NetNs) -> KillOnDrop {
-    let server = ns
-        .command("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &REDIS_PORT.to_string()])
-        .args(["--save", "", "--appendonly", "no", "--tcp-backlog", "4096"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (cargo xtask test installs it)");
-    let server = KillOnDrop(Some(server));
-    let until = Instant::now() + Duration::from_secs(10);
-    while ns.run(|| TcpStream::connect((Ipv4Addr::LOCALHOST, REDIS_PORT)).is_err()) {
-        assert!(Instant::now() < until, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
 }
 
 fn set(stream: &TcpStream, level: i32, name: i32, value: i32) {
@@ -111,36 +93,6 @@ fn probing(ns: &NetNs) -> (Vec<TcpStream>, Vec<TcpStream>) {
     })
 }
 
-/// A free loopback port for the agent's `/metrics` (free a moment ago: the agent binds it next).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The sum of a metric's samples, over all its label sets, from `/metrics` text.
-fn sum(metrics: &str, name: &str) -> i64 {
-    metrics
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-        })
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as i64
-}
-
-/// The one sample of `name` with `labels` (`stage="kernel_missed"`).
-fn sample(metrics: &str, name: &str, labels: &str) -> i64 {
-    let prefix = format!("{name}{{{labels}}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in /metrics")) as i64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepalive_probes_match_the_kernel_counters()
  {
@@ -148,89 +100,45 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
     // The client closes first: TIME_WAIT may take every ephemeral port otherwise.
     ns.sysctl("ipv4/ip_local_port_range", "1024 65000");
     let _bpftrace = cotenant();
-    let binary = optimised_binary(env!("CARGO_BIN_EXE_tcp-trace"));
-    let metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     // No subscriber: the always-on mode, read as an operator reads it, from /metrics.
-    let (agent, mut client) = AgentProcess::start(
-        &binary,
-        &std::env::temp_dir(),
-        "cotenant",
-        Some(ns.inode()),
-        &["--metrics", &metrics_addr.to_string()],
-    )
-    .await
-    .unwrap();
-    let metrics = || {
-        let (status, body) = http_get(metrics_addr, "/metrics", "text/plain");
-        assert_eq!(status, 200, "{body}");
-        body
-    };
-    let _redis = redis(&ns);
+    let mut agent =
+        MetricsAgent::start(env!("CARGO_BIN_EXE_tcp-trace"), "cotenant", ns.inode(), &[]).await;
+    let _redis = redis_server(&ns, REDIS_PORT);
     // The readiness probe's server side closes a moment after it: before the count starts.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (opened, closed, probes) = (
+    let (opened, closed, probes): (&str, &str, &str) = (
         "tcptrace_connections_opened_total",
         "tcptrace_connections_closed_total",
         "tcptrace_keepalive_probes_total",
     );
-    let at_start = metrics();
+    let at_start = agent.scrape();
     let before = ns.snmp();
 
     let (clients, accepted) = probing(&ns);
-    let mut load = ns.command("redis-benchmark");
-    load.args(["-h", "127.0.0.1", "-p", &REDIS_PORT.to_string()])
-        .args([
-            "-k",
-            "0",
-            "-c",
-            "20",
-            "-n",
-            REQUESTS,
-            "-t",
-            "ping_inline",
-            "-q",
-        ])
-        .stdout(Stdio::null());
     let started = Instant::now();
-    let load = tokio::task::spawn_blocking(move || load.status().expect("redis-benchmark runs"))
-        .await
-        .unwrap();
-    assert!(load.success(), "redis-benchmark: {load}");
+    redis_churn(&ns, REDIS_PORT, REQUESTS).await;
     eprintln!("churn took {:?}", started.elapsed());
     // At least two probes each, however fast the churn was.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
     drop(clients);
     drop(accepted);
 
-    // The agent has caught up once it has seen every close the kernel counted.
-    let until = Instant::now() + Duration::from_secs(60);
-    let (mut delta, mut now);
-    loop {
-        delta = ns.snmp().delta(&before);
-        now = metrics();
-        let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
-        let seen = sum(&now, closed) - sum(&at_start, closed) + skipped(&now, "state");
-        if seen >= opens || Instant::now() > until {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // Anything extra (a duplicate) would arrive in this moment too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let delta = ns.snmp().delta(&before);
-    let now = metrics();
-    let stats = client.get_stats(proto::GetStatsRequest {}).await.unwrap();
-    let stats = stats.into_inner();
-    agent.stop(true).unwrap();
+    let (delta, now) = agent.caught_up(&ns, &before, &at_start).await;
+    let stats = agent.stats().await;
+    agent.agent.stop(true).unwrap();
 
     let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
     assert!(opens >= 200_000, "{opens} opens");
-    let grown = |name| sum(&now, name) - sum(&at_start, name);
+    let grown = |name| metric_sum(&now, name, "") - metric_sum(&at_start, name, "");
     let lost = |stage: &str| {
         let labels = format!("stage=\"{stage}\"");
-        sample(&now, "tcptrace_events_lost_total", &labels)
+        metric_sum(&now, "tcptrace_events_lost_total", &labels)
     };
-    let skips = |hook| skipped(&now, hook) - skipped(&at_start, hook);
+    let skips = |hook| {
+        let labels = format!("hook=\"{hook}\"");
+        let at = |text| metric_sum(text, "tcptrace_kernel_runs_missed_total", &labels);
+        at(&now) - at(&at_start)
+    };
     eprintln!(
         "runs skipped by program: {:?}; hooks: {:?}; missing: {:?}",
         stats.kernel_missed_by_program, stats.hooks_attached, stats.hooks_missing
@@ -255,13 +163,4 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
         skips("state"),
         skips("keepalive")
     );
-}
-
-/// The kernel's skips of one hook's programs, from /metrics.
-fn skipped(metrics: &str, hook: &str) -> i64 {
-    sample(
-        metrics,
-        "tcptrace_kernel_runs_missed_total",
-        &format!("hook=\"{hook}\""),
-    )
 }

@@ -69,7 +69,7 @@ pub fn run(args: &[OsString]) -> Result<()> {
 }
 
 /// The tests that run the optimised binary (TCP_TRACE_OPTIMISED_BIN).
-const OPTIMISED: [&str; 2] = ["watch_follows", "cotenant"];
+const OPTIMISED: [&str; 3] = ["watch_follows", "cotenant", "nested"];
 
 /// Whether the tests asked for may include one of [`OPTIMISED`]: the whole suite, or such a
 /// test named. A `--release` run uses its own optimised binary.

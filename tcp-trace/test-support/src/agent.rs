@@ -97,11 +97,7 @@ impl TestAgent {
     }
 
     pub async fn stats(&mut self) -> proto::Stats {
-        self.client
-            .get_stats(proto::GetStatsRequest {})
-            .await
-            .expect("GetStats")
-            .into_inner()
+        stats(&mut self.client).await
     }
 
     /// Which hooks attached and which are missing.
@@ -255,14 +251,19 @@ pub fn cli(args: &[&str]) -> String {
 
 /// Waits (up to 10 s, then panics) until the agent behind `client` counts `n` subscribers;
 /// returns its stats then.
+/// GetStats, answered.
+pub async fn stats(client: &mut TcpTraceClient<Channel>) -> proto::Stats {
+    client
+        .get_stats(proto::GetStatsRequest {})
+        .await
+        .expect("GetStats")
+        .into_inner()
+}
+
 pub async fn wait_for_subscribers(client: &mut TcpTraceClient<Channel>, n: u32) -> proto::Stats {
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let stats = client
-            .get_stats(proto::GetStatsRequest {})
-            .await
-            .expect("GetStats")
-            .into_inner();
+        let stats = stats(client).await;
         if stats.subscribers == n {
             return stats;
         }

@@ -584,3 +584,19 @@ pub fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String) {
         .unwrap_or_else(|| panic!("no status in {head:?}"));
     (status, body.to_owned())
 }
+
+/// The sum of a metric's samples in Prometheus text whose labels contain `labels` (`""`: all of
+/// them), e.g. `metric_sum(text, "tcptrace_events_lost_total", "stage=\"kernel_ring\"")`.
+pub fn metric_sum(text: &str, name: &str, labels: &str) -> i64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name).is_some_and(|rest| {
+                rest.starts_with(['{', ' '])
+                    && rest
+                        .split_once(' ')
+                        .is_some_and(|(l, _)| l.contains(labels))
+            })
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as i64
+}

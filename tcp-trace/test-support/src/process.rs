@@ -167,3 +167,112 @@ pub fn optimised_binary(own: &str) -> PathBuf {
     }
     own.into()
 }
+
+/// An optimised agent tracing one namespace with no subscriber, serving `/metrics` on a free
+/// loopback port: the always-on mode, read as an operator reads it.
+pub struct MetricsAgent {
+    pub agent: AgentProcess,
+    pub client: TcpTraceClient<Channel>,
+    pub metrics: std::net::SocketAddr,
+}
+
+impl MetricsAgent {
+    /// `own` is the test's `env!("CARGO_BIN_EXE_tcp-trace")` (see [`optimised_binary`]).
+    pub async fn start(own: &str, tag: &str, netns: u64, flags: &[&str]) -> MetricsAgent {
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port");
+        let metrics_flag = metrics.to_string();
+        let mut all = vec!["--metrics", metrics_flag.as_str()];
+        all.extend_from_slice(flags);
+        let (agent, client) = AgentProcess::start(
+            &optimised_binary(own),
+            &std::env::temp_dir(),
+            tag,
+            Some(netns),
+            &all,
+        )
+        .await
+        .expect("the agent starts");
+        MetricsAgent {
+            agent,
+            client,
+            metrics,
+        }
+    }
+
+    /// `/metrics` as Prometheus' text format.
+    pub fn scrape(&self) -> String {
+        let (status, body) = crate::http_get(self.metrics, "/metrics", "text/plain");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn stats(&mut self) -> proto::Stats {
+        crate::agent::stats(&mut self.client).await
+    }
+
+    /// Waits (30 s at most) until the agent has seen the close of every connection `ns` opened
+    /// since `before` (its counters then), or reported the state program's skip; then half a
+    /// second more, for anything extra (a duplicate). Returns the namespace's counters since
+    /// `before`, and `/metrics` then.
+    pub async fn caught_up(
+        &self,
+        ns: &crate::NetNs,
+        before: &crate::Counters,
+        at_start: &str,
+    ) -> (crate::Counters, String) {
+        let grown = |now: &str, name: &str, labels: &str| {
+            crate::metric_sum(now, name, labels) - crate::metric_sum(at_start, name, labels)
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let delta = ns.snmp().delta(before);
+            let now = self.scrape();
+            let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
+            let seen = grown(&now, "tcptrace_connections_closed_total", "")
+                + grown(&now, "tcptrace_kernel_runs_missed_total", "hook=\"state\"");
+            if seen >= opens || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (ns.snmp().delta(before), self.scrape())
+    }
+}
+
+/// redis-server on 127.0.0.1:`port` in `ns` (a real server from Debian's packages; `cargo xtask
+/// test` installs it), answering once this returns.
+pub fn redis_server(ns: &crate::NetNs, port: u16) -> KillOnDrop {
+    let server = ns
+        .command("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--tcp-backlog", "4096"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (cargo xtask test installs it)");
+    let server = KillOnDrop(Some(server));
+    let until = Instant::now() + Duration::from_secs(10);
+    while ns.run(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_err()) {
+        assert!(Instant::now() < until, "redis-server did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// `redis-benchmark` against [`redis_server`] on `port` in `ns`, a new connection per request
+/// (`-k 0`, 20 clients, PING): `requests` connections that churn, until they are done.
+pub async fn redis_churn(ns: &crate::NetNs, port: u16, requests: u32) {
+    let mut load = ns.command("redis-benchmark");
+    load.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-k", "0", "-c", "20", "-n", &requests.to_string()])
+        .args(["-t", "ping_inline", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = tokio::task::spawn_blocking(move || load.status())
+        .await
+        .expect("the benchmark's thread")
+        .expect("redis-benchmark runs (cargo xtask test installs it)");
+    assert!(status.success(), "redis-benchmark: {status}");
+}

@@ -1,0 +1,180 @@
+//! Transitions that nest in the state program's own run are recorded, or counted.
+//!
+//! The kernel runs a BTF tracepoint program once per CPU at a time. When a timer tick
+//! interrupts the state program while it runs in a system call (connect, close, a socket's
+//! backlog), the tick's softirq runs on the way out: its expired SYN timers close their
+//! sockets, and the kernel skips the state program for each of those transitions, only
+//! counting them. Here a real server churns connections (redis, `redis-benchmark -k 0`) while
+//! connects to a peer that drops every SYN time out all along, on every tick. Each count the
+//! agent reports must equal the namespace's own counter, short by no more than the skips it
+//! reported for the hook that records it (the guard program records most nested transitions
+//! in the state program's place: `kernel nested, recorded`).
+//!
+//! One loss is the kernel's and silent: now and then none of the programs on the tracepoint
+//! runs for a whole timer batch of these closes (twenty sockets whose SYN timers expire
+//! together), and the kernel counts no skip. The agent's heal finds those sockets gone from the
+//! kernel's list and closes them (`healed closed`, cause unknown): the test asks that every
+//! timeout be recorded, reported skipped, or healed, and prints how many were healed. The same
+//! batches lose their SYN retransmits (a classic tracepoint's program, not run either), which
+//! no heal restores: printed, not asserted.
+mod support;
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use support::{
+    NetNs, metric_sum,
+    process::{MetricsAgent, redis_churn, redis_server},
+};
+
+const REDIS_PORT: u16 = 6379;
+/// Connects to the dropping peer per second, and for how long.
+const TIMEOUTS_PER_SECOND: usize = 2_000;
+const TIMEOUT_SECONDS: u64 = 6;
+
+/// Non-blocking connects to `peer`, `TIMEOUTS_PER_SECOND` a second for `TIMEOUT_SECONDS`;
+/// the sockets are held until their SYNs have timed out.
+fn timing_out(ns: &NetNs, peer: IpAddr) -> std::thread::JoinHandle<usize> {
+    ns.spawn(move || {
+        let mut held = Vec::new();
+        let started = Instant::now();
+        let per_tick = TIMEOUTS_PER_SECOND / 100;
+        while started.elapsed() < Duration::from_secs(TIMEOUT_SECONDS) {
+            let tick = Instant::now();
+            for _ in 0..per_tick {
+                // SAFETY: plain socket calls on a fresh fd, closed by the OwnedFd.
+                let fd = unsafe {
+                    libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
+                };
+                assert!(fd >= 0);
+                let fd =
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let IpAddr::V4(v4) = peer else { unreachable!() };
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 9u16.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(v4).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: a sockaddr_in and its size.
+                let rc = unsafe {
+                    libc::connect(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        (&raw const addr).cast(),
+                        size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, -1);
+                assert_eq!(
+                    std::io::Error::last_os_error().raw_os_error(),
+                    Some(libc::EINPROGRESS)
+                );
+                held.push(fd);
+            }
+            std::thread::sleep(Duration::from_millis(10).saturating_sub(tick.elapsed()));
+        }
+        // tcp_syn_retries=1: a SYN, one retransmit after 1 s, the timeout 2 s later.
+        std::thread::sleep(Duration::from_millis(3_500));
+        held.len()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_nested_in_the_state_programs_run_are_recorded_or_counted() {
+    let ns = NetNs::new("nested");
+    let peer_ns = NetNs::new("nestedpeer");
+    let veth = NetNs::veth_pair(&ns, &peer_ns);
+    peer_ns.exec(&[
+        "nft",
+        "add table inet t; add chain inet t in { type filter hook input priority 0; }; \
+         add rule inet t in tcp dport 9 drop",
+    ]);
+    ns.sysctl("ipv4/tcp_syn_retries", "1");
+    ns.sysctl("ipv4/ip_local_port_range", "1024 65000");
+    // Heals every 2 s: the silent losses are closed within the test's wait.
+    let mut agent = MetricsAgent::start(
+        env!("CARGO_BIN_EXE_tcp-trace"),
+        "nested",
+        ns.inode(),
+        &["--heal-interval", "2"],
+    )
+    .await;
+    let _redis = redis_server(&ns, REDIS_PORT);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let at_start = agent.scrape();
+    let before = ns.snmp();
+
+    let timeouts = timing_out(&ns, veth.b_v4);
+    redis_churn(&ns, REDIS_PORT, 150_000).await;
+    let attempted = tokio::task::spawn_blocking(move || timeouts.join().unwrap())
+        .await
+        .unwrap();
+
+    let (delta, now) = agent.caught_up(&ns, &before, &at_start).await;
+    let grown = |name: &str, labels: &str| {
+        metric_sum(&now, name, labels) - metric_sum(&at_start, name, labels)
+    };
+    let skipped = |hook: &str| {
+        grown(
+            "tcptrace_kernel_runs_missed_total",
+            &format!("hook=\"{hook}\""),
+        )
+    };
+    let stats = agent.stats().await;
+    agent.agent.stop(true).unwrap();
+
+    let failed = delta.get("Tcp:AttemptFails");
+    eprintln!(
+        "{attempted} connects timed out ({failed} attempt fails); nested transitions recorded by \
+         the guard: {}; runs skipped by program: {:?}; ends missed {}, healed closed {}, \
+         adopted {}, malformed {}",
+        stats.kernel_recovered,
+        stats.kernel_missed_by_program,
+        stats.ends_missed,
+        stats.healed_closed,
+        stats.healed_adopted,
+        stats.records_malformed
+    );
+    assert!(
+        failed >= attempted as i64 * 9 / 10,
+        "{failed} of {attempted}"
+    );
+    let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
+    let ring = grown("tcptrace_events_lost_total", "stage=\"kernel_ring\"");
+    assert_eq!(ring, 0, "no record lost to a full ring");
+    let (state, tcp) = (skipped("state"), skipped("tcp"));
+    let within = |kernel: i64, agent: i64, skips: i64| (0..=skips).contains(&(kernel - agent));
+    let opened = grown("tcptrace_connections_opened_total", "");
+    let closed = grown("tcptrace_connections_closed_total", "");
+    let timed_out = grown(
+        "tcptrace_connections_closed_total",
+        "cause=\"connect_timeout\"",
+    );
+    let syn_retransmits = grown("tcptrace_syn_retransmits_total", "direction=\"active\"");
+    assert!(
+        within(opens, opened, state) && within(opens, closed, state),
+        "opened {opened} and closed {closed} (the heal's included) as the kernel's {opens} \
+         opens, short by no more than the state program's reported skips ({state})"
+    );
+    let healed = stats.healed_closed as i64;
+    assert!(
+        within(failed, timed_out, state + healed),
+        "connect timeouts {timed_out} as the kernel's {failed} attempt fails, short by no more \
+         than the state program's reported skips ({state}) and the heal's closes ({healed}); \
+         closes:\n{}",
+        now.lines()
+            .filter(|l| l.starts_with("tcptrace_connections_closed_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Not asserted: the silent batch losses (module doc) take SYN retransmits too, and nothing
+    // heals a retransmit. Printed for the record.
+    eprintln!(
+        "SYN retransmits {syn_retransmits} of the kernel's {} (tcp hooks' reported skips {tcp})",
+        delta.get("TcpExt:TCPSynRetrans")
+    );
+}
