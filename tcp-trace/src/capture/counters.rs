@@ -92,7 +92,7 @@ impl KernelCounterReader {
 /// The BTF state program, and its guard (`tcp-trace-ebpf` `state.rs`): the state program's
 /// skips the guard recorded are not lost.
 pub(super) const STATE_BTF: &str = "inet_sock_set_state_btf";
-pub(super) const STATE_GUARD: &str = "inet_sock_set_state_guard";
+pub(super) const STATE_GUARD: &str = "set_state_guard";
 
 /// The hooks, as operators ask about them: what a skipped run of each loses (the state
 /// transitions; retransmits and resets; who accepted; keepalive probes; keepalive settings).
