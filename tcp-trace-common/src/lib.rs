@@ -314,6 +314,10 @@ pub struct SockLayout {
     pub inet_saddr: u32,
     /// `task_struct.comm`.
     pub task_comm: u32,
+    /// `sock.__sk_common.skc_state` (the BTF retransmit program reports it).
+    pub state: u32,
+    /// Keeps the struct (and `KernelOffsets`) free of padding.
+    pub _reserved: u32,
 }
 
 /// Indices into the `COUNTERS` per-CPU array.
@@ -352,5 +356,5 @@ const _: () = assert!(core::mem::size_of::<Reset>() == 24 + 8 + 8 + 8 + 32);
 const _: () = assert!(core::mem::size_of::<Keepalive>() == 24 + 8);
 const _: () = assert!(core::mem::size_of::<SocketOption>() == 24 + 16 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<Accept>() == 24 + 8 + 8 + 16);
-const _: () = assert!(core::mem::size_of::<SockLayout>() == 8 * 4);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 20 * 4 + 8 + 8 * 4);
+const _: () = assert!(core::mem::size_of::<SockLayout>() == 10 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 20 * 4 + 8 + 10 * 4);

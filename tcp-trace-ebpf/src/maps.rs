@@ -60,6 +60,8 @@ pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
         inet_sport: 0,
         inet_saddr: 0,
         task_comm: 0,
+        state: 0,
+        _reserved: 0,
     },
 };
 

@@ -147,27 +147,15 @@ fn record_btf(ctx: &BtfTracePointContext) -> u32 {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let family: u16 = load(tp, offset!(sock.family));
-    let (saddr, daddr) = if family == AF_INET {
-        (
-            widen(load(tp, offset!(sock.inet_saddr))),
-            widen(load(tp, offset!(sock.daddr))),
-        )
-    } else {
-        (
-            load_bytes16(tp, offset!(sock.v6_saddr)),
-            load_bytes16(tp, offset!(sock.v6_daddr)),
-        )
-    };
+    let (family, sport, dport, saddr, daddr) = tuple_of(tp);
     let transition = Transition {
         sock: sk as u64,
         netns,
         old_state: ctx.arg::<i32>(1) as u8,
         new_state,
         family,
-        // Host order, as the classic tracepoint reports them.
-        sport: u16::from_be(load(tp, offset!(sock.inet_sport))),
-        dport: u16::from_be(load(tp, offset!(sock.dport))),
+        sport,
+        dport,
         saddr,
         daddr,
     };
@@ -306,9 +294,34 @@ impl Task {
     }
 }
 
+/// A socket's family, ports (host order, as the classic tracepoints report them) and addresses,
+/// by direct loads at the offsets of `SockLayout`.
+#[inline(always)]
+pub(crate) fn tuple_of(sk: *const u8) -> (u16, u16, u16, [u8; 16], [u8; 16]) {
+    let family: u16 = load(sk, offset!(sock.family));
+    let (saddr, daddr) = if family == AF_INET {
+        (
+            widen(load(sk, offset!(sock.inet_saddr))),
+            widen(load(sk, offset!(sock.daddr))),
+        )
+    } else {
+        (
+            load_bytes16(sk, offset!(sock.v6_saddr)),
+            load_bytes16(sk, offset!(sock.v6_daddr)),
+        )
+    };
+    (
+        family,
+        u16::from_be(load(sk, offset!(sock.inet_sport))),
+        u16::from_be(load(sk, offset!(sock.dport))),
+        saddr,
+        daddr,
+    )
+}
+
 /// `sk->__sk_common.skc_net.net->ns.inum`, by two loads.
 #[inline(always)]
-fn netns_of(sk: *const u8) -> u32 {
+pub(crate) fn netns_of(sk: *const u8) -> u32 {
     let net: *const u8 = load(sk, offset!(net));
     load(net, offset!(inum))
 }

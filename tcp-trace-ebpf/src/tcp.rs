@@ -1,15 +1,22 @@
 //! Retransmissions and resets: `tcp:tcp_retransmit_skb`, `tcp:tcp_retransmit_synack`,
 //! `tcp:tcp_send_reset`, `tcp:tcp_receive_reset`.
+//!
+//! The two hooks whose only argument of use is the socket have a BTF tracepoint program too,
+//! which the agent prefers: a classic tracepoint program is skipped whenever any classic or
+//! kprobe program runs on that CPU (`bpf_prog_active`, shared with every tracer on the host and
+//! with tcp-trace's own accept hook), a BTF one only when it runs there itself.
 use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock},
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use tcp_trace_common::{AF_INET, Header, Reset, Retransmit, kind, reset, retransmit, tcp_state};
 
 use crate::{
-    fields::{field, widen},
-    kernel, maps,
+    fields::{field, load, widen},
+    kernel,
+    maps::{self, offset},
+    state::{netns_of, tuple_of},
 };
 
 fn header(kind: u32, now: u64, sock: u64) -> Header {
@@ -191,5 +198,53 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         0,
         tuple,
     );
+    0
+}
+
+/// The socket argument as the `tcp_sock` it is, so that the verifier lets the programs read
+/// `inet_sock` members beyond `struct sock` (null for anything but a full TCP socket).
+#[inline(always)]
+fn tcp_sock(ctx: &BtfTracePointContext) -> Option<*const u8> {
+    let sk: *const u8 = ctx.arg(0);
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+    (!tp.is_null()).then_some(tp)
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> u32 {
+    let Some(sk) = tcp_sock(&ctx) else {
+        return 0;
+    };
+    let netns = netns_of(sk);
+    if !maps::netns_wanted(netns) {
+        return 0;
+    }
+    let Some(mut entry) = maps::reserve::<Retransmit>() else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (family, sport, dport, saddr, daddr) = tuple_of(sk);
+    entry.write(Retransmit {
+        header: header(kind::RETRANSMIT, now, sk as u64),
+        netns,
+        what: retransmit::SEGMENT,
+        state: load(sk, offset!(sock.state)),
+        family,
+        sport,
+        dport,
+        _reserved: 0,
+        saddr,
+        daddr,
+    });
+    maps::submit(entry, now);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> u32 {
+    let Some(sk) = tcp_sock(&ctx) else {
+        return 0;
+    };
+    reset(reset::RECEIVED, sk as u64, netns_of(sk), 0, 0, tuple_of(sk));
     0
 }

@@ -189,6 +189,23 @@ impl Capture {
                 "resets received (close causes fall back to the socket's error)",
             ),
         ] {
+            // The BTF program where there is one and the kernel takes it (its recursion guard
+            // is its own: another tracer's programs never make it skip), else the classic one.
+            let btf = matches!(event, "tcp_retransmit_skb" | "tcp_receive_reset")
+                && kernel.direct_missing.is_none()
+                && !config.classic_tracepoint
+                && attach_btf_tracepoint(&mut ebpf, &format!("{event}_btf"), event)
+                    .inspect_err(|err| {
+                        tracing::info!(
+                            "tp_btf/{event} ({}): using the classic tracepoint",
+                            error_chain(err)
+                        )
+                    })
+                    .is_ok();
+            if btf {
+                hooks.attached.push(format!("tp_btf:{event}"));
+                continue;
+            }
             optional(
                 &mut hooks,
                 format!("tcp:{event}"),

@@ -53,6 +53,7 @@ const MEMBERS: &[(Field, &str, Need)] = &[
     (|o| &mut o.sock.inet_sport, "inet_sock.inet_sport", StateOnly),
     (|o| &mut o.sock.inet_saddr, "inet_sock.inet_saddr", StateOnly),
     (|o| &mut o.sock.task_comm, "task_struct.comm", StateOnly),
+    (|o| &mut o.sock.state, "sock.__sk_common.skc_state", StateOnly),
     (|o| &mut o.sk_protocol, "sock.sk_protocol", Lost(
         "skipping accept() of sockets other than TCP in the kernel",
     )),

@@ -64,8 +64,9 @@ pub struct AgentArgs {
     /// Lower is fresher, higher costs less CPU under heavy churn.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = defaults().capture.wakeup_interval.as_micros() as u64, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
     pub wakeup_interval_us: u64,
-    /// Trace transitions through the classic tracepoint even where the kernel takes the BTF
-    /// one (which costs less per transition). For kernels where the BTF program misbehaves.
+    /// Trace transitions, segment retransmits and resets received through the classic
+    /// tracepoints even where the kernel takes the BTF ones (which cost less and which other
+    /// tracers' programs never make the kernel skip). For kernels where a BTF program misbehaves.
     #[arg(long)]
     pub classic_tracepoint: bool,
     /// Record every state transition even while no subscriber asks for state changes, so that
