@@ -91,12 +91,11 @@ impl AgentStats {
             kernel_ring_full: kernel.ring_full,
             kernel_filtered: kernel.filtered,
             kernel_missed: kernel.missed,
-            kernel_recovered: self.kernel.recovered(),
-            kernel_missed_by_program: self
-                .kernel
-                .missed_by_program()
-                .into_iter()
-                .map(|(name, n)| (name.to_owned(), n))
+            kernel_recovered: kernel.recovered,
+            kernel_missed_by_program: kernel
+                .by_program
+                .iter()
+                .map(|&(name, n)| (name.to_owned(), n))
                 .collect(),
             records_decoded: self.records_decoded.load(Ordering::Relaxed),
             records_malformed: self.records_malformed.load(Ordering::Relaxed),

@@ -76,11 +76,11 @@ impl Heal {
         }
         self.checked = Instant::now();
         let now = stats.kernel.read();
-        let before = std::mem::replace(&mut self.counters, now);
         let lost = (
-            now.ring_full.saturating_sub(before.ring_full),
-            now.missed.saturating_sub(before.missed),
+            now.ring_full.saturating_sub(self.counters.ring_full),
+            now.missed.saturating_sub(self.counters.missed),
         );
+        self.counters = now;
         (lost != (0, 0)).then_some(lost)
     }
 }

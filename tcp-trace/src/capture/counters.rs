@@ -8,14 +8,32 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use tcp_trace_common::counter;
 
-/// Counters kept by the programs, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters kept by the programs, summed over CPUs, and the kernel's skips of each program: one
+/// read of the map and of each program's info.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
     pub ring_full: u64,
     pub filtered: u64,
-    /// Program runs the kernel skipped because another BPF tracing program was running on that
-    /// CPU (summed over our programs).
+    /// Program runs the kernel skipped because the program (or, for a classic tracepoint, any
+    /// tracing program) was running on that CPU, summed over `by_program`.
     pub missed: u64,
+    /// The state program's skips its guard recorded instead (`counter::RECOVERED`): not lost,
+    /// and not in `missed`.
+    pub recovered: u64,
+    /// `missed` by program name (every loaded program but the guard, in name order): which
+    /// hook lost runs tells which records are missing.
+    pub by_program: Vec<(&'static str, u64)>,
+}
+
+impl KernelCounters {
+    /// `missed` summed by hook, in [`HOOKS`] order.
+    pub fn missed_by_hook(&self) -> [(&'static str, u64); HOOKS.len()] {
+        let mut missed = HOOKS.map(|hook| (hook, 0));
+        for &(name, n) in &self.by_program {
+            missed[hook_of(name)].1 += n;
+        }
+        missed
+    }
 }
 
 /// Reads the programs' per-CPU counters and the kernel's own per-program miss counts; shared
@@ -23,7 +41,7 @@ pub struct KernelCounters {
 #[derive(Clone)]
 pub struct KernelCounterReader {
     map: Arc<Mutex<PerCpuArray<MapData, u64>>>,
-    /// The programs' names, and duplicates of their fds for their fdinfo.
+    /// The programs' names, and duplicates of their fds for their info.
     programs: Arc<Vec<(&'static str, OwnedFd)>>,
 }
 
@@ -36,39 +54,7 @@ impl KernelCounterReader {
     }
 
     pub fn read(&self) -> KernelCounters {
-        let (ring_full, filtered) = {
-            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-            (sum(counter::RING_FULL), sum(counter::FILTERED))
-        };
-        KernelCounters {
-            ring_full,
-            filtered,
-            missed: self.missed_by_program().iter().map(|(_, n)| n).sum(),
-        }
-    }
-
-    /// The state program's skips its guard recorded instead (`counter::RECOVERED`).
-    pub fn recovered(&self) -> u64 {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&counter::RECOVERED, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-    }
-
-    /// The kernel's skips summed by hook, in [`HOOKS`] order.
-    pub fn missed_by_hook(&self) -> [(&'static str, u64); HOOKS.len()] {
-        let mut missed = HOOKS.map(|hook| (hook, 0));
-        for (name, n) in self.missed_by_program() {
-            missed[hook_of(name)].1 += n;
-        }
-        missed
-    }
-
-    /// The kernel's skips of each program, by the program's name (every loaded program, in
-    /// name order): which hook lost runs tells which records are missing.
-    pub fn missed_by_program(&self) -> Vec<(&'static str, u64)> {
-        let mut missed: Vec<_> = self
+        let mut by_program: Vec<_> = self
             .programs
             .iter()
             // The guard's own skips lose nothing: it is skipped only where it already runs,
@@ -76,16 +62,30 @@ impl KernelCounterReader {
             .filter(|(name, _)| *name != STATE_GUARD)
             .map(|(name, fd)| (*name, recursion_misses(fd.as_raw_fd())))
             .collect();
-        // Read after the skips (the kernel counts a skip before the guard records it): a
-        // recovery that slips in between makes this a moment late, never ahead.
-        let recovered = self.recovered();
-        for (name, n) in &mut missed {
+        by_program.sort_unstable();
+        // The map after the skips (the kernel counts a skip before the guard records it): a
+        // recovery that slips in between makes `missed` a moment late, never ahead.
+        let (ring_full, filtered, recovered) = {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            (
+                sum(counter::RING_FULL),
+                sum(counter::FILTERED),
+                sum(counter::RECOVERED),
+            )
+        };
+        for (name, n) in &mut by_program {
             if *name == STATE_BTF {
                 *n = n.saturating_sub(recovered);
             }
         }
-        missed.sort_unstable();
-        missed
+        KernelCounters {
+            ring_full,
+            filtered,
+            missed: by_program.iter().map(|(_, n)| n).sum(),
+            recovered,
+            by_program,
+        }
     }
 }
 
@@ -117,9 +117,8 @@ fn hook_of(program: &str) -> usize {
 /// How often the kernel skipped a program because it (or, for a classic tracepoint, any
 /// tracing program) was already running on that CPU: `recursion_misses` of the program's
 /// `bpf_prog_info`. Each skip of the state program is a transition lost. Asked of the kernel
-/// with one BPF_OBJ_GET_INFO_BY_FD per program: /proc's fdinfo text, read four times a second
-/// for every program, cost a path walk and a formatted page each (about 15 µs), a third of the
-/// idle agent's CPU.
+/// with one BPF_OBJ_GET_INFO_BY_FD per program, rather than by formatting and parsing each
+/// program's /proc fdinfo text (four times a second, and at every scrape).
 fn recursion_misses(fd: RawFd) -> u64 {
     prog_info(fd).map_or(0, |info| info.recursion_misses)
 }

@@ -174,24 +174,29 @@ impl Capture {
             &mut hooks,
         )?;
 
-        for (event, lost) in [
+        // (event, what is lost without it, whether a BTF program exists for it: the hooks that
+        // read only the socket).
+        for (event, lost, has_btf) in [
             (
                 "tcp_retransmit_skb",
                 "live retransmit events (counts at close still come from the socket)",
+                true,
             ),
-            ("tcp_retransmit_synack", "SYN-ACK retransmit events"),
+            ("tcp_retransmit_synack", "SYN-ACK retransmit events", false),
             (
                 "tcp_send_reset",
                 "resets sent (close causes fall back to the socket's error)",
+                false,
             ),
             (
                 "tcp_receive_reset",
                 "resets received (close causes fall back to the socket's error)",
+                true,
             ),
         ] {
             // The BTF program where there is one and the kernel takes it (its recursion guard
             // is its own: another tracer's programs never make it skip), else the classic one.
-            let btf = matches!(event, "tcp_retransmit_skb" | "tcp_receive_reset")
+            let btf = has_btf
                 && kernel.direct_missing.is_none()
                 && !config.classic_tracepoint
                 && attach_btf_tracepoint(&mut ebpf, &format!("{event}_btf"), event)

@@ -117,7 +117,7 @@ impl Sources {
             table_full,
             self.otlp_lost.load(Ordering::Relaxed),
         ];
-        live.missed_by_hook = self.stats.kernel.missed_by_hook();
+        live.missed_by_hook = kernel.missed_by_hook();
         self.metrics.families(&live)
     }
 }
