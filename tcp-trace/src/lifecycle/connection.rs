@@ -61,23 +61,22 @@ impl Path {
         true
     }
 
-    /// Whether `state` is among the states kept: a compare per nibble, no decoding (asked
-    /// several times per closed connection; a bit set in the path would cost the table a
-    /// larger slot per socket).
-    pub fn contains(&self, state: TcpState) -> bool {
-        let number = state as u8;
-        (0..usize::from(self.len)).any(|i| (self.packed[i / 2] >> (4 * (i % 2))) & 0xf == number)
+    /// The kernel's numbers of the states kept, first to last: what the questions asked of
+    /// every closed connection (visited? who closed first?) compare, without decoding states.
+    fn numbers(&self) -> impl DoubleEndedIterator<Item = u8> + ExactSizeIterator + '_ {
+        (0..usize::from(self.len)).map(|i| (self.packed[i / 2] >> (4 * (i % 2))) & 0xf)
     }
 
-    fn get(&self, i: usize) -> TcpState {
-        let number = (self.packed[i / 2] >> (4 * (i % 2))) & 0xf;
-        // Only push() writes, and only TcpState numbers.
-        TcpState::from_kernel(number).expect("a path holds only states")
+    /// Whether `state` is among the states kept.
+    pub fn contains(&self, state: TcpState) -> bool {
+        self.numbers().any(|n| n == state as u8)
     }
 
     /// The states kept, first to last.
     pub fn states(&self) -> impl DoubleEndedIterator<Item = TcpState> + ExactSizeIterator + '_ {
-        (0..usize::from(self.len)).map(|i| self.get(i))
+        // Only push() writes, and only TcpState numbers.
+        self.numbers()
+            .map(|n| TcpState::from_kernel(n).expect("a path holds only states"))
     }
 }
 
@@ -417,29 +416,23 @@ impl Connection {
 
     /// Who sent the first FIN, from the states the connection went through.
     pub fn first_closer(&self) -> Closer {
-        // It runs for every closed connection, for each exporter: CLOSING (both FINs crossed)
-        // anywhere, else the first of FIN_WAIT1 (we sent the first FIN) and CLOSE_WAIT (the
-        // peer did). One life has one or the other; a walk only for a path with both.
-        let (local, remote) = (
-            self.visited(TcpState::FinWait1),
-            self.visited(TcpState::CloseWait),
-        );
-        match (self.visited(TcpState::Closing), local, remote) {
-            (true, _, _) => return Closer::Simultaneous,
-            (false, true, false) => return Closer::Local,
-            (false, false, true) => return Closer::Remote,
-            (false, false, false) => return Closer::None,
-            (false, true, true) => {}
+        // One walk of the path's numbers (it runs for every closed connection, for each
+        // exporter): CLOSING anywhere means both FINs crossed; else the first of FIN_WAIT1 (we
+        // sent the first FIN) and CLOSE_WAIT (the peer did).
+        let mut first = Closer::None;
+        for n in self.path.numbers() {
+            if n == TcpState::Closing as u8 {
+                return Closer::Simultaneous;
+            }
+            if first == Closer::None {
+                if n == TcpState::FinWait1 as u8 {
+                    first = Closer::Local;
+                } else if n == TcpState::CloseWait as u8 {
+                    first = Closer::Remote;
+                }
+            }
         }
-        let first = self
-            .path
-            .states()
-            .find(|&s| s == TcpState::FinWait1 || s == TcpState::CloseWait);
-        if first == Some(TcpState::FinWait1) {
-            Closer::Local
-        } else {
-            Closer::Remote
-        }
+        first
     }
 
     /// Why it ended; meaningful once it is closed.
