@@ -10,9 +10,17 @@
 //! that an interrupt started in the middle of the program's run in a system call (connect,
 //! close, a socket's backlog) finds it running and is skipped, only counted. Softirqs do that
 //! in batches: a timer tick's expired SYN timers, a backlog of packets. So a second program,
-//! the guard, is attached beside it: it does nothing unless the state program is running on
-//! its CPU, which for the guard means this transition is one the kernel skipped for the state
-//! program, and then records it in its place.
+//! the guard, is attached after it on the same hook. The state program writes each transition
+//! it sees (socket, old and new state) into a small per-CPU log as its first act; the guard,
+//! which the kernel runs right after it for the same transition, finds it there unless the
+//! kernel skipped the state program, and then records it in its place.
+//!
+//! A log, not a "running" flag set inside the state program: the kernel counts a program as
+//! running from before its first instruction to after its last, so a flag leaves those edges
+//! uncovered, and one interrupt landing there lost a whole softirq batch (20 expired SYN
+//! timers) to the skip. A log rather than one mark: a softirq can run between the state program
+//! and the guard of one transition, and its own transitions overwrite the latest entry; the
+//! outer guard still finds its transition a few entries back.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
@@ -96,30 +104,64 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// 1 while the BTF state program runs on this CPU.
-#[map(name = "STATE_RUNNING")]
-static RUNNING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// Entries of the per-CPU log of transitions the state program saw: more than a softirq's
+/// batch (a timer tick's expired SYN timers come 20 at a time).
+const SEEN_LOG: usize = 64;
+
+/// The transitions the BTF state program saw last on this CPU, as (socket, states) entries.
+#[repr(C)]
+pub struct Seen {
+    next: u32,
+    _pad: u32,
+    socks: [u64; SEEN_LOG],
+    states: [u32; SEEN_LOG],
+}
+
+#[map(name = "STATE_SEEN")]
+static SEEN: PerCpuArray<Seen> = PerCpuArray::with_max_entries(1, 0);
+
+/// A transition's old and new state side by side (a socket makes each transition at most once
+/// per life).
+#[inline(always)]
+fn states(ctx: &BtfTracePointContext) -> u32 {
+    (ctx.arg::<i32>(1) as u32 & 0xff) << 8 | (ctx.arg::<i32>(2) as u32 & 0xff)
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
-    let running = RUNNING.get_ptr_mut(0);
-    if let Some(running) = running {
-        unsafe { *running = 1 };
+    if let Some(seen) = SEEN.get_ptr_mut(0) {
+        unsafe {
+            let i = (*seen).next as usize % SEEN_LOG;
+            (*seen).socks[i] = ctx.arg::<u64>(0);
+            (*seen).states[i] = states(&ctx);
+            (*seen).next = (*seen).next.wrapping_add(1);
+        }
     }
     record_btf(&ctx);
-    if let Some(running) = running {
-        unsafe { *running = 0 };
-    }
     0
 }
 
 /// The state program's stand-in for the transitions the kernel skips it for (module doc). Its
 /// name fits the kernel's 15 bytes, apart from the state program's in `bpftool` and the bench.
+/// The agent attaches it after the state program, so that the kernel runs it after it.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn set_state_guard(ctx: BtfTracePointContext) -> u32 {
-    match RUNNING.get_ptr(0) {
-        Some(running) if unsafe { *running } != 0 => {}
-        _ => return 0,
+    let Some(seen) = SEEN.get_ptr(0) else {
+        return 0;
+    };
+    let (sock, states) = (ctx.arg::<u64>(0), states(&ctx));
+    unsafe {
+        let last = (*seen).next.wrapping_sub(1) as usize % SEEN_LOG;
+        if (*seen).socks[last] == sock && (*seen).states[last] == states {
+            return 0;
+        }
+        // Rare: a softirq ran between the state program and this guard, or the kernel
+        // skipped the state program.
+        for i in 0..SEEN_LOG {
+            if (*seen).socks[i] == sock && (*seen).states[i] == states {
+                return 0;
+            }
+        }
     }
     maps::count(counter::RECOVERED);
     record_btf(&ctx);

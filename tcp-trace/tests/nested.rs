@@ -5,18 +5,17 @@
 //! backlog), the tick's softirq runs on the way out: its expired SYN timers close their
 //! sockets, and the kernel skips the state program for each of those transitions, only
 //! counting them. Here a real server churns connections (redis, `redis-benchmark -k 0`) while
-//! connects to a peer that drops every SYN time out all along, on every tick. Each count the
-//! agent reports must equal the namespace's own counter, short by no more than the skips it
-//! reported for the hook that records it (the guard program records most nested transitions
-//! in the state program's place: `kernel nested, recorded`).
+//! connects to a peer that drops every SYN time out all along, on every tick. The guard program
+//! records the nested transitions in the state program's place (`kernel nested, recorded`), so
+//! each count the agent reports must equal the namespace's own counter, short by no more than
+//! the skips it reported for the hook that records it: connect timeouts against
+//! `TcpAttemptFails`, SYN retransmits against `TCPSynRetrans`.
 //!
-//! One loss is the kernel's and silent: now and then none of the programs on the tracepoint
-//! runs for a whole timer batch of these closes (twenty sockets whose SYN timers expire
-//! together), and the kernel counts no skip. The agent's heal finds those sockets gone from the
-//! kernel's list and closes them (`healed closed`, cause unknown): the test asks that every
-//! timeout be recorded, reported skipped, or healed, and prints how many were healed. The same
-//! batches lose their SYN retransmits (a classic tracepoint's program, not run either), which
-//! no heal restores: printed, not asserted.
+//! Before the guard looked for its transition in the state program's log (a flag the state
+//! program set while it ran), about two runs in five lost one to three whole batches of twenty
+//! timeouts with their retransmits: the interrupt had landed at the edge of the state
+//! program's run, outside the flag. The agent's heal closed those sockets later (`healed
+//! closed`): printed here, and nothing may need it.
 mod support;
 
 use std::{
@@ -160,21 +159,28 @@ async fn transitions_nested_in_the_state_programs_run_are_recorded_or_counted() 
         "opened {opened} and closed {closed} (the heal's included) as the kernel's {opens} \
          opens, short by no more than the state program's reported skips ({state})"
     );
-    let healed = stats.healed_closed as i64;
     assert!(
-        within(failed, timed_out, state + healed),
+        within(failed, timed_out, state),
         "connect timeouts {timed_out} as the kernel's {failed} attempt fails, short by no more \
-         than the state program's reported skips ({state}) and the heal's closes ({healed}); \
-         closes:\n{}",
+         than the state program's reported skips ({state}); healed closed {}; closes:\n{}",
+        stats.healed_closed,
         now.lines()
             .filter(|l| l.starts_with("tcptrace_connections_closed_total"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    // Not asserted: the silent batch losses (module doc) take SYN retransmits too, and nothing
-    // heals a retransmit. Printed for the record.
+    // A connect whose close was skipped takes its SYN retransmits with it (they are counted
+    // when its handshake ends).
+    let kernel_retransmits = delta.get("TcpExt:TCPSynRetrans");
+    let per_connect = (kernel_retransmits + failed - 1) / failed.max(1);
     eprintln!(
-        "SYN retransmits {syn_retransmits} of the kernel's {} (tcp hooks' reported skips {tcp})",
-        delta.get("TcpExt:TCPSynRetrans")
+        "SYN retransmits {syn_retransmits} of the kernel's {kernel_retransmits} (tcp hooks' \
+         reported skips {tcp}); healed closed {}",
+        stats.healed_closed
+    );
+    assert!(
+        within(kernel_retransmits, syn_retransmits, tcp + per_connect * state),
+        "SYN retransmits {syn_retransmits} as the kernel's {kernel_retransmits}, short by no \
+         more than the reported skips (tcp {tcp}, state {state} of {per_connect} each)"
     );
 }
