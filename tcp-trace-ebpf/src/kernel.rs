@@ -2,7 +2,7 @@
 //! eBPF side has no CO-RE relocations). Reads from untyped addresses go through
 //! bpf_probe_read_kernel, and loads from BTF-typed pointers are fault-safe loads: a stale
 //! pointer yields 0, never a fault.
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
+use aya_ebpf::helpers::bpf_probe_read_kernel;
 
 use crate::{fields::load, maps::offset};
 
@@ -23,36 +23,19 @@ fn inum_of_net(net: u64) -> u32 {
 
 /// The network namespace inode of a socket (`sk->__sk_common.skc_net.net->ns.inum`). Request
 /// sockets share `sock_common`, so this works for them too.
+///
+/// Two reads every time, no per-CPU cache of the last namespace: a program run in a system
+/// call can be interrupted by a softirq whose programs read the same cache, and a cache entry
+/// half written when the interrupt came would file that softirq's records under the wrong
+/// namespace, where the `--netns` filter drops them uncounted.
 #[inline(always)]
 pub fn netns_of_sock(sock: u64) -> u32 {
     let net_offset = offset!(net);
     if sock == 0 || net_offset == 0 {
         return 0;
     }
-    let net: u64 = read(sock + net_offset as u64);
-    // Namespaces are few and long-lived: remember the last one per CPU and skip the second
-    // read when the socket's is the same.
-    let Some(cached) = NETNS_CACHE.get_ptr_mut(0) else {
-        return inum_of_net(net);
-    };
-    unsafe {
-        if (*cached).net == net && net != 0 {
-            return (*cached).inum;
-        }
-        let inum = inum_of_net(net);
-        *cached = NetCache { net, inum };
-        inum
-    }
+    inum_of_net(read(sock + net_offset as u64))
 }
-
-#[derive(Clone, Copy)]
-pub struct NetCache {
-    net: u64,
-    inum: u32,
-}
-
-#[map(name = "NETNS_CACHE")]
-static NETNS_CACHE: PerCpuArray<NetCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// The network namespace of a received packet, through its device (`skb->dev->nd_net.net`).
 #[inline(always)]
