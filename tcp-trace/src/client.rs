@@ -70,8 +70,15 @@ pub fn mismatch(
     };
     let text = causes(error);
     let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
-    // The agent hung up: how h2 and the socket report it depends on who noticed first.
-    let hung_up = ["connection closed", "broken pipe", "reset by peer"];
+    // The agent hung up: how h2 and the socket report it depends on who noticed first. When it
+    // hangs up before the first request goes out (a loaded host can delay that request), hyper
+    // says the connection "was not ready".
+    let hung_up = [
+        "connection closed",
+        "broken pipe",
+        "reset by peer",
+        "connection was not ready",
+    ];
     let refused = [
         "UnknownCA",
         "BadCertificate",
@@ -99,13 +106,8 @@ pub fn mismatch(
         .then(|| Mismatch::NotTls(sock.to_string())),
         // A TLS server answers the HTTP/2 preface with an alert record, which HTTP/2 reads as a
         // frame header with an impossible length, or hangs up.
-        // When the agent hangs up before the first request goes out (a loaded host can delay
-        // the first request that long), hyper says the connection "was not ready".
-        None if connected => (has(&[
-            "h2 protocol error",
-            "frame with invalid size",
-            "connection was not ready",
-        ]) || has(&hung_up))
+        None if connected => (has(&["h2 protocol error", "frame with invalid size"])
+            || has(&hung_up))
         .then(|| Mismatch::ServesTls(sock.to_string())),
         None => None,
     }
