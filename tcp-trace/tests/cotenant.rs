@@ -140,8 +140,12 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
         at(&now) - at(&at_start)
     };
     eprintln!(
-        "runs skipped by program: {:?}; hooks: {:?}; missing: {:?}",
-        stats.kernel_missed_by_program, stats.hooks_attached, stats.hooks_missing
+        "runs skipped by program: {:?}; hooks: {:?}; missing: {:?}; healed closed {}, adopted {}",
+        stats.kernel_missed_by_program,
+        stats.hooks_attached,
+        stats.hooks_missing,
+        stats.healed_closed,
+        stats.healed_adopted
     );
     assert_eq!(lost("kernel_ring"), 0, "no record dropped");
     assert!(
