@@ -179,7 +179,11 @@ async fn transitions_nested_in_the_state_programs_run_are_recorded_or_counted() 
         stats.healed_closed
     );
     assert!(
-        within(kernel_retransmits, syn_retransmits, tcp + per_connect * state),
+        within(
+            kernel_retransmits,
+            syn_retransmits,
+            tcp + per_connect * state
+        ),
         "SYN retransmits {syn_retransmits} as the kernel's {kernel_retransmits}, short by no \
          more than the reported skips (tcp {tcp}, state {state} of {per_connect} each)"
     );

@@ -124,12 +124,14 @@ async fn churn(ns: &NetNs, requests: &str) -> (i64, f64) {
     assert!(load.status.success(), "{load:?}");
     let delta = ns.snmp().delta(&before);
     let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
-    (opens, delta.get("Tcp:ActiveOpens") as f64 / elapsed.as_secs_f64())
+    (
+        opens,
+        delta.get("Tcp:ActiveOpens") as f64 / elapsed.as_secs_f64(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_json_into_a_file_follows_a_server_churning_at_full_speed_losing_nothing()
-{
+async fn watch_json_into_a_file_follows_a_server_churning_at_full_speed_losing_nothing() {
     let ns = NetNs::new("follow");
     // Connections close on the client side: TIME_WAIT may take every ephemeral port otherwise.
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
@@ -162,7 +164,10 @@ async fn watch_json_into_a_file_follows_a_server_churning_at_full_speed_losing_n
     support::agent::wait_for_subscribers(&mut client, 1).await;
 
     let (opens, rate) = churn(&ns, REQUESTS).await;
-    eprintln!("{opens} opens traced: {rate:.0} connections/s, {:.2} of untraced", rate / untraced);
+    eprintln!(
+        "{opens} opens traced: {rate:.0} connections/s, {:.2} of untraced",
+        rate / untraced
+    );
 
     // Everything the agent published is written once watch has been idle a moment.
     let mut size = 0;
