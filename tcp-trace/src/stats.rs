@@ -130,6 +130,7 @@ impl AgentStats {
             connection_duration: Some(self.connection_duration.to_proto()),
             handshake_latency: Some(self.handshake_latency.to_proto()),
             heals: self.heals.load(Ordering::Relaxed),
+            keepalive_unfollowed: table.keepalive_unfollowed,
             healed_closed: self.healed_closed.load(Ordering::Relaxed),
             healed_adopted: self.healed_adopted.load(Ordering::Relaxed),
         }

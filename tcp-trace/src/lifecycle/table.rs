@@ -80,6 +80,8 @@ pub struct Table {
     pub table_full: u64,
     /// Opening transitions for a socket the table still held: its CLOSE was never seen.
     pub reopened: u64,
+    /// Keepalive timer runs on sockets the table does not hold.
+    pub keepalive_unfollowed: u64,
     /// Aggregates per remote peer.
     pub peers: Peers,
     /// What healing against the kernel's socket list remembers (see `heal`).
@@ -98,6 +100,7 @@ impl Table {
             next_id: 1,
             table_full: 0,
             reopened: 0,
+            keepalive_unfollowed: 0,
             peers,
             healing: super::heal::Healing::default(),
         }
@@ -185,7 +188,10 @@ impl Table {
         &mut self,
         k: &KeepaliveTimer,
     ) -> Option<(Connection, [Option<KeepaliveChange>; 2])> {
-        let c = self.connection_mut(k.sock)?;
+        let Some(c) = self.connection_mut(k.sock) else {
+            self.keepalive_unfollowed += 1;
+            return None;
+        };
         let mut changes = [None, None];
         if k.probes_before == 0 && c.keepalive().unanswered > 0 {
             let probes = std::mem::take(&mut c.details_mut().keepalive.unanswered);

@@ -247,6 +247,16 @@ fn keepalive_probes_count_up_and_an_answer_resets_the_series() {
         table.keepalive_timer(&timer(1, 1)).is_none(),
         "a run that changes nothing says nothing"
     );
+    assert_eq!(table.keepalive_unfollowed, 0);
+    let unfollowed = KeepaliveTimer {
+        sock: 2,
+        ..timer(0, 1)
+    };
+    assert!(table.keepalive_timer(&unfollowed).is_none());
+    assert_eq!(
+        table.keepalive_unfollowed, 1,
+        "a probe the table cannot count is counted"
+    );
 }
 
 #[test]

@@ -55,6 +55,10 @@ pub fn stats_text(s: &proto::Stats) -> String {
     row("not followed (table full)", s.table_full.to_string());
     row("ends missed (cause unknown)", s.ends_missed.to_string());
     row(
+        "keepalive runs, unfollowed",
+        s.keepalive_unfollowed.to_string(),
+    );
+    row(
         "healed: closed / adopted (heals)",
         format!("{} / {} ({})", s.healed_closed, s.healed_adopted, s.heals),
     );
