@@ -330,7 +330,11 @@ pub mod counter {
     /// an interrupt's softirq nested in it) that its guard program recorded instead: to be
     /// taken from the state program's `recursion_misses`, which counts them all.
     pub const RECOVERED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Keepalive timer exits that did not match the keepalive entry seen on that CPU, and
+    /// entries that found another keepalive timer's entry still waiting for its exit: a
+    /// probe such a run sent is not recorded.
+    pub const KEEPALIVE_UNPAIRED: u32 = 3;
+    pub const COUNT: u32 = 4;
     // Successes are not counted in the kernel: the agent counts what it reads.
 }
 

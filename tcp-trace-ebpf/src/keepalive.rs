@@ -15,7 +15,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::{BtfTracePointContext, SockoptContext, TracePointContext},
 };
-use tcp_trace_common::{Header, Keepalive, SocketOption, kind, sockopt};
+use tcp_trace_common::{Header, Keepalive, SocketOption, counter, kind, sockopt};
 
 use crate::{
     fields::{field, load},
@@ -82,6 +82,9 @@ fn entered(timer: u64) {
     let Some(slot) = RUNNING.get_ptr_mut(0) else {
         return;
     };
+    if unsafe { (*slot).sock } != 0 {
+        maps::count(counter::KEEPALIVE_UNPAIRED);
+    }
     // Namespace now: the socket may be freed by the time the timer function returns.
     let running = Running {
         sock,
@@ -103,9 +106,11 @@ fn exited(timer: u64) {
         return;
     }
     unsafe { (*slot).sock = 0 };
-    if timer.wrapping_sub(offset!(sk_timer) as u64) != running.sock
-        || !maps::netns_wanted(running.netns)
-    {
+    if timer.wrapping_sub(offset!(sk_timer) as u64) != running.sock {
+        maps::count(counter::KEEPALIVE_UNPAIRED);
+        return;
+    }
+    if !maps::netns_wanted(running.netns) {
         return;
     }
     let Some(mut entry) = maps::reserve::<Keepalive>() else {

@@ -92,6 +92,7 @@ impl AgentStats {
             kernel_filtered: kernel.filtered,
             kernel_missed: kernel.missed,
             kernel_recovered: kernel.recovered,
+            kernel_keepalive_unpaired: kernel.keepalive_unpaired,
             kernel_missed_by_program: kernel
                 .by_program
                 .iter()

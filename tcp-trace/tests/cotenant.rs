@@ -141,13 +141,15 @@ async fn with_a_syscall_tracer_beside_it_a_churn_of_100000_connections_and_keepa
     };
     eprintln!(
         "runs skipped by program: {:?}; hooks: {:?}; missing: {:?}; healed closed {}, adopted \
-         {}; keepalive timer runs on unfollowed sockets {}; ring full {}, filtered {}",
+         {}; keepalive timer runs on unfollowed sockets {}, unpaired {}; ring full {}, filtered \
+         {}",
         stats.kernel_missed_by_program,
         stats.hooks_attached,
         stats.hooks_missing,
         stats.healed_closed,
         stats.healed_adopted,
         stats.keepalive_unfollowed,
+        stats.kernel_keepalive_unpaired,
         stats.kernel_ring_full,
         stats.kernel_filtered
     );

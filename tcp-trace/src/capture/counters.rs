@@ -20,6 +20,8 @@ pub struct KernelCounters {
     /// The state program's skips its guard recorded instead (`counter::RECOVERED`): not lost,
     /// and not in `missed`.
     pub recovered: u64,
+    /// Keepalive timer runs whose entry and exit did not pair up (`counter::KEEPALIVE_UNPAIRED`).
+    pub keepalive_unpaired: u64,
     /// `missed` by program name (every loaded program but the guard, in name order): which
     /// hook lost runs tells which records are missing.
     pub by_program: Vec<(&'static str, u64)>,
@@ -65,13 +67,14 @@ impl KernelCounterReader {
         by_program.sort_unstable();
         // The map after the skips (the kernel counts a skip before the guard records it): a
         // recovery that slips in between makes `missed` a moment late, never ahead.
-        let (ring_full, filtered, recovered) = {
+        let (ring_full, filtered, recovered, keepalive_unpaired) = {
             let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
             (
                 sum(counter::RING_FULL),
                 sum(counter::FILTERED),
                 sum(counter::RECOVERED),
+                sum(counter::KEEPALIVE_UNPAIRED),
             )
         };
         for (name, n) in &mut by_program {
@@ -84,6 +87,7 @@ impl KernelCounterReader {
             filtered,
             missed: by_program.iter().map(|(_, n)| n).sum(),
             recovered,
+            keepalive_unpaired,
             by_program,
         }
     }

@@ -59,6 +59,10 @@ pub fn stats_text(s: &proto::Stats) -> String {
         s.keepalive_unfollowed.to_string(),
     );
     row(
+        "keepalive runs, unpaired",
+        s.kernel_keepalive_unpaired.to_string(),
+    );
+    row(
         "healed: closed / adopted (heals)",
         format!("{} / {} ({})", s.healed_closed, s.healed_adopted, s.heals),
     );
