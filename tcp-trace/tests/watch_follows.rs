@@ -11,20 +11,22 @@ mod support;
 
 use std::{
     io::{BufRead, BufReader},
-    net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use support::NetNs;
+use support::{
+    NetNs,
+    process::{redis_churn_by, redis_server},
+};
 use tcp_trace::{api::ListenAddr, proto};
 
 const PORT: u16 = 6379;
 /// Requests, each on its own connection: about 4 s of load untraced.
-const REQUESTS: &str = "50000";
+const REQUESTS: u32 = 50_000;
 /// The untraced reference run: long enough for a steady rate.
-const REFERENCE_REQUESTS: &str = "20000";
+const REFERENCE_REQUESTS: u32 = 20_000;
 /// The traced run must keep at least this share of the untraced rate. On these 2-vCPU machines
 /// the load kept 0.43 to 0.50 of it with the agent and watcher beside it (2026-12-02): the
 /// bound catches a watcher or agent that stalls the load, not a slower machine.
@@ -82,46 +84,13 @@ async fn start_agent(
     }
 }
 
-fn in_netns(ns: &NetNs, program: &str) -> Command {
-    let mut command = Command::new("ip");
-    command.args(["netns", "exec", ns.name(), program]);
-    command
-}
-
-fn start_redis(ns: &NetNs) -> Running {
-    let redis = in_netns(ns, "redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &PORT.to_string()])
-        .args(["--save", "", "--appendonly", "no", "--tcp-backlog", "4096"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (cargo xtask test installs it)");
-    let redis = Running(redis);
-    // Ready once it accepts (that probe is counted before the load starts).
-    let until = Instant::now() + Duration::from_secs(10);
-    while ns.run(|| TcpStream::connect(("127.0.0.1", PORT)).is_err()) {
-        assert!(Instant::now() < until, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    redis
-}
-
 /// `requests` requests of `redis-benchmark -k 0` (50 clients, a new connection each), as
 /// (opens counted by the namespace, active opens per second).
-async fn churn(ns: &NetNs, requests: &str) -> (i64, f64) {
+async fn churn(ns: &NetNs, requests: u32) -> (i64, f64) {
     let before = ns.snmp();
     let started = Instant::now();
-    let load = tokio::task::spawn_blocking({
-        let mut bench = in_netns(ns, "redis-benchmark");
-        bench
-            .args(["-h", "127.0.0.1", "-p", &PORT.to_string()])
-            .args(["-k", "0", "-c", "50", "-n", requests])
-            .args(["-t", "ping_inline", "-q"]);
-        move || bench.output().expect("redis-benchmark runs")
-    })
-    .await
-    .unwrap();
+    redis_churn_by(ns, PORT, requests, 50).await;
     let elapsed = started.elapsed();
-    assert!(load.status.success(), "{load:?}");
     let delta = ns.snmp().delta(&before);
     let opens = delta.get("Tcp:ActiveOpens") + delta.get("Tcp:PassiveOpens");
     (
@@ -138,11 +107,12 @@ async fn watch_json_into_a_file_follows_a_server_churning_at_full_speed_losing_n
     let binary = optimised_binary();
     let tag = std::process::id();
     let socket = std::env::temp_dir().join(format!("tcp-trace-follow-{tag}.sock"));
-    let redis = start_redis(&ns);
+    let redis = redis_server(&ns, PORT);
     let (_, untraced) = churn(&ns, REFERENCE_REQUESTS).await;
     eprintln!("untraced: {untraced:.0} connections/s");
     let (agent, mut client) = start_agent(&binary, &ns, &socket).await;
-    // The readiness probe's server side closes a moment after it: before watch subscribes.
+    // The untraced run's last server-side closes may come a moment after it: before watch
+    // subscribes.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let file = std::env::temp_dir().join(format!("tcp-trace-follow-{tag}.jsonl"));

@@ -264,9 +264,15 @@ pub fn redis_server(ns: &crate::NetNs, port: u16) -> KillOnDrop {
 /// `redis-benchmark` against [`redis_server`] on `port` in `ns`, a new connection per request
 /// (`-k 0`, 20 clients, PING): `requests` connections that churn, until they are done.
 pub async fn redis_churn(ns: &crate::NetNs, port: u16, requests: u32) {
+    redis_churn_by(ns, port, requests, 20).await;
+}
+
+/// [`redis_churn`] with `clients` clients.
+pub async fn redis_churn_by(ns: &crate::NetNs, port: u16, requests: u32, clients: u32) {
     let mut load = ns.command("redis-benchmark");
     load.args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-k", "0", "-c", "20", "-n", &requests.to_string()])
+        .args(["-k", "0", "-c", &clients.to_string()])
+        .args(["-n", &requests.to_string()])
         .args(["-t", "ping_inline", "-q"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
