@@ -126,7 +126,8 @@ impl TransitionSwitch {
 
 /// Receives what [`Capture::run`] drains.
 pub trait Sink {
-    fn record(&mut self, record: Result<Record, DecodeError>);
+    /// The records of one drain, in the ring's order.
+    fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>);
     /// The ring was drained; a good moment to publish.
     fn batch_done(&mut self) {}
 }
@@ -302,16 +303,18 @@ impl Capture {
         let mut n = 0;
         // Bounded: when the programs write faster than the agent reads, the ring never empties,
         // and an unbounded drain would publish nothing and hold every decoded event in memory.
-        while n < MAX_DRAIN
-            && let Some(item) = ring.next()
-        {
+        sink.records(std::iter::from_fn(|| {
+            if n == MAX_DRAIN {
+                return None;
+            }
+            let item = ring.next()?;
             n += 1;
             let mut record = decode::decode(&item);
             if !context_tracked && let Ok(Record::Transition(t)) = &mut record {
                 distrust_context(t);
             }
-            sink.record(record);
-        }
+            Some(record)
+        }));
         // Also after an empty drain: the table completes the lives of connections that closed
         // in the drain before.
         sink.batch_done();
