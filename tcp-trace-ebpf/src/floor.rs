@@ -1,7 +1,12 @@
 //! Floors of the state hook's cost, for `cargo xtask bench` only (the agent never attaches
 //! them). Each is the state program cut down to one part of its path, so the bench can measure
 //! what that part alone costs a transition on the running kernel, with the same dispatch.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, map},
+    maps::RingBuf,
+    programs::BtfTracePointContext,
+};
 use tcp_trace_common::{Header, StateChange, kind};
 
 use crate::{maps, state::wanted};
@@ -37,6 +42,24 @@ pub fn floor_record_all(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// One ring for all CPUs, as the agent had before each CPU got its own: sized by the bench (the
+/// agent never writes to it, and leaves it at a page).
+#[map(name = "FLOOR_SHARED")]
+static SHARED: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+/// Like [`floor_record_all`] through one ring shared by every CPU: beside it, what CPUs
+/// writing records at once cost each other on a shared ring.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_shared(ctx: BtfTracePointContext) -> u32 {
+    let Some(mut entry) = SHARED.reserve::<StateChange>(0) else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    entry.write(zero_record(ctx.arg(0), now));
+    maps::submit(entry, now);
+    0
+}
+
 /// An all-zero state record but for its header, through the agent's ring.
 #[inline(always)]
 fn empty_record(sock: u64) {
@@ -44,6 +67,12 @@ fn empty_record(sock: u64) {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    entry.write(zero_record(sock, now));
+    maps::submit(entry, now);
+}
+
+#[inline(always)]
+fn zero_record(sock: u64, now: u64) -> StateChange {
     // SAFETY: StateChange is plain old data; all zeroes is a valid value.
     let mut record: StateChange = unsafe { core::mem::zeroed() };
     record.header = Header {
@@ -52,8 +81,7 @@ fn empty_record(sock: u64) {
         ts_ns: now,
         sock,
     };
-    entry.write(record);
-    maps::submit(entry, now);
+    record
 }
 
 /// Like [`floor_record`] with a record of the header alone (24 bytes, against the state

@@ -1,14 +1,20 @@
 //! Every map of the eBPF side, and the globals the agent sets at load time.
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    macros::map,
-    maps::{Array, PerCpuArray, RingBuf},
+    btf_maps::{ArrayOfMaps, RingBuf},
+    helpers::bpf_get_smp_processor_id,
+    macros::{btf_map, map},
+    maps::{Array, PerCpuArray, ring_buf::RingBufEntry},
 };
 use tcp_trace_common::{KernelOffsets, SockLayout, counter, switch};
 
-/// The records, in the order the kernel reserved them. Its size is set by the agent (`--ring-bytes`).
-#[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+/// One ring of records per CPU, indexed by the CPU a program runs on: no lock or cache line
+/// shared between CPUs that write records at once. Each ring holds its CPU's records in the
+/// order they were reserved; the agent merges the rings by time. The agent sets the number of
+/// entries (the possible CPUs), creates the rings (`--ring-bytes`) and puts them here before it
+/// attaches any program. The inner ring's size here is only the template's.
+#[btf_map]
+static RINGS: ArrayOfMaps<RingBuf<u8, 4096>, 1> = ArrayOfMaps::new();
 
 /// Per-CPU counters, indexed by `tcp_trace_common::counter`.
 #[map(name = "COUNTERS")]
@@ -105,8 +111,9 @@ pub fn netns_wanted(netns: u32) -> bool {
 }
 
 /// Reserves a record, counting a full ring as a kernel-side loss.
-pub fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>> {
-    let entry = EVENTS.reserve::<T>(0);
+pub fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let entry = RINGS.get(cpu).and_then(|ring| ring.reserve_untyped::<T>(0));
     if entry.is_none() {
         count(counter::RING_FULL);
     }
@@ -114,7 +121,7 @@ pub fn reserve<T: 'static>() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<T>
 }
 
 /// Submits a reserved record with the wake-up policy of [`submit_flags`].
-pub fn submit<T: 'static>(entry: aya_ebpf::maps::ring_buf::RingBufEntry<T>, now: u64) {
+pub fn submit<T: 'static>(entry: RingBufEntry<T>, now: u64) {
     entry.submit(submit_flags(now));
 }
 

@@ -7,7 +7,7 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use support::{
     NetNs,
     agent::{TestAgent, collect, endpoint, netns_filter, path, transitions_by_connection},
-    roundtrips,
+    roundtrips, roundtrips_across_cpus,
 };
 use tcp_trace::{
     agent::AgentConfig,
@@ -37,28 +37,34 @@ fn expected_events(n: usize) -> usize {
     n * 12 + 3
 }
 
+/// How the test's connections are made: [`roundtrips`] or [`roundtrips_across_cpus`].
+type Traffic = fn(&NetNs, IpAddr, usize) -> Vec<support::Roundtrip>;
+
 async fn exact_sequences_match_the_kernel_counters(addr: &str, program: StateProgram) {
-    const N: usize = 40;
+    exact_sequences_of(addr, program, roundtrips, 40).await;
+}
+
+async fn exact_sequences_of(addr: &str, program: StateProgram, traffic: Traffic, n: usize) {
     let ns = Arc::new(NetNs::new("seq"));
     let mut agent = agent_with(program).await;
     let mut stream = agent.subscribe(netns_filter(ns.inode())).await;
     let before = ns.snmp();
     let addr: IpAddr = addr.parse().unwrap();
     let traffic_ns = Arc::clone(&ns);
-    let trips = tokio::task::spawn_blocking(move || roundtrips(&traffic_ns, addr, N))
+    let trips = tokio::task::spawn_blocking(move || traffic(&traffic_ns, addr, n))
         .await
         .unwrap();
     let delta = ns.snmp().delta(&before);
     let events = collect(
         &mut stream,
-        expected_events(N),
+        expected_events(n),
         Duration::from_secs(10),
         Duration::from_millis(300),
     )
     .await;
     assert_eq!(
         events.len(),
-        expected_events(N),
+        expected_events(n),
         "no duplicated or foreign events"
     );
 
@@ -79,7 +85,7 @@ async fn exact_sequences_match_the_kernel_counters(addr: &str, program: StatePro
             )
             .count() as i64
     };
-    assert_eq!(delta.get("Tcp:ActiveOpens"), N as i64);
+    assert_eq!(delta.get("Tcp:ActiveOpens"), n as i64);
     assert_eq!(
         count_new(proto::TcpState::SynSent),
         delta.get("Tcp:ActiveOpens")
@@ -115,7 +121,7 @@ async fn exact_sequences_match_the_kernel_counters(addr: &str, program: StatePro
     }
     let listeners: Vec<_> = by_conn.values().filter(|t| **t == path(LISTENER)).collect();
     assert_eq!(listeners.len(), 1);
-    assert_eq!(by_conn.len(), 2 * N + 1);
+    assert_eq!(by_conn.len(), 2 * n + 1);
 
     // Each connection's closing summary tells the same path.
     for event in &events {
@@ -151,6 +157,15 @@ async fn every_ipv6_connection_has_its_exact_transitions_on_both_sides_and_match
 async fn the_classic_tracepoint_program_reports_the_same_on_both_families() {
     exact_sequences_match_the_kernel_counters("127.0.0.1", StateProgram::Classic).await;
     exact_sequences_match_the_kernel_counters("::1", StateProgram::Classic).await;
+}
+
+/// Each CPU writes its records into a ring of its own, and the agent merges the rings by time.
+/// Here every step of a connection runs on another CPU than the step before (connect,
+/// accept, each close), so each socket's transitions are split between two rings, and an agent
+/// that read the rings one after the other would show them out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transitions_recorded_on_different_cpus_arrive_in_order() {
+    exact_sequences_of("127.0.0.1", StateProgram::Btf, roundtrips_across_cpus, 200).await;
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

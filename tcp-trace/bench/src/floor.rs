@@ -34,15 +34,18 @@ pub enum FloorProgram {
     RecordAll,
     /// The switch, then a record of the header alone.
     RecordSmall,
+    /// As `RecordAll`, through one ring shared by every CPU instead of a ring per CPU.
+    Shared,
 }
 
 impl FloorProgram {
-    pub const ALL: [FloorProgram; 5] = [
+    pub const ALL: [FloorProgram; 6] = [
         FloorProgram::Empty,
         FloorProgram::Skip,
         FloorProgram::Record,
         FloorProgram::RecordAll,
         FloorProgram::RecordSmall,
+        FloorProgram::Shared,
     ];
 
     /// The program's name in the object.
@@ -53,6 +56,7 @@ impl FloorProgram {
             FloorProgram::Record => "floor_record",
             FloorProgram::RecordAll => "floor_record_all",
             FloorProgram::RecordSmall => "floor_record_small",
+            FloorProgram::Shared => "floor_shared",
         }
     }
 
@@ -63,11 +67,16 @@ impl FloorProgram {
             FloorProgram::Record => "floor: switch and an empty record",
             FloorProgram::RecordAll => "floor: an empty record every run",
             FloorProgram::RecordSmall => "floor: switch and a header-only record",
+            FloorProgram::Shared => "floor: a record every run, one ring for all CPUs",
         }
     }
 }
 
-/// A floor program attached by this process, its ring drained (and discarded) by a thread.
+/// The name of the thread that drains a floor's rings (the bench measures its CPU).
+pub const DRAIN_THREAD: &str = "floor-drain";
+
+/// A floor program attached by this process, its rings drained (read, merged, decoded and
+/// dropped) by a thread as the agent's drain reads them.
 pub struct Floor {
     _ebpf: Ebpf,
     stop: Arc<AtomicBool>,
@@ -81,9 +90,16 @@ impl Floor {
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
-            .map_max_entries("EVENTS", defaults.ring_bytes)
+            .map_max_entries("RINGS", capture::possible_cpus()?)
+            // The size the one ring had before the rings were per CPU.
+            .map_max_entries("FLOOR_SHARED", 4 << 20)
             .load(capture::object())
             .context("load the agent's eBPF object")?;
+        let mut rings = capture::per_cpu_rings(&mut ebpf, defaults.ring_bytes)?;
+        let shared = ebpf
+            .take_map("FLOOR_SHARED")
+            .context("no FLOOR_SHARED map")?;
+        let mut shared = RingBuf::try_from(shared)?;
         let btf = Btf::from_sys_fs().context("the kernel's BTF")?;
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(program.name())
@@ -93,13 +109,14 @@ impl Floor {
             .and_then(|()| prog.attach().map(drop))
             .map_err(|e: ProgramError| anyhow::anyhow!(capture::error_chain(&e)))
             .with_context(|| format!("attach {}", program.name()))?;
-        let mut ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("no EVENTS map")?)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let drain = thread::Builder::new().name("floor-drain".into()).spawn({
+        let drain = thread::Builder::new().name(DRAIN_THREAD.into()).spawn({
             let stop = stop.clone();
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    while ring.next().is_some() {}
+                    // As the agent's drain reads them (held records wait for the next drain).
+                    while rings.drain(16_384, false).len() > 0 {}
+                    while shared.next().is_some() {}
                     thread::sleep(Duration::from_millis(1));
                 }
             }

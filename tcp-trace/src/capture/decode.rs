@@ -13,7 +13,7 @@ use crate::model::{
 };
 
 /// Why a record could not be decoded: the kernel and agent disagree about the wire format.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {0} bytes is shorter than its header")]
     Short(usize),

@@ -1,23 +1,24 @@
-//! The only code that touches the kernel: load and attach the eBPF programs, drain the ring
-//! buffer, decode records, read the kernel-side counters.
+//! The only code that touches the kernel: load and attach the eBPF programs, drain the rings,
+//! decode records, read the kernel-side counters.
 mod btf;
 pub mod caps;
 mod counters;
 pub mod decode;
 mod offsets;
+pub mod rings;
 pub mod sockdiag;
 pub mod tracefs;
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, ArrayOfMaps, MapData, PerCpuArray},
     programs::TracePoint,
 };
 use tcp_trace_common::{globals, switch};
@@ -70,15 +71,18 @@ pub enum CaptureError {
     },
     #[error("eBPF map {0}: {1}")]
     Map(&'static str, aya::maps::MapError),
+    #[error("creating the per-CPU ring buffers failed: {0}")]
+    Rings(io::Error),
 }
 
-/// 4 MiB: about 30,000 records, 80 ms of the heaviest churn these machines make. The kernel
-/// maps the ring's pages twice (so records can wrap), so it costs twice that in resident memory.
-pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Each CPU's ring. 2 MiB: about 15,000 records, 80 ms of the heaviest churn one CPU of these
+/// machines makes (the 4 MiB of the one ring these two CPUs shared before). The memory is the
+/// kernel's, allocated when the agent starts: this times the possible CPUs.
+pub const DEFAULT_RING_BYTES: u32 = 2 << 20;
 
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
-    /// Ring buffer size in bytes: a power of two, a multiple of the page size.
+    /// Each CPU's ring buffer, in bytes: a power of two, a multiple of the page size.
     pub ring_bytes: u32,
     /// Only capture sockets in this network namespace (inode); None = every namespace.
     pub netns: Option<u32>,
@@ -135,7 +139,7 @@ pub trait Sink {
 pub struct Capture {
     // Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
-    ring: RingBuf<MapData>,
+    rings: rings::Rings,
     counters: KernelCounterReader,
     switch: TransitionSwitch,
     hooks: Hooks,
@@ -162,8 +166,10 @@ impl Capture {
             .override_global(globals::NETNS_FILTER, &netns_filter, true)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
             .override_global(globals::KERNEL_OFFSETS, &kernel.offsets, true)
-            .map_max_entries("EVENTS", config.ring_bytes)
+            .map_max_entries("RINGS", possible_cpus()?)
             .load(EBPF_OBJECT)?;
+        // Before any program is attached: a record that finds no ring is lost.
+        let rings = per_cpu_rings(&mut ebpf, config.ring_bytes)?;
 
         // Without the socket lock's owner flag a transition's task is only trusted where it
         // always runs in a system call (offsets::resolve named what is missing).
@@ -250,8 +256,6 @@ impl Capture {
         );
         hooks.missing.extend(caps::namespace_access());
 
-        let ring = ebpf.take_map("EVENTS").expect("the object defines EVENTS");
-        let ring = RingBuf::try_from(ring).map_err(|err| CaptureError::Map("EVENTS", err))?;
         let counters = ebpf
             .take_map("COUNTERS")
             .expect("the object defines COUNTERS");
@@ -273,7 +277,7 @@ impl Capture {
         let counters = KernelCounterReader::new(counters, programs);
         Ok(Capture {
             _ebpf: ebpf,
-            ring,
+            rings,
             counters,
             switch: TransitionSwitch(Arc::new(Mutex::new(switches))),
             hooks,
@@ -296,24 +300,22 @@ impl Capture {
         self.counters.clone()
     }
 
-    /// Drains what the ring holds now. Returns how many records it read.
+    /// Drains what the rings hold now. Returns how many records it handed on.
     pub fn drain(&mut self, sink: &mut impl Sink) -> usize {
+        self.drain_rings(sink, false)
+    }
+
+    fn drain_rings(&mut self, sink: &mut impl Sink, flush: bool) -> usize {
         let context_tracked = self.context_tracked;
-        let ring = &mut self.ring;
-        let mut n = 0;
-        // Bounded: when the programs write faster than the agent reads, the ring never empties,
+        // Bounded: when the programs write faster than the agent reads, the rings never empty,
         // and an unbounded drain would publish nothing and hold every decoded event in memory.
-        sink.records(std::iter::from_fn(|| {
-            if n == MAX_DRAIN {
-                return None;
-            }
-            let item = ring.next()?;
-            n += 1;
-            let mut record = decode::decode(&item);
+        let records = self.rings.drain(MAX_DRAIN, flush);
+        let n = records.len();
+        sink.records(records.map(|mut record| {
             if !context_tracked && let Ok(Record::Transition(t)) = &mut record {
                 distrust_context(t);
             }
-            Some(record)
+            record
         }));
         // Also after an empty drain: the table completes the lives of connections that closed
         // in the drain before.
@@ -336,23 +338,24 @@ impl Capture {
     /// churn outweighs the records themselves if it drains more often.
     pub fn run(&mut self, cancel: &tokio_util::sync::CancellationToken, sink: &mut impl Sink) {
         raise_drain_priority();
-        let fd = self.ring.as_raw_fd();
+        let fds: Vec<_> = self.rings.fds().collect();
         let follow_up = (self.wakeup_interval / 4).max(Duration::from_micros(50));
         while !cancel.is_cancelled() {
             // Level-triggered: returns at once while unread records are in the ring. The
             // timeout only bounds how long a stop request waits.
-            if let Err(err) = wait_readable(fd, Duration::from_millis(100)) {
-                tracing::error!("polling the ring buffer failed: {err}");
+            if let Err(err) = wait_readable(&fds, Duration::from_millis(100)) {
+                tracing::error!("polling the ring buffers failed: {err}");
                 break;
             }
             let woken = std::time::Instant::now();
             loop {
                 let n = self.drain(sink);
                 let busy_for = woken.elapsed();
-                if (n == 0 && busy_for >= self.wakeup_interval) || cancel.is_cancelled() {
+                let idle = n == 0 && self.rings.pending() == 0;
+                if (idle && busy_for >= self.wakeup_interval) || cancel.is_cancelled() {
                     break;
                 }
-                if n == MAX_DRAIN {
+                if n >= MAX_DRAIN {
                     // Behind: read on at once.
                     continue;
                 }
@@ -364,8 +367,35 @@ impl Capture {
             }
         }
         // Whatever is left when asked to stop.
-        self.drain(sink);
+        self.drain_rings(sink, true);
     }
+}
+
+/// The CPUs the kernel may ever run a program on (/sys/devices/system/cpu/possible): one ring
+/// each, since a program writes to its own CPU's.
+pub fn possible_cpus() -> Result<u32, CaptureError> {
+    aya::util::nr_cpus()
+        .map(|n| n as u32)
+        .map_err(|(path, err)| {
+            CaptureError::Rings(io::Error::new(err.kind(), format!("{path}: {err}")))
+        })
+}
+
+/// Creates a ring of `bytes` for each possible CPU and puts it into the programs' `RINGS`.
+pub fn per_cpu_rings(ebpf: &mut Ebpf, bytes: u32) -> Result<rings::Rings, CaptureError> {
+    let cpus = possible_cpus()?;
+    let rings = rings::Rings::create(cpus as usize, bytes).map_err(CaptureError::Rings)?;
+    let outer = ebpf.map_mut("RINGS").expect("the object defines RINGS");
+    let mut outer: ArrayOfMaps<&mut MapData, MapData> =
+        ArrayOfMaps::try_from(outer).map_err(|err| CaptureError::Map("RINGS", err))?;
+    for (cpu, fd) in rings.map_fds().enumerate() {
+        let fd = fd.try_clone_to_owned().map_err(CaptureError::Rings)?;
+        let ring = MapData::from_fd(fd).map_err(|err| CaptureError::Map("RINGS", err))?;
+        outer
+            .set(cpu as u32, &ring, 0)
+            .map_err(|err| CaptureError::Map("RINGS", err))?;
+    }
+    Ok(rings)
 }
 
 /// Nice value of the drain thread. When the traced workload keeps every CPU busy, the scheduler
@@ -397,19 +427,29 @@ fn raise_drain_priority() {
 /// published): a few milliseconds of the busiest churn, a few MiB of events held at most.
 const MAX_DRAIN: usize = 16_384;
 
-/// Waits until `fd` is readable or `timeout` passes (EINTR counts as a timeout).
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
-    let mut pollfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// Waits until one of `fds` is readable or `timeout` passes (EINTR counts as a timeout).
+fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) -> io::Result<()> {
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
-    let rc = unsafe { libc::ppoll(&mut pollfd, 1, &ts, std::ptr::null()) };
+    // SAFETY: valid pollfds, a valid timespec, no signal mask.
+    let rc = unsafe {
+        libc::ppoll(
+            pollfds.as_mut_ptr(),
+            pollfds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
     if rc < 0 {
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

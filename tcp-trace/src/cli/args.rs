@@ -47,9 +47,9 @@ pub struct AgentArgs {
     /// Where to serve gRPC: unix:PATH, HOST:PORT or PORT (loopback). Repeatable.
     #[arg(long, value_name = "ADDR", default_values_t = defaults().listen)]
     pub listen: Vec<ListenAddr>,
-    /// Kernel ring buffer size in bytes (a power of two, 4096 to 1 GiB; resident memory is twice
-    /// this). Records that find it full are lost in the kernel and counted (`stats`: kernel
-    /// ring full).
+    /// Each CPU's kernel ring buffer, in bytes (a power of two, 4096 to 1 GiB); there is one per
+    /// possible CPU, so the kernel memory is this times the CPUs. Records that find their CPU's
+    /// ring full are lost in the kernel and counted (`stats`: kernel ring full).
     #[arg(long, value_name = "BYTES", default_value_t = defaults().capture.ring_bytes, value_parser = parse_ring_bytes)]
     pub ring_bytes: u32,
     /// Only trace sockets in this network namespace (inode, as `stat -L -c %i /proc/PID/ns/net`
@@ -212,8 +212,8 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     }
     if n > MAX_RING_BYTES {
         return Err(format!(
-            "{n} bytes would keep {} MiB resident (twice the ring); at most {MAX_RING_BYTES} \
-             (1 GiB)",
+            "{n} bytes per CPU would keep {} MiB resident per CPU (the agent maps each ring \
+             twice); at most {MAX_RING_BYTES} (1 GiB)",
             (u64::from(n) * 2) >> 20
         ));
     }

@@ -365,6 +365,61 @@ pub fn roundtrips_between(
     n: usize,
     first: FirstCloser,
 ) -> Vec<Roundtrip> {
+    roundtrips_hopping(client_ns, server_ns, addr, n, first, &mut || {})
+}
+
+/// As [`roundtrips`], but each step of a connection runs on another CPU than the step before
+/// (connect, then accept and the exchange, then the first close, then the second, alternating
+/// between two CPUs and starting on the other one for each connection), so that its transitions
+/// are recorded on different CPUs. Panics on a machine with fewer than two CPUs.
+pub fn roundtrips_across_cpus(ns: &NetNs, addr: IpAddr, n: usize) -> Vec<Roundtrip> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls get valid pointers to it.
+    let allowed: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
+    };
+    assert!(
+        allowed.len() >= 2,
+        "this needs two CPUs; the thread may run on {allowed:?}"
+    );
+    let (a, b) = (allowed[0], allowed[1]);
+    let mut step = 0usize;
+    // The connections run on a thread of their own (`NetNs::run`), which alone is moved.
+    roundtrips_hopping(ns, ns, addr, n, FirstCloser::Client, &mut || {
+        step += 1;
+        pin_to(if step % 2 == 0 { a } else { b });
+    })
+}
+
+/// Moves the calling thread to `cpu` (and waits until it runs there).
+fn pin_to(cpu: usize) {
+    // SAFETY: a set holding one CPU, passed by valid pointer, for the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity({cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn roundtrips_hopping(
+    client_ns: &NetNs,
+    server_ns: &NetNs,
+    addr: IpAddr,
+    n: usize,
+    first: FirstCloser,
+    hop: &mut (dyn FnMut() + Send),
+) -> Vec<Roundtrip> {
     let listener = server_ns.run(|| {
         TcpListener::bind((addr, 0))
             .unwrap_or_else(|e| panic!("bind {addr}:0 in {}: {e}", server_ns.name))
@@ -378,7 +433,7 @@ pub fn roundtrips_between(
     client_ns.run(|| {
         (0..n)
             .map(|i| {
-                let trip = roundtrip(&listener, server, first).unwrap_or_else(|e| {
+                let trip = roundtrip(&listener, server, first, hop).unwrap_or_else(|e| {
                     panic!("connection {i} of {n} to {server} ({first:?} closes first): {e}")
                 });
                 wait_until_closed(&mut in_use, &idle, trip);
@@ -393,9 +448,12 @@ fn roundtrip(
     listener: &TcpListener,
     server: SocketAddr,
     first: FirstCloser,
+    hop: &mut (dyn FnMut() + Send),
 ) -> std::io::Result<Roundtrip> {
+    hop();
     let mut client = TcpStream::connect_timeout(&server, STEP_TIMEOUT)?;
     client.set_read_timeout(Some(STEP_TIMEOUT))?;
+    hop();
     // The handshake is complete once connect() returns, so accept() does not wait for the client.
     let (mut accepted, peer) = listener.accept()?;
     accepted.set_read_timeout(Some(STEP_TIMEOUT))?;
@@ -415,7 +473,9 @@ fn roundtrip(
         FirstCloser::Client => (client, accepted),
         FirstCloser::Server => (accepted, client),
     };
+    hop();
     drop(first);
+    hop();
     let eof = second.read(&mut byte)?;
     assert_eq!(eof, 0, "expected EOF after the peer closed");
     drop(second);
