@@ -263,6 +263,24 @@ pub fn rows(results: &Results, opts: &Options) -> Vec<Row> {
                 row.target("≤ 0.3", |s| s.median <= 0.3);
             }
         }
+        for &tracer in traced.iter().filter(|t| matches!(t, Tracer::Floor(_))) {
+            if phase != Phase::AlwaysOn {
+                continue;
+            }
+            let v = spread_of(&t.runs(phase, tracer), |r| {
+                per_million(r.floor_drain_cpu_s, r.kernel.active_opens)
+            });
+            t.push(
+                5,
+                AGENT_CPU_CONNECTION,
+                format!(
+                    "{}: its records read and decoded, nothing else",
+                    setup(tracer, phase)
+                ),
+                v,
+                Format::Decimal2,
+            );
+        }
     }
 
     // 2. The measured events per connection, at full churn and when quiet.

@@ -314,6 +314,9 @@ pub struct RunResult {
     pub foreign_cpu_s: f64,
     /// The tracer's BPF programs over the run (stats phase only).
     pub progs: Vec<ProgStats>,
+    /// CPU of a floor's drain thread over the run: its records read from the rings, merged and
+    /// decoded, nothing else (what any agent with these records pays at least).
+    pub floor_drain_cpu_s: f64,
 }
 
 impl RunResult {
@@ -555,7 +558,13 @@ async fn run_phases(opts: &Options) -> Result<Results> {
         ),
         (
             Phase::AlwaysOn,
-            vec![Tracer::None, Tracer::agent(0)],
+            // The floor writes the records the always-on agent's state program writes, and its
+            // drain reads them as the agent does: the least the agent's CPU can be.
+            vec![
+                Tracer::None,
+                Tracer::agent(0),
+                Tracer::Floor(floor::FloorProgram::Record),
+            ],
             opts.rounds,
             full(opts.concurrency, opts.duration),
         ),

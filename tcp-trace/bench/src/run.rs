@@ -213,6 +213,7 @@ async fn run_once(
         .transpose()?
         .unwrap_or_default();
     let consumer_before = tracer::threads_cpu_seconds(CONSUMER_THREADS);
+    let floor_drain_before = tracer::threads_cpu_seconds(crate::floor::DRAIN_THREAD);
     // Other tracers on the machine: their CPU over the run says how much they disturbed it.
     let foreign: Vec<u32> = program_holders()
         .into_iter()
@@ -284,6 +285,8 @@ async fn run_once(
         .unwrap_or_default();
     let consumer_after = tracer::threads_cpu_seconds(CONSUMER_THREADS);
     let consumer_cpu_s = consumer_after - consumer_before;
+    let floor_drain_cpu_s =
+        tracer::threads_cpu_seconds(crate::floor::DRAIN_THREAD) - floor_drain_before;
     let deferred_cpu_s = (consumer_after - consumer_at_end)
         + tracer_at_end
             .zip(proc_after)
@@ -310,6 +313,7 @@ async fn run_once(
         deferred_cpu_s,
         foreign_cpu_s,
         progs: tracer::prog_delta(&progs_before, &progs_after),
+        floor_drain_cpu_s,
     };
     match running {
         Running::None | Running::Floor { .. } => {}
