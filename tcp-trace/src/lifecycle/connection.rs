@@ -3,6 +3,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     num::NonZeroU32,
+    sync::Arc,
 };
 
 use crate::model::{
@@ -191,7 +192,10 @@ pub struct Connection {
     pub(super) handshake_ns: u64,
     /// Smoothed RTT at the last sample the agent got (establishment or close), microseconds.
     pub srtt_us: u32,
-    pub(super) details: Option<Box<Details>>,
+    /// Shared, not boxed: the table hands out a copy of the connection with every record it
+    /// applies, and a boxed copy cost a malloc and a free each time (a copy here is a count).
+    /// Written through [`Connection::details_mut`], which copies them only while shared.
+    pub(super) details: Option<Arc<Details>>,
 }
 
 /// The owner's task of a connection that has none.
@@ -318,7 +322,7 @@ impl Connection {
     }
 
     pub(super) fn details_mut(&mut self) -> &mut Details {
-        self.details.get_or_insert_default()
+        Arc::make_mut(self.details.get_or_insert_default())
     }
 
     /// Sets one of the details, allocating them only for a value other than the default.
@@ -492,7 +496,8 @@ mod tests {
         assert!(slot <= 136, "a table slot takes {slot} bytes");
     }
 
-    /// Allocated for keepalive sockets and at close: one 96-byte malloc chunk at most.
+    /// Allocated for keepalive sockets and at close, with the Arc's two counts: one 112-byte
+    /// malloc chunk at most.
     #[test]
     fn the_details_stay_within_their_memory_budget() {
         let details = std::mem::size_of::<Details>();
