@@ -399,8 +399,10 @@ const METHOD: &[&str] = &[
      the stats' own clock reads. The `floor:` rows are the agent's own object cut down \
      (tcp-trace-ebpf/src/floor.rs), attached alone to the BTF tracepoint by the bench: the empty \
      program (dispatch and stats), the transitions switch alone (a transition that writes no \
-     record), and the switch plus an empty record through the agent's ring (what any record \
-     costs before the socket is read). The `tcp-trace, 0 subscribers` rows are the always-on mode \
+     record), the switch plus an empty record through its CPU's ring (what any record costs \
+     before the socket is read), and the same record on every run through one ring shared by \
+     all CPUs (the design before the rings were per CPU: what CPUs writing at once cost each \
+     other). The `tcp-trace, 0 subscribers` rows are the always-on mode \
      (`--phases always-on` measures them without the rest of this phase).",
     "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \
      million transitions it handled in all namespaces (the agent's records_decoded; bpftrace's \
@@ -412,6 +414,9 @@ const METHOD: &[&str] = &[
     "5 — agent CPU per connection: the agent process's utime + stime over the run (including its \
      late work) per million of the bench namespace's ActiveOpens. The agent watches every \
      namespace, so other traffic on the host counts in the CPU but not in the connections: an \
-     upper bound on a shared machine. The always-on target (≤ 0.3) applies with no subscriber.",
+     upper bound on a shared machine. The always-on target (≤ 0.3) applies with no subscriber. \
+     Its floor (always-on phase): `floor_record` writes the records the always-on state program \
+     writes, and a thread of the bench drains them as the agent does (read, merged in time \
+     order, decoded) and does nothing else; that thread's CPU per million connections.",
     "6 — the same agent CPU figure at a fixed rate with 1, 10 and 100 subscribers.",
 ];
