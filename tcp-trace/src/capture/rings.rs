@@ -14,7 +14,7 @@
 //! every record up to `t` has been read: those are handed on in time order, and the later ones
 //! wait for the next drain. A busy ring (a program on another CPU between reserve and commit,
 //! for a few hundred nanoseconds) is read again; one that stays busy, or a ring not read to the
-//! end because the drain had read enough, holds the cut back to shortly before its last record.
+//! end because the drain took its share of it, holds the cut back to shortly before its last record.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -32,6 +32,9 @@ pub type Timed = (u64, Result<Record, DecodeError>);
 /// clock by the softirqs that interrupt it (whose own records then come first in the ring).
 const OVERTAKE_NS: u64 = 5_000_000;
 
+/// Fewest records a drain reads from each ring before it moves on to the next.
+const MIN_SHARE: usize = 1024;
+
 /// Reads of a busy ring before the drain gives up on it.
 const BUSY_RETRIES: usize = 64;
 
@@ -41,8 +44,6 @@ pub struct Rings {
     pending: Vec<Timed>,
     /// The last cut: every record up to it was handed on.
     cut: u64,
-    /// The ring the next drain reads first (so that a bounded drain reaches every ring).
-    first: usize,
     /// This drain's records, held ones first, then as read ring after ring.
     read: Vec<Timed>,
     /// (time, index in `read`): sorted, the order they are handed on in. Sorting these rather
@@ -61,7 +62,6 @@ impl Rings {
             rings,
             pending: Vec::new(),
             cut: 0,
-            first: 0,
             read: Vec::new(),
             order: Vec::new(),
         })
@@ -80,7 +80,7 @@ impl Rings {
         self.pending.len()
     }
 
-    /// Reads the rings (about `max` records at most) and returns, in time order, every record
+    /// Reads the rings (about `max` records at most, and at least a share of each) and returns, in time order, every record
     /// that nothing unread can precede; `flush` returns everything read (at a stop).
     pub fn drain(
         &mut self,
@@ -111,17 +111,18 @@ impl Rings {
         let now = monotonic_ns();
         let mut cut = now;
         let count = self.rings.len();
-        let mut total = 0;
-        for i in 0..count {
-            let index = (self.first + i) % count;
-            let ring = &mut self.rings[index];
+        // Every ring gets its share of each drain: a ring left unread would hold the cut back
+        // to its last record read, and the records held would pile up behind it.
+        let share = (max / count.max(1)).max(MIN_SHARE);
+        for ring in &mut self.rings {
             let mut retries = 0;
+            let mut taken = 0;
             let complete = loop {
-                if total >= max {
+                if taken >= share {
                     break false;
                 }
                 match ring.next(read) {
-                    Next::Read => total += 1,
+                    Next::Read => taken += 1,
                     Next::Empty => break true,
                     Next::Busy if retries < BUSY_RETRIES => {
                         retries += 1;
@@ -136,7 +137,6 @@ impl Rings {
                 cut = cut.min(ring.last_ts.saturating_sub(OVERTAKE_NS));
             }
         }
-        self.first = (self.first + 1) % count.max(1);
         cut.max(self.cut)
     }
 }
