@@ -59,6 +59,12 @@ pub enum Delivery {
         count: u64,
         last_seq: u64,
     },
+    /// Replayed history that asks for state changes, over seqs `first_seq..=last_seq`
+    /// published while nobody asked for them: the kernel did not record them then.
+    Unrecorded {
+        first_seq: u64,
+        last_seq: u64,
+    },
 }
 
 /// Where a subscription starts.
@@ -207,6 +213,10 @@ struct State {
     fresh: Vec<Arc<Published>>,
     /// The accounting of subscribers that have gone, so totals never go down.
     gone: Totals,
+    /// Stretches of seqs (first, last), oldest first, published from records the kernel wrote
+    /// while it recorded only opens and closes: no state changes among them. Only those the
+    /// replay buffer still reaches are kept.
+    unrecorded: VecDeque<(u64, u64)>,
 }
 
 /// Told whether any subscriber now asks for state-change events (see
@@ -293,6 +303,7 @@ impl Bus {
                 replay: VecDeque::new(),
                 fresh: Vec::new(),
                 gone: Totals::default(),
+                unrecorded: VecDeque::new(),
             }),
             config,
             demand_hook: std::sync::OnceLock::new(),
@@ -393,11 +404,25 @@ impl Bus {
     /// Numbers the events (encoded without their seq) in order, offers each to every subscriber
     /// whose filter matches and keeps it for replay. Drains `batch`.
     pub fn publish(&self, batch: &mut Vec<(Bytes, Keys)>) {
+        self.publish_marked(batch, false);
+    }
+
+    /// As [`Bus::publish`]; `unrecorded` says the batch came from records the kernel wrote while
+    /// it recorded only opens and closes (replayed history tells subscribers that ask for state
+    /// changes that it has none there).
+    pub fn publish_marked(&self, batch: &mut Vec<(Bytes, Keys)>, unrecorded: bool) {
         if batch.is_empty() {
             return;
         }
         let mut state = self.lock();
         let state = &mut *state;
+        if unrecorded {
+            let (first, last) = (state.next_seq, state.next_seq + batch.len() as u64 - 1);
+            match state.unrecorded.back_mut() {
+                Some(stretch) if stretch.1 + 1 == first => stretch.1 = last,
+                _ => state.unrecorded.push_back((first, last)),
+            }
+        }
         let mut fresh = std::mem::take(&mut state.fresh);
         for (unnumbered, keys) in batch.drain(..) {
             let seq = state.next_seq;
@@ -422,6 +447,10 @@ impl Bus {
         }
         fresh.clear();
         state.fresh = fresh;
+        let oldest = state.replay.front().map_or(state.next_seq, |p| p.seq);
+        while state.unrecorded.front().is_some_and(|s| s.1 < oldest) {
+            state.unrecorded.pop_front();
+        }
     }
 
     /// Numbers `count` events that were not built because nobody subscribed. The replay buffer
@@ -434,6 +463,7 @@ impl Bus {
         let mut state = self.lock();
         state.next_seq += count;
         state.replay.clear();
+        state.unrecorded.clear();
     }
 
     /// Whether anyone subscribes now (no lock taken: the agent asks once per record).
@@ -478,7 +508,7 @@ impl State {
     fn wants_state_changes(&self) -> bool {
         self.subscribers
             .iter()
-            .any(|s| s.filter.kinds.is_empty() || s.filter.kinds.contains(&EventKind::StateChange))
+            .any(|s| wants_state_changes(&s.filter))
     }
     /// What a new subscriber gets before live events. Called under the bus lock, so the next
     /// event published is the first live one.
@@ -522,8 +552,49 @@ impl State {
                 replay.extend(last);
             }
         }
-        Ok(replay)
+        let from = match start {
+            Start::Live => return Ok(replay),
+            Start::After(since) => since + 1,
+            Start::Last(_) => match replay.front() {
+                Some(Delivery::Event(first)) => first.seq,
+                _ => return Ok(replay),
+            },
+        };
+        if self.unrecorded.is_empty() || !wants_state_changes(filter) {
+            return Ok(replay);
+        }
+        Ok(with_unrecorded(replay, &self.unrecorded, from))
     }
+}
+
+fn wants_state_changes(filter: &Filter) -> bool {
+    filter.kinds.is_empty() || filter.kinds.contains(&EventKind::StateChange)
+}
+
+/// `replay` (events in seq order, from seq `from` on) with a [`Delivery::Unrecorded`] before the
+/// first event of each stretch in `stretches` that it reaches (or at its end, when no event of
+/// the stretch passed the filter).
+fn with_unrecorded(
+    replay: VecDeque<Delivery>,
+    stretches: &VecDeque<(u64, u64)>,
+    from: u64,
+) -> VecDeque<Delivery> {
+    let marker = |&(first, last): &(u64, u64)| Delivery::Unrecorded {
+        first_seq: first.max(from),
+        last_seq: last,
+    };
+    let mut stretches = stretches.iter().filter(|s| s.1 >= from).peekable();
+    let mut out = VecDeque::with_capacity(replay.len() + 1);
+    for delivery in replay {
+        if let Delivery::Event(event) = &delivery {
+            while let Some(stretch) = stretches.next_if(|s| s.0.max(from) <= event.seq) {
+                out.push_back(marker(stretch));
+            }
+        }
+        out.push_back(delivery);
+    }
+    out.extend(stretches.map(marker));
+    out
 }
 
 impl Subscriber {

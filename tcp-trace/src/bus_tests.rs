@@ -51,6 +51,10 @@ fn seqs(sub: &mut Subscription) -> Vec<String> {
             Delivery::Event(p) => p.seq.to_string(),
             Delivery::Lost { count, last_seq } => format!("lost{count}@{last_seq}"),
             Delivery::Expired { count, last_seq } => format!("expired{count}@{last_seq}"),
+            Delivery::Unrecorded {
+                first_seq,
+                last_seq,
+            } => format!("unrecorded{first_seq}-{last_seq}"),
         });
     }
     out
@@ -248,6 +252,47 @@ fn a_resumed_subscription_gets_exactly_what_it_missed_then_live() {
             latest: 6
         })
     );
+}
+
+#[test]
+fn history_published_while_transitions_went_unrecorded_says_so_to_those_asking_for_them() {
+    let bus = bus(100);
+    let closed_only = Filter {
+        kinds: vec![EventKind::ConnectionClosed],
+        ..Default::default()
+    };
+    let closed = |n| -> Vec<(Bytes, Keys)> {
+        (0..n)
+            .map(|_| event(EventKind::ConnectionClosed, 1))
+            .collect()
+    };
+    // A subscriber that asks only for closes keeps the kernel quiet: seqs 1-4, in two drains.
+    let _watcher = subscribe(&bus, closed_only.clone(), 100, Start::Live);
+    bus.publish_marked(&mut closed(2), true);
+    bus.publish_marked(&mut closed(2), true);
+    // Then someone asks for everything: recorded again from seq 5.
+    bus.publish_marked(&mut events(2), false);
+    let mut all = subscribe(&bus, Filter::default(), 100, Start::After(0));
+    assert_eq!(
+        seqs(&mut all),
+        ["unrecorded1-4", "1", "2", "3", "4", "5", "6"]
+    );
+    let mut later = subscribe(&bus, Filter::default(), 100, Start::After(2));
+    assert_eq!(seqs(&mut later), ["unrecorded3-4", "3", "4", "5", "6"]);
+    let mut last = subscribe(&bus, Filter::default(), 100, Start::Last(3));
+    assert_eq!(seqs(&mut last), ["unrecorded4-4", "4", "5", "6"]);
+    // Nothing missing for those who did not ask for state changes, or whose history is after.
+    let mut closes = subscribe(&bus, closed_only, 100, Start::After(0));
+    assert_eq!(seqs(&mut closes), ["1", "2", "3", "4"]);
+    let mut recent = subscribe(&bus, Filter::default(), 100, Start::After(4));
+    assert_eq!(seqs(&mut recent), ["5", "6"]);
+    // A stretch whose events the filter passes none of is still told, where it ends.
+    let ports_2 = Filter {
+        ports: vec![2],
+        ..Default::default()
+    };
+    let mut none = subscribe(&bus, ports_2, 100, Start::After(0));
+    assert_eq!(seqs(&mut none), ["unrecorded1-4"]);
 }
 
 #[test]

@@ -195,6 +195,7 @@ fn lost(w: &mut Json, l: &proto::Lost) {
     });
     w.u64("ringFull", l.ring_full);
     w.u64("runsSkipped", l.runs_skipped);
+    w.u64("firstSeq", l.first_seq);
 }
 
 fn keepalive(w: &mut Json, k: &proto::Keepalive) {

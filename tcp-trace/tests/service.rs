@@ -375,6 +375,68 @@ async fn reconnecting_with_since_seq_gives_a_gap_free_union_while_traffic_flows(
     agent.shutdown().await;
 }
 
+/// While the only subscriber asks for closes, the kernel records only opens and closes. A
+/// subscription that later resumes that history asking for everything is told, before it,
+/// that the history lacks its state changes, and gets the closes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_recorded_while_quiet_says_its_state_changes_are_missing() {
+    const N: usize = 10;
+    let ns = Arc::new(NetNs::new("unrec"));
+    let mut config = AgentConfig::default();
+    // Only this namespace reaches the agent, so its seqs are this test's events alone.
+    config.capture.netns = Some(ns.inode() as u32);
+    let mut agent = TestAgent::start_with(config).await;
+    let closes = proto::Filter {
+        kinds: vec![proto::EventKind::ConnectionClosed as i32],
+        ..netns_filter(ns.inode())
+    };
+    let mut watcher = agent.subscribe(closes).await;
+    agent.wait_for_subscribers(1).await;
+    let traffic_ns = Arc::clone(&ns);
+    tokio::task::spawn_blocking(move || roundtrips(&traffic_ns, "127.0.0.1".parse().unwrap(), N))
+        .await
+        .unwrap();
+    // A closing summary for each side of each connection, and the listener's.
+    let quiet = collect(&mut watcher, 2 * N + 1, 10 * SECOND, GRACE).await;
+    assert_eq!(quiet.len(), 2 * N + 1);
+
+    let request = proto::SubscribeRequest {
+        filter: Some(netns_filter(ns.inode())),
+        since_seq: Some(0),
+        ..Default::default()
+    };
+    let mut resumed = agent.subscribe_with(request).await;
+    let replayed = collect(&mut resumed, 2 * N + 2, 10 * SECOND, GRACE).await;
+    assert_eq!(replayed.len(), 2 * N + 2, "one marker, then the closes");
+    let Some(Body::Lost(marker)) = &replayed[0].body else {
+        panic!("first replayed: {:?}", replayed[0]);
+    };
+    assert_eq!(marker.stage, proto::LossStage::Unrecorded as i32);
+    assert_eq!(marker.count, 0);
+    assert_eq!(marker.first_seq, 1, "from the first event on");
+    assert!(
+        replayed[0].seq >= quiet.last().unwrap().seq,
+        "the kernel stayed quiet to the end: {} < {}",
+        replayed[0].seq,
+        quiet.last().unwrap().seq
+    );
+    let seqs = |events: &[proto::Event]| events.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(&replayed[1..]),
+        seqs(&quiet),
+        "the closes, none missing"
+    );
+    // The subscriber that asks for everything turned recording on: no marker for what follows.
+    let traffic_ns = Arc::clone(&ns);
+    tokio::task::spawn_blocking(move || roundtrips(&traffic_ns, "127.0.0.1".parse().unwrap(), 1))
+        .await
+        .unwrap();
+    let live = collect(&mut resumed, roundtrip_events(1), 10 * SECOND, GRACE).await;
+    assert_eq!(live.len(), roundtrip_events(1));
+    assert!(live.iter().all(|e| lost_count(e).is_none()));
+    agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_gone_from_the_replay_buffer_are_one_exact_lost_and_replay_last_gives_the_latest() {
     const CALLS: usize = 5;

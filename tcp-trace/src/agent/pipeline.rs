@@ -60,6 +60,9 @@ impl Pipeline {
         self.events.unwatched = !self.keep_replay && !self.bus.has_subscribers();
         match record {
             Record::Transition(t) => {
+                // Recorded while the kernel recorded only opens and closes?
+                self.events.quiet = !t.all_recorded;
+                self.events.unrecorded |= self.events.quiet;
                 let applied = table.apply(&t);
                 let c = &applied.connection;
                 if applied.opened {
@@ -187,7 +190,8 @@ impl capture::Sink for Pipeline {
         // The events counted, not built, came before any built in this drain: a subscriber
         // arrived in between.
         self.bus.skip(std::mem::take(&mut self.events.skipped));
-        self.bus.publish(&mut self.events.batch);
+        self.bus
+            .publish_marked(&mut self.events.batch, self.events.unrecorded);
         self.events.drain_done();
         // After publishing: reading the kernel's counters (a file per program) must not delay
         // this drain's events. A loss found here goes out with the next drain, at most one

@@ -152,6 +152,10 @@ impl Stream for EventStream {
                         last_seq,
                         proto::LossStage::Replay,
                     )),
+                    Delivery::Unrecorded {
+                        first_seq,
+                        last_seq,
+                    } => EncodedEvent::message(convert::unrecorded(first_seq, last_seq)),
                 })
             })
         })

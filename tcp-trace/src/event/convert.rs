@@ -393,6 +393,16 @@ pub fn lost(count: u64, last_seq: u64, stage: proto::LossStage) -> proto::Event 
     }
 }
 
+/// Replayed history without state changes from `first_seq` to `last_seq`: nobody asked for
+/// them then, so the kernel did not record them.
+pub fn unrecorded(first_seq: u64, last_seq: u64) -> proto::Event {
+    let mut event = lost(0, last_seq, proto::LossStage::Unrecorded);
+    if let Some(proto::event::Body::Lost(lost)) = &mut event.body {
+        lost.first_seq = first_seq;
+    }
+    event
+}
+
 /// Records lost in the kernel (a full ring, skipped runs): an event of its own, for every
 /// subscriber (the bus delivers kind LOST whatever the filter).
 pub fn kernel_lost(ring_full: u64, runs_skipped: u64) -> (proto::Event, Keys) {
@@ -403,6 +413,7 @@ pub fn kernel_lost(ring_full: u64, runs_skipped: u64) -> (proto::Event, Keys) {
             stage: proto::LossStage::Kernel as i32,
             ring_full,
             runs_skipped,
+            first_seq: 0,
         })),
         ..lost(0, 0, proto::LossStage::Kernel)
     };

@@ -86,6 +86,11 @@ pub struct Events {
     pub unwatched: bool,
     /// Events counted, not built, this drain.
     pub skipped: u64,
+    /// The kernel recorded only opens and closes when it recorded the latest transition.
+    pub quiet: bool,
+    /// This drain's events may lack state changes: the kernel was quiet at its start or for one
+    /// of its transitions (the bus marks them for replay).
+    pub unrecorded: bool,
 }
 
 impl Default for Events {
@@ -96,6 +101,8 @@ impl Default for Events {
             batch: Vec::with_capacity(1024),
             unwatched: false,
             skipped: 0,
+            quiet: false,
+            unrecorded: false,
         }
     }
 }
@@ -155,6 +162,7 @@ impl Events {
     /// Called when a drain's batch was published.
     pub fn drain_done(&mut self) {
         self.clock = Clock::now();
+        self.unrecorded = self.quiet;
     }
 
     /// Counts the event instead of building it while nobody subscribes.

@@ -250,9 +250,10 @@ impl Rng {
             }),
             3 => Body::Lost(proto::Lost {
                 count: self.u64(),
-                stage: self.enumeration(3),
+                stage: self.enumeration(4),
                 ring_full: self.u64(),
                 runs_skipped: self.u64(),
+                first_seq: self.u64(),
             }),
             4 => Body::Retransmit(proto::Retransmit {
                 state: self.enumeration(13),

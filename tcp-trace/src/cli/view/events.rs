@@ -61,6 +61,23 @@ pub fn write_event_line(line: &mut String, event: &proto::Event) {
                 lost.count, lost.ring_full, lost.runs_skipped
             );
         }
+        Some(proto::event::Body::Lost(lost)) if lost.stage == proto::LossStage::Replay as i32 => {
+            let _ = write!(
+                line,
+                "LOST {} events: they had left the agent's replay buffer (--replay)",
+                lost.count
+            );
+        }
+        Some(proto::event::Body::Lost(lost))
+            if lost.stage == proto::LossStage::Unrecorded as i32 =>
+        {
+            let _ = write!(
+                line,
+                "NOT RECORDED: state changes of seqs {} to {} (nobody asked for them then; \
+                 closing summaries are exact)",
+                lost.first_seq, event.seq
+            );
+        }
         Some(proto::event::Body::Lost(lost)) => {
             let _ = write!(
                 line,
