@@ -386,11 +386,9 @@ async fn history_recorded_while_quiet_says_its_state_changes_are_missing() {
     // Only this namespace reaches the agent, so its seqs are this test's events alone.
     config.capture.netns = Some(ns.inode() as u32);
     let mut agent = TestAgent::start_with(config).await;
-    let closes = proto::Filter {
-        kinds: vec![proto::EventKind::ConnectionClosed as i32],
-        ..netns_filter(ns.inode())
-    };
-    let mut watcher = agent.subscribe(closes).await;
+    let mut watcher = agent
+        .subscribe(kinds(proto::EventKind::ConnectionClosed))
+        .await;
     agent.wait_for_subscribers(1).await;
     let traffic_ns = Arc::clone(&ns);
     tokio::task::spawn_blocking(move || roundtrips(&traffic_ns, "127.0.0.1".parse().unwrap(), N))
@@ -401,7 +399,6 @@ async fn history_recorded_while_quiet_says_its_state_changes_are_missing() {
     assert_eq!(quiet.len(), 2 * N + 1);
 
     let request = proto::SubscribeRequest {
-        filter: Some(netns_filter(ns.inode())),
         since_seq: Some(0),
         ..Default::default()
     };
