@@ -32,6 +32,9 @@ pub type Timed = (u64, Result<Record, DecodeError>);
 /// clock by the softirqs that interrupt it (whose own records then come first in the ring).
 const OVERTAKE_NS: u64 = 5_000_000;
 
+/// Most passes over the rings in one drain.
+const PASSES: usize = 3;
+
 /// Fewest records a drain reads from each ring before it moves on to the next.
 const MIN_SHARE: usize = 1024;
 
@@ -49,6 +52,8 @@ pub struct Rings {
     /// (time, index in `read`): sorted, the order they are handed on in. Sorting these rather
     /// than the records moves 16 bytes a record instead of the whole record.
     order: Vec<(u64, u32)>,
+    /// Records read from each ring this drain.
+    taken: Vec<usize>,
 }
 
 impl Rings {
@@ -64,6 +69,7 @@ impl Rings {
             cut: 0,
             read: Vec::new(),
             order: Vec::new(),
+            taken: Vec::new(),
         })
     }
 
@@ -106,38 +112,61 @@ impl Rings {
 
     /// Reads every ring into `read`; returns the cut: a time up to which every record written
     /// has been read.
+    ///
+    /// A pass that reads every ring to its end proves its start time a cut. The records it read
+    /// were mostly written before it began, and those written during it are later than that
+    /// time and would wait for the next drain; so while a pass reads anything, another pass
+    /// follows (up to [`PASSES`]), whose start is a later cut, and a trickle's records go out
+    /// in the drain that read them.
     fn read_rings(&mut self, max: usize) -> u64 {
         let read = &mut self.read;
-        let now = monotonic_ns();
-        let mut cut = now;
         let count = self.rings.len();
         // Every ring gets its share of each drain: a ring left unread would hold the cut back
         // to its last record read, and the records held would pile up behind it.
         let share = (max / count.max(1)).max(MIN_SHARE);
-        for ring in &mut self.rings {
-            let mut retries = 0;
-            let mut taken = 0;
-            let complete = loop {
-                if taken >= share {
-                    break false;
-                }
-                match ring.next(read) {
-                    Next::Read => taken += 1,
-                    Next::Empty => break true,
-                    Next::Busy if retries < BUSY_RETRIES => {
-                        retries += 1;
-                        std::hint::spin_loop();
+        self.taken.clear();
+        self.taken.resize(count, 0);
+        let mut cut = None;
+        for _ in 0..PASSES {
+            let start = monotonic_ns();
+            let mut read_any = false;
+            let mut held_back = u64::MAX;
+            for (ring, taken) in self.rings.iter_mut().zip(self.taken.iter_mut()) {
+                let mut retries = 0;
+                let complete = loop {
+                    if *taken >= share {
+                        break false;
                     }
-                    Next::Busy => break false,
+                    match ring.next(read) {
+                        Next::Read => {
+                            *taken += 1;
+                            read_any = true;
+                        }
+                        Next::Empty => break true,
+                        Next::Busy if retries < BUSY_RETRIES => {
+                            retries += 1;
+                            std::hint::spin_loop();
+                        }
+                        Next::Busy => break false,
+                    }
+                };
+                if !complete {
+                    // Its unread records were reserved after its last read one: none is older
+                    // than that one's time, but for what interrupted its program meanwhile.
+                    held_back = held_back.min(ring.last_ts.saturating_sub(OVERTAKE_NS));
                 }
-            };
-            if !complete {
-                // Its unread records were reserved after its last read one: none is older than
-                // that one's time, but for what interrupted its program meanwhile.
-                cut = cut.min(ring.last_ts.saturating_sub(OVERTAKE_NS));
+            }
+            if held_back != u64::MAX {
+                // This pass proves nothing; an earlier complete one still does.
+                cut = cut.or(Some(start.min(held_back)));
+                break;
+            }
+            cut = Some(start);
+            if !read_any {
+                break;
             }
         }
-        cut.max(self.cut)
+        cut.unwrap_or(self.cut).max(self.cut)
     }
 }
 
