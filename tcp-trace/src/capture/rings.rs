@@ -12,7 +12,8 @@
 //! after its ring was read empty, so its time is later than `t` (a program reads the clock after
 //! it reserves), or it was still being written and shows as busy. So when no ring was busy,
 //! every record up to `t` has been read: those are handed on in time order, and the later ones
-//! wait for the next drain. A busy ring (a program on another CPU between reserve and commit,
+//! wait for the next drain (which is why a drain reads again while it finds records: each
+//! complete pass moves `t` past what the one before read). A busy ring (a program on another CPU between reserve and commit,
 //! for a few hundred nanoseconds) is read again; one that stays busy, or a ring not read to the
 //! end because the drain took its share of it, holds the cut back to shortly before its last record.
 use std::{
