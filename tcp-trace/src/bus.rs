@@ -508,7 +508,7 @@ impl State {
     fn wants_state_changes(&self) -> bool {
         self.subscribers
             .iter()
-            .any(|s| wants_state_changes(&s.filter))
+            .any(|s| s.filter.asks_for_state_changes())
     }
     /// What a new subscriber gets before live events. Called under the bus lock, so the next
     /// event published is the first live one.
@@ -560,41 +560,11 @@ impl State {
                 _ => return Ok(replay),
             },
         };
-        if self.unrecorded.is_empty() || !wants_state_changes(filter) {
+        if self.unrecorded.is_empty() || !filter.asks_for_state_changes() {
             return Ok(replay);
         }
-        Ok(with_unrecorded(replay, &self.unrecorded, from))
+        Ok(replay::with_unrecorded(replay, &self.unrecorded, from))
     }
-}
-
-fn wants_state_changes(filter: &Filter) -> bool {
-    filter.kinds.is_empty() || filter.kinds.contains(&EventKind::StateChange)
-}
-
-/// `replay` (events in seq order, from seq `from` on) with a [`Delivery::Unrecorded`] before the
-/// first event of each stretch in `stretches` that it reaches (or at its end, when no event of
-/// the stretch passed the filter).
-fn with_unrecorded(
-    replay: VecDeque<Delivery>,
-    stretches: &VecDeque<(u64, u64)>,
-    from: u64,
-) -> VecDeque<Delivery> {
-    let marker = |&(first, last): &(u64, u64)| Delivery::Unrecorded {
-        first_seq: first.max(from),
-        last_seq: last,
-    };
-    let mut stretches = stretches.iter().filter(|s| s.1 >= from).peekable();
-    let mut out = VecDeque::with_capacity(replay.len() + 1);
-    for delivery in replay {
-        if let Delivery::Event(event) = &delivery {
-            while let Some(stretch) = stretches.next_if(|s| s.0.max(from) <= event.seq) {
-                out.push_back(marker(stretch));
-            }
-        }
-        out.push_back(delivery);
-    }
-    out.extend(stretches.map(marker));
-    out
 }
 
 impl Subscriber {
@@ -716,3 +686,5 @@ impl Subscription {
 #[cfg(test)]
 #[path = "bus_tests.rs"]
 mod tests;
+
+mod replay;

@@ -60,6 +60,13 @@ fn seqs(sub: &mut Subscription) -> Vec<String> {
     out
 }
 
+fn closed_only() -> Filter {
+    Filter {
+        kinds: vec![EventKind::ConnectionClosed],
+        ..Default::default()
+    }
+}
+
 fn account(bus: &Bus, id: u64) -> SubscriberSnapshot {
     bus.snapshot()
         .subscribers
@@ -257,10 +264,7 @@ fn a_resumed_subscription_gets_exactly_what_it_missed_then_live() {
 #[test]
 fn history_published_while_transitions_went_unrecorded_says_so_to_those_asking_for_them() {
     let bus = bus(100);
-    let closed_only = Filter {
-        kinds: vec![EventKind::ConnectionClosed],
-        ..Default::default()
-    };
+    let closed_only = closed_only();
     let closed = |n| -> Vec<(Bytes, Keys)> {
         (0..n)
             .map(|_| event(EventKind::ConnectionClosed, 1))
@@ -298,10 +302,7 @@ fn history_published_while_transitions_went_unrecorded_says_so_to_those_asking_f
 #[test]
 fn events_gone_from_the_replay_buffer_are_counted_over_all_kinds() {
     let bus3 = bus(3);
-    let closed_only = Filter {
-        kinds: vec![EventKind::ConnectionClosed],
-        ..Default::default()
-    };
+    let closed_only = closed_only();
     let mut batch = events(5);
     batch.push(event(EventKind::ConnectionClosed, 1));
     bus3.publish(&mut batch); // seqs 1-6; the buffer holds 4-6

@@ -238,6 +238,11 @@ impl TryFrom<proto::Filter> for Filter {
 }
 
 impl Filter {
+    /// Whether events of kind state change pass the kinds part (the rest may still not).
+    pub fn asks_for_state_changes(&self) -> bool {
+        self.kinds.is_empty() || self.kinds.contains(&EventKind::StateChange)
+    }
+
     pub fn matches(&self, keys: &Keys) -> bool {
         (self.kinds.is_empty() || self.kinds.contains(&keys.kind)) && self.matches_connection(keys)
     }

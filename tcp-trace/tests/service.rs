@@ -208,6 +208,14 @@ async fn a_hundred_subscribers_with_different_filters_each_get_exactly_their_sha
     agent.shutdown().await;
 }
 
+/// An agent that sees only `ns` (filtered in the kernel): its seqs are that namespace's events
+/// alone.
+fn only(ns: &NetNs) -> AgentConfig {
+    let mut config = AgentConfig::default();
+    config.capture.netns = Some(ns.inode() as u32);
+    config
+}
+
 fn kinds(kind: proto::EventKind) -> proto::Filter {
     proto::Filter {
         kinds: vec![kind as i32],
@@ -382,10 +390,7 @@ async fn reconnecting_with_since_seq_gives_a_gap_free_union_while_traffic_flows(
 async fn history_recorded_while_quiet_says_its_state_changes_are_missing() {
     const N: usize = 10;
     let ns = Arc::new(NetNs::new("unrec"));
-    let mut config = AgentConfig::default();
-    // Only this namespace reaches the agent, so its seqs are this test's events alone.
-    config.capture.netns = Some(ns.inode() as u32);
-    let mut agent = TestAgent::start_with(config).await;
+    let mut agent = TestAgent::start_with(only(&ns)).await;
     let mut watcher = agent
         .subscribe(kinds(proto::EventKind::ConnectionClosed))
         .await;
@@ -440,10 +445,8 @@ async fn events_gone_from_the_replay_buffer_are_one_exact_lost_and_replay_last_g
     let ns = Arc::new(NetNs::new("expire"));
     let mut config = AgentConfig {
         replay: 20,
-        ..Default::default()
+        ..only(&ns)
     };
-    // Only this namespace reaches the agent, so its seqs are this test's events alone.
-    config.capture.netns = Some(ns.inode() as u32);
     // The replay holds events made while nobody subscribes only with --all-transitions.
     config.capture.all_transitions = true;
     let mut agent = TestAgent::start_with(config).await;
@@ -516,9 +519,7 @@ async fn events_gone_from_the_replay_buffer_are_one_exact_lost_and_replay_last_g
 async fn stats_account_for_every_kernel_record_through_to_each_subscriber() {
     const N: usize = 30;
     let ns = Arc::new(NetNs::new("account"));
-    let mut config = AgentConfig::default();
-    config.capture.netns = Some(ns.inode() as u32);
-    let mut agent = TestAgent::start_with(config).await;
+    let mut agent = TestAgent::start_with(only(&ns)).await;
     let transitions = kinds(proto::EventKind::StateChange);
     let mut everything = agent.subscribe(proto::Filter::default()).await;
     let mut fast = agent.subscribe(transitions.clone()).await;
@@ -962,8 +963,7 @@ async fn tls_and_mutual_tls_accept_the_right_clients_and_refuse_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_resumes_replays_sorts_and_draws_top() {
     let ns = Arc::new(NetNs::new("cli4"));
-    let mut config = AgentConfig::default();
-    config.capture.netns = Some(ns.inode() as u32);
+    let mut config = only(&ns);
     // The replay holds events made while nobody subscribes only with --all-transitions.
     config.capture.all_transitions = true;
     let mut agent = TestAgent::start_with(config).await;
