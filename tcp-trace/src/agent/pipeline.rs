@@ -122,7 +122,7 @@ impl capture::Sink for Pipeline {
     fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>) {
         // The table's lock is taken once per drain, not once per record: under churn a lock
         // and unlock per record was a tenth of the agent's CPU. A listing or a scrape waits
-        // for the drain at most (MAX_DRAIN records).
+        // for one drain at most.
         let table = Arc::clone(&self.table);
         let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
         let mut decoded = 0;

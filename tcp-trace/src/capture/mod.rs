@@ -130,7 +130,7 @@ impl TransitionSwitch {
 
 /// Receives what [`Capture::run`] drains.
 pub trait Sink {
-    /// The records of one drain, in the ring's order.
+    /// The records of one drain, in kernel-time order (merged from the per-CPU rings).
     fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>);
     /// The ring was drained; a good moment to publish.
     fn batch_done(&mut self) {}

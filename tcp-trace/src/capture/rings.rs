@@ -9,13 +9,14 @@
 //!
 //! Merging by time is exact only for records that can no longer be overtaken. A drain notes the
 //! time `t`, then reads every ring until it is empty. A record not yet read then was reserved
-//! after its ring was read empty, so its time is later than `t` (a program reads the clock after
-//! it reserves), or it was still being written and shows as busy. So when no ring was busy,
-//! every record up to `t` has been read: those are handed on in time order, and the later ones
-//! wait for the next drain (which is why a drain reads again while it finds records: each
-//! complete pass moves `t` past what the one before read). A busy ring (a program on another CPU between reserve and commit,
-//! for a few hundred nanoseconds) is read again; one that stays busy, or a ring not read to the
-//! end because the drain took its share of it, holds the cut back to shortly before its last record.
+//! after its ring was read empty, so its time is later than `t` (a program reads the clock
+//! after it reserves), or it was still being written and shows as busy. So when no ring was
+//! busy, every record up to `t` has been read: those are handed on in time order, and the later
+//! ones wait for the next drain (which is why a drain reads again while it finds records: each
+//! complete pass moves `t` past what the one before read). A busy ring (a program on another
+//! CPU between reserve and commit, for a few hundred nanoseconds) is read again; one that stays
+//! busy, or a ring not read to the end because the drain took its share of it, holds the cut
+//! back to shortly before its last record.
 use std::{
     io,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
@@ -23,7 +24,10 @@ use std::{
     sync::atomic::{AtomicU32, AtomicUsize, Ordering},
 };
 
-use super::decode::{self, DecodeError, Record};
+use super::{
+    decode::{self, DecodeError, Record},
+    sockdiag::monotonic_ns,
+};
 
 /// A record read from a ring: its kernel time, and what it decoded to.
 pub type Timed = (u64, Result<Record, DecodeError>);
@@ -297,17 +301,6 @@ fn record_time(bytes: &[u8]) -> u64 {
     bytes
         .get(8..16)
         .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid clock id and a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 struct Mapping {

@@ -416,7 +416,7 @@ fn namespaces(only: Option<u32>) -> HashMap<u32, PathBuf> {
     found
 }
 
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
