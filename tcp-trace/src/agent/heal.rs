@@ -20,7 +20,8 @@ pub(super) struct Heal {
     /// None when healing is off.
     requests: Option<mpsc::SyncSender<()>>,
     pub(super) lists: Option<mpsc::Receiver<SocketList>>,
-    /// A list received at the end of the drain before.
+    /// A list received at the end of an earlier drain, to compare once the drain has handed
+    /// on every record written before the list was complete.
     pub(super) received: Option<SocketList>,
     /// The kernel counters when last checked, and when.
     counters: capture::KernelCounters,

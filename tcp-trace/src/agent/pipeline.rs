@@ -147,14 +147,15 @@ impl capture::Sink for Pipeline {
             .records_decoded
             .fetch_add(decoded, Ordering::Relaxed);
     }
-    fn batch_done(&mut self) {
+    fn batch_done(&mut self, handed_on_ns: u64) {
         let mut closed = std::mem::take(&mut self.closed);
-        // Compared only now: this drain began after the list was complete, so the table has
-        // every CLOSE the kernel wrote before the list missed a socket.
+        // Compared only once every record written before the list was complete is in the
+        // table: then the table has the CLOSE of every socket the list misses, and the open of
+        // every socket it lists. An agent behind the kernel (rings read in part) waits.
         let healed = self
             .heal
             .received
-            .take()
+            .take_if(|list| list.finished_ns <= handed_on_ns)
             .map(|list| self.table().heal(&list));
         if let Some(healed) = healed {
             self.stats.healed(&healed);
@@ -200,7 +201,10 @@ impl capture::Sink for Pipeline {
             self.events.kernel_lost(ring_full, skipped);
             self.heal.request();
         }
-        if let Some(list) = self.heal.lists.as_ref().and_then(|l| l.try_recv().ok()) {
+        // One list at a time: a newer one would need a later cut still.
+        if self.heal.received.is_none()
+            && let Some(list) = self.heal.lists.as_ref().and_then(|l| l.try_recv().ok())
+        {
             self.heal.received = Some(list);
         }
     }

@@ -132,8 +132,11 @@ impl TransitionSwitch {
 pub trait Sink {
     /// The records of one drain, in kernel-time order (merged from the per-CPU rings).
     fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>);
-    /// The ring was drained; a good moment to publish.
-    fn batch_done(&mut self) {}
+    /// The drain is over; a good moment to publish. Every record the programs wrote up to
+    /// `handed_on_ns` (CLOCK_MONOTONIC) has been handed on, in this drain or an earlier one.
+    fn batch_done(&mut self, handed_on_ns: u64) {
+        let _ = handed_on_ns;
+    }
 }
 
 pub struct Capture {
@@ -319,7 +322,7 @@ impl Capture {
         }));
         // Also after an empty drain: the table completes the lives of connections that closed
         // in the drain before.
-        sink.batch_done();
+        sink.batch_done(self.rings.cut());
         n
     }
 

@@ -87,6 +87,12 @@ impl Rings {
     }
 
     /// Records read and held for a later drain.
+    /// The last cut (CLOCK_MONOTONIC): every record the programs wrote up to it was handed on.
+    /// Behind the present while the agent is behind the programs: rings read only in part.
+    pub fn cut(&self) -> u64 {
+        self.cut
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

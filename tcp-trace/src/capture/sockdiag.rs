@@ -30,11 +30,14 @@ pub struct KernelSocket {
     pub cookie: u64,
 }
 
-/// The sockets of some namespaces, and when the dump began.
+/// The sockets of some namespaces, and when the dump began and ended.
 #[derive(Clone, Debug, Default)]
 pub struct SocketList {
     /// CLOCK_MONOTONIC (the clock of bpf_ktime_get_ns) just before the first request.
     pub started_ns: u64,
+    /// CLOCK_MONOTONIC just after the last reply. A socket missing from the list closed before
+    /// this time, so the kernel recorded its CLOSE before it too.
+    pub finished_ns: u64,
     /// Namespaces whose dump completed; only these are listed.
     pub netns: Vec<u32>,
     pub sockets: Vec<KernelSocket>,
@@ -181,6 +184,7 @@ impl SockDiag {
                 }
             }
         }
+        list.finished_ns = monotonic_ns();
         (list, errors)
     }
 

@@ -30,6 +30,7 @@ fn server(
 fn dump(started_ns: u64, sockets: &[(TcpState, u16)]) -> SocketList {
     SocketList {
         started_ns,
+        finished_ns: started_ns,
         netns: vec![NS],
         sockets: sockets
             .iter()

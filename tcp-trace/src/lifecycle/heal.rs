@@ -4,9 +4,11 @@
 //!
 //! The list has no socket addresses (the table's key), so a connection and a listed socket are
 //! matched by namespace, local and remote address and port. A list is only compared with the
-//! table after a drain that began once the dump was complete: the state tracepoint writes a
-//! CLOSE's record before `tcp_set_state()` unhashes the socket, so by then the table has seen
-//! every CLOSE of a socket the dump missed, unless the record was lost.
+//! table once the agent has handed on every record the programs wrote before the dump was
+//! complete (the rings' cut, `Sink::batch_done`): the state tracepoint writes a CLOSE's record
+//! before `tcp_set_state()` unhashes the socket, so by then the table has seen every CLOSE of a
+//! socket the dump missed, unless the record was lost. A drain that merely began after the dump
+//! is not enough: an agent behind the kernel reads each ring only in part.
 //!
 //! The dump is not atomic (the kernel resumes it bucket by bucket, so a socket can be skipped
 //! when its chain changes between reads), and a socket can close or open while it runs. So:
@@ -312,6 +314,7 @@ mod tests {
     fn list(started_ns: u64, sockets: Vec<KernelSocket>) -> SocketList {
         SocketList {
             started_ns,
+            finished_ns: started_ns,
             netns: vec![NETNS],
             sockets,
         }
