@@ -11,11 +11,16 @@
 //! the skips it reported for the hook that records it: connect timeouts against
 //! `TcpAttemptFails`, SYN retransmits against `TCPSynRetrans`.
 //!
-//! Before the guard looked for its transition in the state program's log (a flag the state
-//! program set while it ran), about two runs in five lost one to three whole batches of twenty
-//! timeouts with their retransmits: the interrupt had landed at the edge of the state
-//! program's run, outside the flag. The agent's heal closed those sockets later (`healed
-//! closed`): printed here, and nothing may need it.
+//! One loss is the kernel's and silent: now and then no BPF program on the tracepoint runs
+//! for a whole timer batch of these closes (twenty to sixty sockets whose SYN timers expire
+//! together), and the kernel counts no skip. Measured on 2026-12-02 (README, Limits): the
+//! tracepoint's ftrace event saw every close of such a batch, while neither the state
+//! program nor its guard ran (a counter at the top of each stayed short) and bpftrace's
+//! classic program on the same tracepoint missed the same batch; it happened with the guard's
+//! log and with the flag it replaced. The agent's heal finds those sockets gone from the
+//! kernel's list and closes them (`healed closed`, cause unknown), so the test asks that every
+//! timeout be recorded, reported skipped, or healed: exactly, the heal's closes included.
+//! Those batches lose their SYN retransmits too, which no heal restores.
 mod support;
 
 use std::{
@@ -159,18 +164,19 @@ async fn transitions_nested_in_the_state_programs_run_are_recorded_or_counted() 
         "opened {opened} and closed {closed} (the heal's included) as the kernel's {opens} \
          opens, short by no more than the state program's reported skips ({state})"
     );
+    let healed = stats.healed_closed as i64;
     assert!(
-        within(failed, timed_out, state),
-        "connect timeouts {timed_out} as the kernel's {failed} attempt fails, short by no more \
-         than the state program's reported skips ({state}); healed closed {}; closes:\n{}",
-        stats.healed_closed,
+        within(failed, timed_out + healed, state),
+        "connect timeouts {timed_out} and the heal's closes ({healed}) as the kernel's {failed} \
+         attempt fails, short by no more than the state program's reported skips ({state}); \
+         closes:\n{}",
         now.lines()
             .filter(|l| l.starts_with("tcptrace_connections_closed_total"))
             .collect::<Vec<_>>()
             .join("\n")
     );
-    // A connect whose close was skipped takes its SYN retransmits with it (they are counted
-    // when its handshake ends).
+    // A connect whose close was skipped or healed takes its SYN retransmits with it (they are
+    // counted when its handshake ends).
     let kernel_retransmits = delta.get("TcpExt:TCPSynRetrans");
     let per_connect = (kernel_retransmits + failed - 1) / failed.max(1);
     eprintln!(
@@ -182,9 +188,10 @@ async fn transitions_nested_in_the_state_programs_run_are_recorded_or_counted() 
         within(
             kernel_retransmits,
             syn_retransmits,
-            tcp + per_connect * state
+            tcp + per_connect * (state + healed)
         ),
         "SYN retransmits {syn_retransmits} as the kernel's {kernel_retransmits}, short by no \
-         more than the reported skips (tcp {tcp}, state {state} of {per_connect} each)"
+         more than the reported skips (tcp {tcp}, state {state} of {per_connect} each) and the \
+         healed connects' ({healed})"
     );
 }
