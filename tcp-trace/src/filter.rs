@@ -240,11 +240,16 @@ impl TryFrom<proto::Filter> for Filter {
 impl Filter {
     /// Whether events of kind state change pass the kinds part (the rest may still not).
     pub fn asks_for_state_changes(&self) -> bool {
-        self.kinds.is_empty() || self.kinds.contains(&EventKind::StateChange)
+        self.passes_kind(EventKind::StateChange)
     }
 
     pub fn matches(&self, keys: &Keys) -> bool {
-        (self.kinds.is_empty() || self.kinds.contains(&keys.kind)) && self.matches_connection(keys)
+        self.passes_kind(keys.kind) && self.matches_connection(keys)
+    }
+
+    /// The kinds part: no kinds asked for means every kind.
+    fn passes_kind(&self, kind: EventKind) -> bool {
+        self.kinds.is_empty() || self.kinds.contains(&kind)
     }
 
     /// Every part but the kind: a connection listed is not an event.

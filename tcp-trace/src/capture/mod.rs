@@ -428,7 +428,7 @@ fn raise_drain_priority() {
 
 /// Most records one drain hands to the sink before it completes the batch (and the events are
 /// published): a few milliseconds of the busiest churn, a few MiB of events held at most.
-const MAX_DRAIN: usize = 16_384;
+pub const MAX_DRAIN: usize = 16_384;
 
 /// Waits until one of `fds` is readable or `timeout` passes (EINTR counts as a timeout).
 fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) -> io::Result<()> {
