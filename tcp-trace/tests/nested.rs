@@ -11,16 +11,17 @@
 //! the skips it reported for the hook that records it: connect timeouts against
 //! `TcpAttemptFails`, SYN retransmits against `TCPSynRetrans`.
 //!
-//! One loss is the kernel's and silent: now and then no BPF program on the tracepoint runs
-//! for a whole timer batch of these closes (twenty to sixty sockets whose SYN timers expire
+//! One loss is the kernel's and silent: now and then no BPF program on the tracepoint runs for
+//! a whole timer batch of these closes (twenty to sixty sockets whose SYN timers expire
 //! together), and the kernel counts no skip. Measured on 2026-12-02 (README, Limits): the
-//! tracepoint's ftrace event saw every close of such a batch, while neither the state
-//! program nor its guard ran (a counter at the top of each stayed short) and bpftrace's
-//! classic program on the same tracepoint missed the same batch; it happened with the guard's
-//! log and with the flag it replaced. The agent's heal finds those sockets gone from the
-//! kernel's list and closes them (`healed closed`, cause unknown), so the test asks that every
-//! timeout be recorded, reported skipped, or healed: exactly, the heal's closes included.
-//! Those batches lose their SYN retransmits too, which no heal restores.
+//! tracepoint's ftrace event saw every close of such a batch, while neither the state program
+//! nor its guard ran (a counter at the top of each stayed short) and bpftrace's classic program
+//! on the same tracepoint missed the same batch; it happened with the guard's log and with the
+//! flag it replaced. Every lost close ran in a softirq that had interrupted a thread of PID 1
+//! (the test VMs' own guest agent), and no recorded one did. The agent's heal finds those
+//! sockets gone from the kernel's list and closes them (`healed closed`, cause unknown), so the
+//! test asks that every timeout be recorded, reported skipped, or healed: exactly, the heal's
+//! closes included. Those batches lose their SYN retransmits too, which no heal restores.
 mod support;
 
 use std::{
