@@ -134,9 +134,7 @@ pub trait Sink {
     fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>);
     /// The drain is over; a good moment to publish. Every record the programs wrote up to
     /// `handed_on_ns` (CLOCK_MONOTONIC) has been handed on, in this drain or an earlier one.
-    fn batch_done(&mut self, handed_on_ns: u64) {
-        let _ = handed_on_ns;
-    }
+    fn batch_done(&mut self, _handed_on_ns: u64) {}
 }
 
 pub struct Capture {

@@ -86,13 +86,13 @@ impl Rings {
         self.rings.iter().map(|r| r.fd.as_fd())
     }
 
-    /// Records read and held for a later drain.
     /// The last cut (CLOCK_MONOTONIC): every record the programs wrote up to it was handed on.
     /// Behind the present while the agent is behind the programs: rings read only in part.
     pub fn cut(&self) -> u64 {
         self.cut
     }
 
+    /// Records read and held for a later drain.
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
