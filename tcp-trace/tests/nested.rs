@@ -11,17 +11,16 @@
 //! the skips it reported for the hook that records it: connect timeouts against
 //! `TcpAttemptFails`, SYN retransmits against `TCPSynRetrans`.
 //!
-//! One loss is the kernel's and silent: now and then no BPF program on the tracepoint runs for
-//! a whole timer batch of these closes (twenty to sixty sockets whose SYN timers expire
-//! together), and the kernel counts no skip. Measured on 2026-12-02 (README, Limits): the
-//! tracepoint's ftrace event saw every close of such a batch, while neither the state program
-//! nor its guard ran (a counter at the top of each stayed short) and bpftrace's classic program
-//! on the same tracepoint missed the same batch; it happened with the guard's log and with the
-//! flag it replaced. Every lost close ran in a softirq that had interrupted a thread of PID 1
-//! (the test VMs' own guest agent), and no recorded one did. The agent's heal finds those
-//! sockets gone from the kernel's list and closes them (`healed closed`, cause unknown), so the
-//! test asks that every timeout be recorded, reported skipped, or healed: exactly, the heal's
-//! closes included. Those batches lose their SYN retransmits too, which no heal restores.
+//! One loss is the test VMs' and silent: their kernel runs no BPF program while a thread of
+//! PID 1 (`process_api`, the VM's own guest agent, hidden from tracing) is the current task,
+//! in its own context or in a softirq that interrupts it, and counts no skip (README, Limits:
+//! proven with bpftrace on 2026-12-02). A timer batch of these closes (twenty to 120 sockets
+//! whose SYN timers expire together) that interrupts it reaches neither the state program nor
+//! its guard; the tracepoint's ftrace event logs it under the agent's thread. The agent's heal
+//! finds those sockets gone from the kernel's list and closes them (`healed closed`, cause
+//! unknown), so the test asks that every timeout be recorded, reported skipped, or healed:
+//! exactly, the heal's closes included. Those batches lose their SYN retransmits too, which no
+//! heal restores.
 mod support;
 
 use std::{
