@@ -129,16 +129,22 @@ fn states(ctx: &BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    log_seen(&ctx);
+    record_btf(&ctx);
+    0
+}
+
+/// The state program's first act: the transition goes into the per-CPU log its guard reads.
+#[inline(always)]
+pub(crate) fn log_seen(ctx: &BtfTracePointContext) {
     if let Some(seen) = SEEN.get_ptr_mut(0) {
         unsafe {
             let i = (*seen).next as usize % SEEN_LOG;
             (*seen).socks[i] = ctx.arg::<u64>(0);
-            (*seen).states[i] = states(&ctx);
+            (*seen).states[i] = states(ctx);
             (*seen).next = (*seen).next.wrapping_add(1);
         }
     }
-    record_btf(&ctx);
-    0
 }
 
 /// The state program's stand-in for the transitions the kernel skips it for (module doc). Its

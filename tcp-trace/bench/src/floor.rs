@@ -28,6 +28,9 @@ pub enum FloorProgram {
     Empty,
     /// The state and the transitions switch: a transition that writes no record.
     Skip,
+    /// The state program's own path for a transition it does not record: the guard's log
+    /// and the switch.
+    Quiet,
     /// The switch, then a record of the state program's size reserved, written, submitted.
     Record,
     /// A record of that size for every transition, the switch not read.
@@ -36,16 +39,26 @@ pub enum FloorProgram {
     RecordSmall,
     /// As `RecordAll`, through one ring shared by every CPU instead of a ring per CPU.
     Shared,
+    /// The one-record-per-end design's update of the socket's own storage, no record.
+    Storage,
+    /// That update, and one record when the socket closes (2 a connection).
+    StorageEnd,
+    /// As `StorageEnd` with the state in a preallocated hash map keyed by the socket.
+    HashEnd,
 }
 
 impl FloorProgram {
-    pub const ALL: [FloorProgram; 6] = [
+    pub const ALL: [FloorProgram; 10] = [
         FloorProgram::Empty,
         FloorProgram::Skip,
+        FloorProgram::Quiet,
         FloorProgram::Record,
         FloorProgram::RecordAll,
         FloorProgram::RecordSmall,
         FloorProgram::Shared,
+        FloorProgram::Storage,
+        FloorProgram::StorageEnd,
+        FloorProgram::HashEnd,
     ];
 
     /// The program's name in the object.
@@ -53,10 +66,14 @@ impl FloorProgram {
         match self {
             FloorProgram::Empty => "floor_empty",
             FloorProgram::Skip => "floor_skip",
+            FloorProgram::Quiet => "floor_quiet",
             FloorProgram::Record => "floor_record",
             FloorProgram::RecordAll => "floor_record_all",
             FloorProgram::RecordSmall => "floor_record_small",
             FloorProgram::Shared => "floor_shared",
+            FloorProgram::Storage => "floor_storage",
+            FloorProgram::StorageEnd => "floor_storage_end",
+            FloorProgram::HashEnd => "floor_hash_end",
         }
     }
 
@@ -64,10 +81,14 @@ impl FloorProgram {
         match self {
             FloorProgram::Empty => "floor: empty tp_btf program",
             FloorProgram::Skip => "floor: switch only, no record",
+            FloorProgram::Quiet => "floor: the state program's unrecorded path",
             FloorProgram::Record => "floor: switch and an empty record",
             FloorProgram::RecordAll => "floor: an empty record every run",
             FloorProgram::RecordSmall => "floor: switch and a header-only record",
             FloorProgram::Shared => "floor: a record every run, one ring for all CPUs",
+            FloorProgram::Storage => "floor: socket storage updated, no record",
+            FloorProgram::StorageEnd => "floor: socket storage, a record at close",
+            FloorProgram::HashEnd => "floor: hash map by socket, a record at close",
         }
     }
 }
@@ -93,6 +114,9 @@ impl Floor {
             .map_max_entries("RINGS", capture::possible_cpus()?)
             // The size the one ring had before the rings were per CPU.
             .map_max_entries("FLOOR_SHARED", 4 << 20)
+            // Room for every socket of the churn at once (TIME_WAIT holds none: it is not a
+            // full socket).
+            .map_max_entries("FLOOR_SOCK_HASH", 1 << 16)
             .load(capture::object())
             .context("load the agent's eBPF object")?;
         let mut rings = capture::per_cpu_rings(&mut ebpf, defaults.ring_bytes)?;

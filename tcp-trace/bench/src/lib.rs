@@ -559,11 +559,15 @@ async fn run_phases(opts: &Options) -> Result<Results> {
         (
             Phase::AlwaysOn,
             // The floor writes the records the always-on agent's state program writes, and its
-            // drain reads them as the agent does: the least the agent's CPU can be.
+            // drain reads them as the agent does: the least the agent's CPU can be. The
+            // storage floor does the same for a design that keeps each socket's state in the
+            // socket and writes one record per end: the least such a design can cost.
             vec![
                 Tracer::None,
                 Tracer::agent(0),
                 Tracer::Floor(floor::FloorProgram::Record),
+                Tracer::Floor(floor::FloorProgram::StorageEnd),
+                Tracer::Floor(floor::FloorProgram::HashEnd),
             ],
             opts.rounds,
             full(opts.concurrency, opts.duration),

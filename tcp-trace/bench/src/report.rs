@@ -402,8 +402,15 @@ const METHOD: &[&str] = &[
      record), the switch plus an empty record through its CPU's ring (what any record costs \
      before the socket is read), and the same record on every run through one ring shared by \
      all CPUs (the design before the rings were per CPU: what CPUs writing at once cost each \
-     other). The `tcp-trace, 0 subscribers` rows are the always-on mode \
-     (`--phases always-on` measures them without the rest of this phase).",
+     other). `floor_quiet` is the state program's own code for a transition it does not \
+     record (the guard's log and the switch); with the always-on agent's guard (same round) it \
+     is what such a transition costs, the ≤ 100 ns row. `floor_storage`, `floor_storage_end` \
+     and `floor_hash_end` are the floors of a design that keeps each socket's state in the \
+     kernel and writes one record per socket end: the state updated in the socket's own \
+     storage (created on its first transition) with no record, then with a record at close, \
+     then kept in a preallocated hash map keyed by the socket instead. The `tcp-trace, 0 \
+     subscribers` rows are the always-on mode (`--phases always-on` measures them without the \
+     rest of this phase).",
     "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \
      million transitions it handled in all namespaces (the agent's records_decoded; bpftrace's \
      event lines). Consumer CPU is the bench's own subscriber threads. RSS: VmHWM of the agent \
@@ -417,6 +424,9 @@ const METHOD: &[&str] = &[
      upper bound on a shared machine. The always-on target (≤ 0.3) applies with no subscriber. \
      Its floor (always-on phase): `floor_record` writes the records the always-on state program \
      writes, and a thread of the bench drains them as the agent does (read, merged in time \
-     order, decoded) and does nothing else; that thread's CPU per million connections.",
+     order, decoded) and does nothing else; that thread's CPU per million connections. \
+     `floor_storage_end` and `floor_hash_end` give the same floor for one record per socket \
+     end (2 a connection), and their ratios what keeping each socket's state in the kernel \
+     costs the workload.",
     "6 — the same agent CPU figure at a fixed rate with 1, 10 and 100 subscribers.",
 ];
