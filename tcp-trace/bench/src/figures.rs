@@ -326,10 +326,7 @@ pub fn rows(results: &Results, opts: &Options) -> Vec<Row> {
         names.sort();
         names.dedup();
         for name in names {
-            let v = spread_of(&runs, |r| {
-                let p = r.progs.iter().find(|p| p.name == name)?;
-                (p.run_cnt > 0).then(|| p.run_time_ns as f64 / p.run_cnt as f64)
-            });
+            let v = spread_of(&runs, |r| ns_per_run(r, &name));
             if v.is_none() {
                 continue; // bpftrace's BEGIN probe, run before the window
             }
