@@ -4,10 +4,7 @@ use std::{
     sync::{Arc, Mutex, atomic::Ordering},
 };
 
-use super::{
-    heal::{Heal, MAX_CONFIRMING},
-    release_free_heap,
-};
+use super::{heal::Heal, release_free_heap};
 use crate::{
     bus::Bus,
     capture::{self, DecodeError, Record},
@@ -159,11 +156,8 @@ impl capture::Sink for Pipeline {
             .map(|list| self.table().heal(&list));
         if let Some(healed) = healed {
             self.stats.healed(&healed);
-            if healed.pending && self.heal.confirming < MAX_CONFIRMING {
-                self.heal.confirming += 1;
+            if self.heal.confirming.again(&healed) {
                 self.heal.request();
-            } else if !healed.pending {
-                self.heal.confirming = 0;
             }
         }
         let (long_lived_ns, table_capacity) = {
