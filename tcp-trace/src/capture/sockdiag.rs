@@ -72,6 +72,11 @@ pub const DUMPED_STATES: [TcpState; 8] = [
 const MAX_CACHED: usize = 256;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The older request the kernel keeps beside SOCK_DIAG_BY_FAMILY: it dumps both families in
+/// one walk of the socket hash (family AF_UNSPEC), where SOCK_DIAG_BY_FAMILY walks the whole
+/// hash once per family. Every namespace's dump walks every namespace's sockets, TIME_WAIT
+/// included, so the walks are most of a list's cost.
+const TCPDIAG_GETSOCK: u16 = 18;
 
 /// `struct inet_diag_sockid` (linux/inet_diag.h): ports and addresses in network order.
 #[repr(C)]
@@ -97,6 +102,19 @@ struct Request {
     id: SockId,
 }
 
+/// `struct inet_diag_req`, TCPDIAG_GETSOCK's request.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CompatRequest {
+    family: u8,
+    src_len: u8,
+    dst_len: u8,
+    ext: u8,
+    id: SockId,
+    states: u32,
+    dbs: u32,
+}
+
 /// `struct inet_diag_msg`, the start of each answer.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -114,9 +132,9 @@ struct DiagMsg {
 }
 
 #[repr(C)]
-struct Message {
+struct Message<R> {
     header: libc::nlmsghdr,
-    request: Request,
+    request: R,
 }
 
 /// Lists TCP sockets per namespace, keeping a netlink socket per namespace between dumps.
@@ -125,6 +143,8 @@ pub struct SockDiag {
     sockets: HashMap<u32, OwnedFd>,
     buf: Vec<u8>,
     seq: u32,
+    /// The kernel refused TCPDIAG_GETSOCK: each family is dumped on its own.
+    per_family: bool,
 }
 
 impl SockDiag {
@@ -199,47 +219,58 @@ impl SockDiag {
             Some(fd) => fd,
             None => open_in(ns, path.ok_or(SockDiagError::NoPath(ns))?)?,
         };
-        let result = [libc::AF_INET, libc::AF_INET6]
-            .into_iter()
-            .try_for_each(|family| self.dump(&fd, ns, family as u8, states, out))
-            .map_err(|err| SockDiagError::Dump(ns, err));
+        let before = out.len();
+        let mut result = Err(io::ErrorKind::Unsupported.into());
+        if !self.per_family {
+            result = self.dump(&fd, ns, TCPDIAG_GETSOCK, both_families(states), out);
+            if result.is_err() {
+                // A kernel without the older request: never ask it again.
+                out.truncate(before);
+                self.per_family = true;
+            }
+        }
+        if self.per_family {
+            result = [libc::AF_INET, libc::AF_INET6]
+                .into_iter()
+                .try_for_each(|family| {
+                    let request = one_family(family as u8, states);
+                    self.dump(&fd, ns, SOCK_DIAG_BY_FAMILY, request, out)
+                });
+        }
+        let result = result.map_err(|err| SockDiagError::Dump(ns, err));
         if result.is_ok() && self.sockets.len() < MAX_CACHED {
             self.sockets.insert(ns, fd);
         }
         result
     }
 
-    /// One SOCK_DIAG_BY_FAMILY dump of `family`'s TCP sockets in `states` (a bitmask).
-    fn dump(
+    /// One dump of TCP sockets: `request` of netlink type `kind` (the kernel answers with
+    /// messages of the same type).
+    fn dump<R: Copy>(
         &mut self,
         fd: &OwnedFd,
         netns: u32,
-        family: u8,
-        states: u32,
+        kind: u16,
+        request: R,
         out: &mut Vec<KernelSocket>,
     ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let message = Message {
             header: libc::nlmsghdr {
-                nlmsg_len: std::mem::size_of::<Message>() as u32,
-                nlmsg_type: SOCK_DIAG_BY_FAMILY,
+                nlmsg_len: std::mem::size_of::<Message<R>>() as u32,
+                nlmsg_type: kind,
                 nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
                 nlmsg_seq: self.seq,
                 nlmsg_pid: 0,
             },
-            request: Request {
-                family,
-                protocol: libc::IPPROTO_TCP as u8,
-                states,
-                ..Request::default()
-            },
+            request,
         };
         // SAFETY: sends the bytes of a plain repr(C) value on a socket we own.
         let sent = unsafe {
             libc::send(
                 fd.as_raw_fd(),
                 (&raw const message).cast(),
-                std::mem::size_of::<Message>(),
+                std::mem::size_of::<Message<R>>(),
                 0,
             )
         };
@@ -269,10 +300,29 @@ impl SockDiag {
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            if parse(&self.buf[..n], self.seq, netns, out)? {
+            if parse(&self.buf[..n], self.seq, kind, netns, out)? {
                 return Ok(());
             }
         }
+    }
+}
+
+/// TCPDIAG_GETSOCK's request for the TCP sockets of both families in `states`.
+fn both_families(states: u32) -> CompatRequest {
+    CompatRequest {
+        family: libc::AF_UNSPEC as u8,
+        states,
+        ..CompatRequest::default()
+    }
+}
+
+/// SOCK_DIAG_BY_FAMILY's request for `family`'s TCP sockets in `states`.
+fn one_family(family: u8, states: u32) -> Request {
+    Request {
+        family,
+        protocol: libc::IPPROTO_TCP as u8,
+        states,
+        ..Request::default()
     }
 }
 
@@ -284,7 +334,13 @@ fn state_mask(states: &[TcpState]) -> u32 {
 }
 
 /// Parses one read's netlink messages into `out`; true once the dump is done.
-fn parse(mut buf: &[u8], seq: u32, netns: u32, out: &mut Vec<KernelSocket>) -> io::Result<bool> {
+fn parse(
+    mut buf: &[u8],
+    seq: u32,
+    kind: u16,
+    netns: u32,
+    out: &mut Vec<KernelSocket>,
+) -> io::Result<bool> {
     const HEADER: usize = std::mem::size_of::<libc::nlmsghdr>();
     let malformed = || io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer");
     while buf.len() >= HEADER {
@@ -308,7 +364,7 @@ fn parse(mut buf: &[u8], seq: u32, netns: u32, out: &mut Vec<KernelSocket>) -> i
                     .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                 return Err(io::Error::from_raw_os_error(-errno));
             }
-            _ if header.nlmsg_type == SOCK_DIAG_BY_FAMILY => {
+            _ if header.nlmsg_type == kind => {
                 if body.len() < std::mem::size_of::<DiagMsg>() {
                     return Err(malformed());
                 }
@@ -439,7 +495,38 @@ mod tests {
         assert_eq!(std::mem::size_of::<SockId>(), 48);
         assert_eq!(std::mem::size_of::<Request>(), 56);
         assert_eq!(std::mem::size_of::<DiagMsg>(), 72);
-        assert_eq!(std::mem::size_of::<Message>(), 72);
+        assert_eq!(std::mem::size_of::<Message<Request>>(), 72);
+        assert_eq!(std::mem::size_of::<CompatRequest>(), 60);
+        assert_eq!(std::mem::size_of::<Message<CompatRequest>>(), 76);
+    }
+
+    #[test]
+    fn one_walk_lists_both_families_as_one_dump_per_family_does() {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let ours = [v4.local_addr().unwrap(), v6.local_addr().unwrap()];
+        let ns = own_namespace().unwrap();
+        let listed = |diag: &mut SockDiag| {
+            let (list, errors) = diag.list_states(&[ns], &[TcpState::Listen]);
+            assert!(errors.is_empty(), "{:?}", errors.len());
+            let mut found: Vec<_> = list
+                .sockets
+                .iter()
+                .filter(|s| ours.contains(&s.local))
+                .map(|s| (s.local, s.state, s.cookie))
+                .collect();
+            found.sort();
+            found
+        };
+        let mut one_walk = SockDiag::default();
+        let found = listed(&mut one_walk);
+        assert!(!one_walk.per_family, "the kernel refused TCPDIAG_GETSOCK");
+        assert_eq!(found.len(), 2, "{found:?}");
+        let mut per_family = SockDiag {
+            per_family: true,
+            ..SockDiag::default()
+        };
+        assert_eq!(listed(&mut per_family), found);
     }
 
     #[test]
