@@ -84,6 +84,15 @@ fn empty_record(sock: u64) {
     maps::submit(entry, now);
 }
 
+/// [`empty_record`] at a time already read.
+#[inline(always)]
+fn empty_record_at(sock: u64, now: u64) {
+    if let Some(mut entry) = maps::reserve::<StateChange>() {
+        entry.write(zero_record(sock, now));
+        maps::submit(entry, now);
+    }
+}
+
 #[inline(always)]
 fn zero_record(sock: u64, now: u64) -> StateChange {
     // SAFETY: StateChange is plain old data; all zeroes is a valid value.
@@ -170,14 +179,9 @@ pub fn floor_storage_end(ctx: BtfTracePointContext) -> u32 {
     let Some((state, now)) = update(&ctx) else {
         return 0;
     };
-    if state != tcp_state::CLOSE {
-        return 0;
+    if state == tcp_state::CLOSE {
+        empty_record_at(ctx.arg(0), now);
     }
-    let Some(mut entry) = maps::reserve::<StateChange>() else {
-        return 0;
-    };
-    entry.write(zero_record(ctx.arg(0), now));
-    maps::submit(entry, now);
     0
 }
 
@@ -209,15 +213,10 @@ pub fn floor_hash_end(ctx: BtfTracePointContext) -> u32 {
     let Some((state, now)) = accumulate(&ctx, sock) else {
         return 0;
     };
-    if state != tcp_state::CLOSE {
-        return 0;
+    if state == tcp_state::CLOSE {
+        let _ = SOCK_HASH.remove(key);
+        empty_record_at(key, now);
     }
-    let _ = SOCK_HASH.remove(key);
-    let Some(mut entry) = maps::reserve::<StateChange>() else {
-        return 0;
-    };
-    entry.write(zero_record(key, now));
-    maps::submit(entry, now);
     0
 }
 

@@ -220,24 +220,24 @@ impl SockDiag {
             None => open_in(ns, path.ok_or(SockDiagError::NoPath(ns))?)?,
         };
         let before = out.len();
-        let mut result = Err(io::ErrorKind::Unsupported.into());
-        if !self.per_family {
-            result = self.dump(&fd, ns, TCPDIAG_GETSOCK, both_families(states), out);
-            if result.is_err() {
-                // A kernel without the older request: never ask it again.
-                out.truncate(before);
-                self.per_family = true;
-            }
-        }
-        if self.per_family {
-            result = [libc::AF_INET, libc::AF_INET6]
+        let one_walk = !self.per_family
+            && self
+                .dump(&fd, ns, TCPDIAG_GETSOCK, both_families(states), out)
+                .is_ok();
+        let result = if one_walk {
+            Ok(())
+        } else {
+            // A kernel without the older request: dumped per family, now and from now on.
+            out.truncate(before);
+            self.per_family = true;
+            [libc::AF_INET, libc::AF_INET6]
                 .into_iter()
                 .try_for_each(|family| {
                     let request = one_family(family as u8, states);
                     self.dump(&fd, ns, SOCK_DIAG_BY_FAMILY, request, out)
-                });
-        }
-        let result = result.map_err(|err| SockDiagError::Dump(ns, err));
+                })
+                .map_err(|err| SockDiagError::Dump(ns, err))
+        };
         if result.is_ok() && self.sockets.len() < MAX_CACHED {
             self.sockets.insert(ns, fd);
         }
