@@ -15,6 +15,7 @@ use std::{
 use support::{
     NetNs,
     agent::{TestAgent, netns_filter},
+    hidden::Witness,
     roundtrips, roundtrips_server_closes_first,
 };
 use tcp_trace::proto::{self, event::Body};
@@ -461,6 +462,7 @@ async fn a_black_holed_peer_gets_three_probes_then_is_declared_dead_as_the_kerne
     let mut agent = TestAgent::start().await;
     let mut stream = agent.subscribe(netns_filter(client_ns.inode())).await;
     let before = client_ns.snmp();
+    let witness = Witness::start("kad", &[port]);
     let mut client = keepalive_client(&client_ns, SocketAddr::new(veth.b_v4, port));
     // Black-hole the peer: nothing it would answer gets through.
     nft(
@@ -494,13 +496,7 @@ async fn a_black_holed_peer_gets_three_probes_then_is_declared_dead_as_the_kerne
     );
 
     let probes = keepalive_events(&events, What::ProbeSent);
-    assert_eq!(
-        probes.iter().map(|p| p.probe).collect::<Vec<_>>(),
-        [1, 2, 3],
-        "{}",
-        lines(&events)
-    );
-    assert_eq!(probes.len() as i64, delta.get("TcpExt:TCPKeepAlive"));
+    let numbers = probes.iter().map(|p| p.probe).collect::<Vec<_>>();
     let summary = active_closed(&events).unwrap();
     assert_eq!(
         summary.cause,
@@ -508,10 +504,29 @@ async fn a_black_holed_peer_gets_three_probes_then_is_declared_dead_as_the_kerne
         "{}",
         lines(&events)
     );
-    assert_eq!(
-        (summary.keepalive_probes, summary.keepalive_unanswered),
-        (3, 3)
-    );
+    // A keepalive timer run while a thread of PID 1 is current reaches no BPF program (README,
+    // Limits); the witness logs every such run on the host, this test's or another's.
+    let hidden = witness.read().keepalive_timers;
+    if hidden == 0 {
+        assert_eq!(numbers, [1, 2, 3], "{}", lines(&events));
+        assert_eq!(probes.len() as i64, delta.get("TcpExt:TCPKeepAlive"));
+        assert_eq!(
+            (summary.keepalive_probes, summary.keepalive_unanswered),
+            (3, 3)
+        );
+    } else {
+        eprintln!("{hidden} keepalive timer runs under PID 1: probes seen {numbers:?}");
+        assert!(
+            numbers.is_sorted_by(|a, b| a < b) && numbers.iter().all(|n| (1..=3).contains(n)),
+            "{}",
+            lines(&events)
+        );
+        assert!(
+            (0..=hidden as i64).contains(&(delta.get("TcpExt:TCPKeepAlive") - probes.len() as i64)),
+            "{}",
+            lines(&events)
+        );
+    }
     assert_eq!(delta.get("TcpExt:TCPAbortOnTimeout"), 1);
     agent.shutdown().await;
 }

@@ -20,6 +20,7 @@
 //! assert_eq!(ns.snmp().delta(&before).get("Tcp:ActiveOpens"), 10);
 //! ```
 pub mod agent;
+pub mod hidden;
 pub mod pki;
 pub mod process;
 
