@@ -466,7 +466,7 @@ pub mod encode_floor {
                         all_recorded: true,
                     });
                     if applied.closed {
-                        closed.push(applied.connection);
+                        closed.push(applied.connection.clone());
                     }
                 }
             }

@@ -139,7 +139,7 @@ impl Floor {
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     // As the agent's drain reads them (held records wait for the next drain).
-                    while rings.drain(capture::MAX_DRAIN, false).len() > 0 {}
+                    while rings.drain(capture::MAX_DRAIN, false, |_| {}).len() > 0 {}
                     while shared.next().is_some() {}
                     thread::sleep(Duration::from_millis(1));
                 }

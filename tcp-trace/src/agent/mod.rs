@@ -2,6 +2,8 @@
 mod catch_up;
 mod heal;
 mod pipeline;
+#[cfg(test)]
+mod replay_tests;
 
 use std::{
     collections::HashMap,

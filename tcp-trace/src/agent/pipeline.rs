@@ -50,7 +50,7 @@ impl Pipeline {
 
 impl Pipeline {
     /// Applies one record to the table and builds its events.
-    fn record(&mut self, table: &mut Table, record: Record) {
+    fn record(&mut self, table: &mut Table, record: &Record) {
         // With nobody subscribed, events are counted, not built (unless the replay is to hold
         // them: --all-transitions). Decided per record: a Subscribe that returned sees every
         // event of every record the agent reads after it.
@@ -60,8 +60,8 @@ impl Pipeline {
                 // Recorded while the kernel recorded only opens and closes?
                 self.events.quiet = !t.all_recorded;
                 self.events.unrecorded |= self.events.quiet;
-                let applied = table.apply(&t);
-                let c = &applied.connection;
+                let applied = table.apply(t);
+                let c = applied.connection;
                 if applied.opened {
                     self.export.opened(c);
                 }
@@ -74,41 +74,41 @@ impl Pipeline {
                 // A transition recorded while the kernel skipped its neighbours is not shown:
                 // no subscriber asked for state changes when it happened.
                 if t.all_recorded {
-                    self.events.state_change(&t, c);
+                    self.events.state_change(t, c);
                 }
             }
             Record::Retransmit(r) => {
-                let connection = table.retransmit(&r);
+                let connection = table.retransmit(r);
                 if let Some(c) = connection {
-                    self.events.retransmit(&r, &c);
+                    self.events.retransmit(r, c);
                 }
             }
             Record::Reset(r) => {
-                let connection = table.reset(&r);
+                let connection = table.reset(r);
                 // A reset sent without a socket has no connection; a reset for a socket the
                 // agent never saw is reported bare too.
-                self.events.reset(&r, connection.as_ref());
+                self.events.reset(r, connection);
             }
             Record::Keepalive(k) => {
-                let changes = table.keepalive_timer(&k);
+                let changes = table.keepalive_timer(k);
                 if let Some((c, changes)) = changes {
                     for change in changes.iter().flatten() {
                         if let KeepaliveChange::ProbeSent { .. } = change {
                             self.export.keepalive_probe();
                         }
-                        self.events.keepalive(k.ts_ns, change, &c);
+                        self.events.keepalive(k.ts_ns, change, c);
                     }
                 }
             }
             Record::Accept(a) => {
                 // Changes the owner that later events carry; not an event of its own.
-                table.accepted(&a);
+                table.accepted(a);
             }
             Record::SocketOption(o) => {
                 let defaults = self.keepalive_defaults(o.netns, o.task.pid);
-                let change = table.socket_option(&o, defaults);
+                let change = table.socket_option(o, defaults);
                 if let Some((c, change)) = change {
-                    self.events.keepalive(o.ts_ns, &change, &c);
+                    self.events.keepalive(o.ts_ns, &change, c);
                 }
             }
         }
@@ -116,7 +116,7 @@ impl Pipeline {
 }
 
 impl capture::Sink for Pipeline {
-    fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>) {
+    fn records<'a>(&mut self, records: impl Iterator<Item = &'a Result<Record, DecodeError>>) {
         // The table's lock is taken once per drain, not once per record: under churn a lock
         // and unlock per record was a tenth of the agent's CPU. A listing or a scrape waits
         // for one drain at most.
@@ -176,10 +176,13 @@ impl capture::Sink for Pipeline {
                 release_free_heap();
             }
         }
-        for connection in closed.drain(..) {
-            self.stats.closed(&connection);
-            self.export.closed(&connection);
-            self.events.closed(&connection, long_lived_ns);
+        for connection in &closed {
+            self.stats.closed(connection);
+            self.export.closed(connection);
+            self.events.closed(connection, long_lived_ns);
+        }
+        if !closed.is_empty() {
+            self.table().recycle(closed.drain(..));
         }
         self.closed = closed;
         // The events counted, not built, came before any built in this drain: a subscriber

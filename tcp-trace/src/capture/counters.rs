@@ -42,7 +42,8 @@ impl KernelCounters {
 /// between the drain task and the API.
 #[derive(Clone)]
 pub struct KernelCounterReader {
-    map: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    /// None in a replay of records with no kernel behind it: every count 0.
+    map: Option<Arc<Mutex<PerCpuArray<MapData, u64>>>>,
     /// The programs' names, and duplicates of their fds for their info.
     programs: Arc<Vec<(&'static str, OwnedFd)>>,
 }
@@ -50,8 +51,17 @@ pub struct KernelCounterReader {
 impl KernelCounterReader {
     pub fn new(map: PerCpuArray<MapData, u64>, programs: Vec<(&'static str, OwnedFd)>) -> Self {
         KernelCounterReader {
-            map: Arc::new(Mutex::new(map)),
+            map: Some(Arc::new(Mutex::new(map))),
             programs: Arc::new(programs),
+        }
+    }
+
+    /// A reader of no programs and no map: what a replay of recorded records reads.
+    #[cfg(test)]
+    pub(crate) fn none() -> Self {
+        KernelCounterReader {
+            map: None,
+            programs: Arc::new(Vec::new()),
         }
     }
 
@@ -67,15 +77,18 @@ impl KernelCounterReader {
         by_program.sort_unstable();
         // The map after the skips (the kernel counts a skip before the guard records it): a
         // recovery that slips in between makes `missed` a moment late, never ahead.
-        let (ring_full, filtered, recovered, keepalive_unpaired) = {
-            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-            (
-                sum(counter::RING_FULL),
-                sum(counter::FILTERED),
-                sum(counter::RECOVERED),
-                sum(counter::KEEPALIVE_UNPAIRED),
-            )
+        let (ring_full, filtered, recovered, keepalive_unpaired) = match &self.map {
+            None => (0, 0, 0, 0),
+            Some(map) => {
+                let map = map.lock().unwrap_or_else(|p| p.into_inner());
+                let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (
+                    sum(counter::RING_FULL),
+                    sum(counter::FILTERED),
+                    sum(counter::RECOVERED),
+                    sum(counter::KEEPALIVE_UNPAIRED),
+                )
+            }
         };
         for (name, n) in &mut by_program {
             if *name == STATE_BTF {

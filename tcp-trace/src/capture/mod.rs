@@ -131,7 +131,7 @@ impl TransitionSwitch {
 /// Receives what [`Capture::run`] drains.
 pub trait Sink {
     /// The records of one drain, in kernel-time order (merged from the per-CPU rings).
-    fn records(&mut self, records: impl Iterator<Item = Result<Record, DecodeError>>);
+    fn records<'a>(&mut self, records: impl Iterator<Item = &'a Result<Record, DecodeError>>);
     /// The drain is over; a good moment to publish. Every record the programs wrote up to
     /// `handed_on_ns` (CLOCK_MONOTONIC) has been handed on, in this drain or an earlier one.
     fn batch_done(&mut self, _handed_on_ns: u64) {}
@@ -310,14 +310,13 @@ impl Capture {
         let context_tracked = self.context_tracked;
         // Bounded: when the programs write faster than the agent reads, the rings never empty,
         // and an unbounded drain would publish nothing and hold every decoded event in memory.
-        let records = self.rings.drain(MAX_DRAIN, flush);
-        let n = records.len();
-        sink.records(records.map(|mut record| {
-            if !context_tracked && let Ok(Record::Transition(t)) = &mut record {
+        let records = self.rings.drain(MAX_DRAIN, flush, |record| {
+            if !context_tracked && let Ok(Record::Transition(t)) = record {
                 distrust_context(t);
             }
-            record
-        }));
+        });
+        let n = records.len();
+        sink.records(records);
         // Also after an empty drain: the table completes the lives of connections that closed
         // in the drain before.
         sink.batch_done(self.rings.cut());

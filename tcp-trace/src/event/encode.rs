@@ -275,11 +275,11 @@ mod tests {
                     .bytes(rng.next(), rng.next());
                 let c = table.apply(&t).connection;
                 let seq = rng.edgy(u64::MAX);
-                let (mut expected, _) = convert::state_change(&t, &c, &clock);
+                let (mut expected, _) = convert::state_change(&t, c, &clock);
                 expected.seq = seq;
                 let sent = EncodedEvent {
                     seq,
-                    unnumbered: encoder.state_change(&t, &c, &clock),
+                    unnumbered: encoder.state_change(&t, c, &clock),
                 };
                 let sent = sent.encode_to_vec();
                 assert_eq!(sent, expected.encode_to_vec(), "{t:?}\n{c:?}");

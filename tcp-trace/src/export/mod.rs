@@ -61,6 +61,16 @@ pub struct Observer {
 }
 
 impl Observer {
+    /// Metrics alone, as an agent serves them with no exporter configured.
+    #[cfg(test)]
+    pub(crate) fn metrics_only() -> Observer {
+        Observer {
+            metrics: Arc::new(Metrics::default()),
+            otlp: None,
+            logs: otlp::Logs::None,
+        }
+    }
+
     pub fn opened(&self, c: &Connection) {
         self.metrics.opened(c);
     }

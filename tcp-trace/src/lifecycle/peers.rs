@@ -133,11 +133,21 @@ impl PeerStats {
     }
 }
 
+/// Peers remembered from the latest lookups.
+const RECENT: usize = 4;
+
 #[derive(Debug)]
 pub struct Peers {
-    /// Hashed with foldhash, seeded per process (a remote host chooses its address and port):
-    /// three lookups per connection, where SipHash cost the agent several percent at churn.
-    peers: HashMap<PeerKey, PeerStats, foldhash::fast::RandomState>,
+    /// Each peer's place in `stats`. Hashed with foldhash, seeded per process (a remote host
+    /// chooses its address and port), where SipHash cost the agent several percent at churn.
+    index: HashMap<PeerKey, u32, foldhash::fast::RandomState>,
+    /// Peers in the order first seen; never removed, so a place stays valid.
+    stats: Vec<(PeerKey, PeerStats)>,
+    /// The peers of the latest lookups: a connection is looked up at its open, establishment
+    /// and close, and churn goes to a few peers (and on loopback, to both ends of each), so
+    /// most lookups need no hash. Replaced in turn.
+    recent: [Option<(PeerKey, u32)>; RECENT],
+    next_recent: usize,
     max_peers: usize,
     long_lived_ns: u64,
     /// Connections not aggregated because the peer table was full.
@@ -147,7 +157,10 @@ pub struct Peers {
 impl Peers {
     pub fn new(max_peers: usize, long_lived_ns: u64) -> Peers {
         Peers {
-            peers: HashMap::default(),
+            index: HashMap::default(),
+            stats: Vec::new(),
+            recent: [None; RECENT],
+            next_recent: 0,
             max_peers,
             long_lived_ns,
             peers_full: 0,
@@ -160,15 +173,28 @@ impl Peers {
 
     fn entry(&mut self, c: &Connection) -> Option<&mut PeerStats> {
         let key = PeerKey::of(c)?;
-        let full = self.peers.len() >= self.max_peers;
-        match self.peers.entry(key) {
-            Entry::Occupied(peer) => Some(peer.into_mut()),
-            Entry::Vacant(peer) if !full => Some(peer.insert(PeerStats::default())),
-            Entry::Vacant(_) => {
-                self.peers_full += 1;
-                None
+        let recent = self.recent.iter().flatten().find(|(peer, _)| *peer == key);
+        let place = match recent {
+            Some(&(_, place)) => place,
+            None => {
+                let place = match self.index.entry(key) {
+                    Entry::Occupied(peer) => *peer.get(),
+                    Entry::Vacant(peer) if self.stats.len() < self.max_peers => {
+                        let place = self.stats.len() as u32;
+                        self.stats.push((key, PeerStats::default()));
+                        *peer.insert(place)
+                    }
+                    Entry::Vacant(_) => {
+                        self.peers_full += 1;
+                        return None;
+                    }
+                };
+                self.recent[self.next_recent] = Some((key, place));
+                self.next_recent = (self.next_recent + 1) % RECENT;
+                place
             }
-        }
+        };
+        Some(&mut self.stats[place as usize].1)
     }
 
     pub fn opened(&mut self, c: &Connection) {
@@ -200,7 +226,7 @@ impl Peers {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&PeerKey, &PeerStats)> {
-        self.peers.iter()
+        self.stats.iter().map(|(key, stats)| (key, stats))
     }
 }
 

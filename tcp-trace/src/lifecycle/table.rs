@@ -1,10 +1,14 @@
 //! The table of sockets followed now: each kernel record applied to its socket's connection,
 //! lives handed out once they end.
-use std::{collections::HashMap, num::NonZeroU32};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    num::NonZeroU32,
+    sync::Arc,
+};
 
 use super::{
     Connection, Direction, KeepaliveDefaults, OwnerSource, Path, Peers,
-    connection::{NO_HANDSHAKE, NO_TASK},
+    connection::{Details, NO_HANDSHAKE, NO_TASK},
     heal::{Key, key},
     socket_map::SocketMap,
 };
@@ -36,10 +40,10 @@ const BEHIND_WHEN_QUIET: [TcpState; 3] = [
 ];
 
 /// What one transition did to the table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Applied {
-    /// The connection after the transition.
-    pub connection: Connection,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied<'a> {
+    /// The connection after the transition, where the table holds it.
+    pub connection: &'a Connection,
     /// The transition was to CLOSE: the connection's life is over and it left the table.
     pub closed: bool,
     /// The transition began a life (connect, listen, or a SYN at a listener).
@@ -61,6 +65,12 @@ pub enum KeepaliveChange {
     PeerAnswered { probes: u32 },
 }
 
+/// Spare details the table keeps: a drain's closes at full churn.
+const SPARE_DETAILS: usize = 4096;
+
+/// (netns, port) of listening sockets -> their owner.
+type Listeners = HashMap<(u32, u16), Task>;
+
 #[derive(Debug)]
 pub struct Table {
     pub(super) connections: SocketMap<Connection>,
@@ -73,8 +83,12 @@ pub struct Table {
     pub(super) batch: u64,
     /// (netns, port) of listening sockets -> their owner, to name the owner of accepted
     /// connections: the passive open runs in softirq, where no process is current.
-    pub(super) listeners: HashMap<(u32, u16), Task>,
+    pub(super) listeners: Listeners,
     pub(super) max_connections: usize,
+    /// The connection of the latest transition when the table was full: not followed.
+    unfollowed: Option<Connection>,
+    /// Details of lives completed, emptied, for the next closes (at most [`SPARE_DETAILS`]).
+    spare_details: Vec<Arc<Details>>,
     pub(super) next_id: u64,
     /// New connections not followed because the table was full.
     pub table_full: u64,
@@ -97,6 +111,8 @@ impl Table {
             batch: 0,
             listeners: HashMap::new(),
             max_connections,
+            unfollowed: None,
+            spare_details: Vec::new(),
             next_id: 1,
             table_full: 0,
             reopened: 0,
@@ -139,6 +155,18 @@ impl Table {
         self.batch += 1;
     }
 
+    /// Takes back the details of `lives`, completed and handed out by [`Table::end_batch`],
+    /// once nothing needs them, for the connections that close next.
+    pub fn recycle(&mut self, lives: impl Iterator<Item = Connection>) {
+        for mut life in lives {
+            if self.spare_details.len() < SPARE_DETAILS
+                && let Some(details) = life.give_back_details()
+            {
+                self.spare_details.push(details);
+            }
+        }
+    }
+
     /// Every connection still held as closing (at shutdown).
     pub fn flush_closing(&mut self, out: &mut Vec<Connection>) {
         out.append(&mut self.finished);
@@ -147,13 +175,10 @@ impl Table {
 
     /// The live connection of a socket, or the one that just closed.
     fn connection_mut(&mut self, sock: u64) -> Option<&mut Connection> {
-        match self.connections.get_mut(&sock) {
-            Some(c) => Some(c),
-            None => self.closing.get_mut(&sock).map(|(c, _)| c),
-        }
+        connection_in(&mut self.connections, &mut self.closing, sock)
     }
 
-    pub fn retransmit(&mut self, r: &Retransmit) -> Option<Connection> {
+    pub fn retransmit(&mut self, r: &Retransmit) -> Option<&Connection> {
         if r.syn_ack {
             // The request socket is not a connection yet; the child's handshake carries the
             // kernel's count of SYN-ACK retransmits once it exists.
@@ -161,17 +186,17 @@ impl Table {
         }
         let c = self.connection_mut(r.sock)?;
         c.details_mut().retransmits += 1;
-        Some(c.clone())
+        Some(c)
     }
 
     /// accept() returned the socket to a process: that process owns the connection now.
-    pub fn accepted(&mut self, a: &Accept) -> Option<Connection> {
+    pub fn accepted(&mut self, a: &Accept) -> Option<&Connection> {
         let c = self.connection_mut(a.sock)?;
         c.set_owner(a.task, OwnerSource::Accepted);
-        Some(c.clone())
+        Some(c)
     }
 
-    pub fn reset(&mut self, r: &Reset) -> Option<Connection> {
+    pub fn reset(&mut self, r: &Reset) -> Option<&Connection> {
         let c = self.connection_mut(r.sock)?;
         let details = c.details_mut();
         if r.sent {
@@ -179,7 +204,7 @@ impl Table {
         } else {
             details.resets_received += 1;
         }
-        Some(c.clone())
+        Some(c)
     }
 
     /// What a run of the keepalive timer meant: the peer answering the previous series (its
@@ -187,8 +212,8 @@ impl Table {
     pub fn keepalive_timer(
         &mut self,
         k: &KeepaliveTimer,
-    ) -> Option<(Connection, [Option<KeepaliveChange>; 2])> {
-        let Some(c) = self.connection_mut(k.sock) else {
+    ) -> Option<(&Connection, [Option<KeepaliveChange>; 2])> {
+        let Some(c) = connection_in(&mut self.connections, &mut self.closing, k.sock) else {
             self.keepalive_unfollowed += 1;
             return None;
         };
@@ -208,14 +233,14 @@ impl Table {
         if changes == [None, None] {
             return None;
         }
-        Some((c.clone(), changes))
+        Some((c, changes))
     }
 
     pub fn socket_option(
         &mut self,
         o: &SocketOption,
         defaults: KeepaliveDefaults,
-    ) -> Option<(Connection, KeepaliveChange)> {
+    ) -> Option<(&Connection, KeepaliveChange)> {
         let c = self.connection_mut(o.sock)?;
         let details = c.details_mut();
         details.keepalive_defaults = Some(defaults);
@@ -228,7 +253,7 @@ impl Table {
             KeepaliveOption::Count => keepalive.count = value,
         }
         Some((
-            c.clone(),
+            c,
             KeepaliveChange::Configured {
                 option: o.option,
                 value: o.value,
@@ -237,7 +262,9 @@ impl Table {
         ))
     }
 
-    pub fn apply(&mut self, t: &Transition) -> Applied {
+    /// Applies `t` to its socket's connection, in its slot: no copy of the connection is made
+    /// (a copy per record, and one back, were a fifth of the agent's time under churn).
+    pub fn apply(&mut self, t: &Transition) -> Applied<'_> {
         let opening = opening(t, || self.connections.contains_key(&t.sock));
         if opening.is_some() {
             // A socket the table still holds: its CLOSE was never seen. Summarize the old life
@@ -254,9 +281,18 @@ impl Table {
         } else {
             self.claim_adopted(t);
         }
-        let mut connection = match self.connections.get(&t.sock) {
-            Some(existing) => existing.clone(),
-            None => self.open(t, opening),
+        let room = self.connections.len() < self.max_connections;
+        let connection = match self.connections.entry(t.sock) {
+            Entry::Occupied(slot) => slot.into_mut(),
+            Entry::Vacant(slot) if room => {
+                slot.insert(open(&mut self.next_id, &self.listeners, t, opening))
+            }
+            // Full: a connection of this one transition, not followed.
+            Entry::Vacant(_) => {
+                self.table_full += 1;
+                self.unfollowed
+                    .insert(open(&mut self.next_id, &self.listeners, t, opening))
+            }
         };
         let entered_from = connection.state;
         // A dump (`catch_up`) may have moved the row past this transition already, while the
@@ -293,6 +329,11 @@ impl Table {
                 }
             }
             TcpState::Close => {
+                // A close of a connection that carried data has details: from those of the
+                // lives closed before, not a malloc and a free each.
+                if t.bytes_acked != 0 || t.bytes_received != 0 || t.error != 0 {
+                    connection.take_details(&mut self.spare_details);
+                }
                 connection.set_detail(t.error, |d| &mut d.error);
                 connection.set_detail(t.bytes_acked, |d| &mut d.bytes_sent);
                 connection.set_detail(t.bytes_received, |d| &mut d.bytes_received);
@@ -316,25 +357,33 @@ impl Table {
         {
             connection.set_owner(task, OwnerSource::ProcessContext);
         }
-        self.track_listener(t, &connection);
+        track_listener(&mut self.listeners, t, connection);
         if opening.is_some() {
-            self.peers.opened(&connection);
+            self.peers.opened(connection);
         }
         if t.new == TcpState::Established {
-            self.peers.established(&connection);
+            self.peers.established(connection);
         }
         let closed = t.new == TcpState::Close;
-        if closed {
-            self.connections.remove(&t.sock);
-            self.closing
-                .insert(t.sock, (connection.clone(), self.batch));
-        } else if let Some(slot) = self.connections.get_mut(&t.sock) {
-            slot.clone_from(&connection);
-        } else if self.connections.len() < self.max_connections {
-            self.connections.insert(t.sock, connection.clone());
+        let connection = if !closed {
+            match self.connections.get(&t.sock) {
+                Some(c) => c,
+                None => self.unfollowed.as_ref().expect("just set"),
+            }
         } else {
-            self.table_full += 1;
-        }
+            // Held one more drain (see `closing`), moved there whole.
+            let connection = match self.connections.remove(&t.sock) {
+                Some(c) => c,
+                None => self.unfollowed.take().expect("just set"),
+            };
+            match self.closing.entry(t.sock) {
+                Entry::Occupied(mut slot) => {
+                    slot.insert((connection, self.batch));
+                    &slot.into_mut().0
+                }
+                Entry::Vacant(slot) => &slot.insert((connection, self.batch)).0,
+            }
+        };
         Applied {
             connection,
             closed,
@@ -410,59 +459,78 @@ impl Table {
         }
         moved
     }
+}
 
-    fn open(&mut self, t: &Transition, opening: Option<Direction>) -> Connection {
-        let id = self.next_id;
-        self.next_id += 1;
-        let direction = opening.unwrap_or(Direction::Unknown);
-        // A passive socket is first seen leaving SYN_RECV when the kernel did not record its
-        // LISTEN -> SYN_RECV: its life began at the listener all the same.
-        let first = match (direction, t.old) {
-            (Direction::Passive, TcpState::SynRecv) => TcpState::Listen,
-            _ => t.old,
-        };
-        let mut path = Path::starting_at(first);
-        if first != t.old {
-            path.push(t.old);
-        }
-        let listener = match direction {
-            Direction::Passive => self.listeners.get(&(t.netns, t.local.port())).copied(),
-            _ => None,
-        };
-        Connection {
-            id,
-            sock: t.sock,
-            netns: t.netns,
-            local_ip: t.local.ip(),
-            local_port: t.local.port(),
-            remote_ip: t.remote.ip(),
-            remote_port: t.remote.port(),
-            direction,
-            owner_task: listener.unwrap_or(NO_TASK),
-            owner_source: listener.map(|_| OwnerSource::Listener),
-            state: t.old,
-            opened_ns: t.ts_ns,
-            last_ns: t.ts_ns,
-            path,
-            handshake_ns: NO_HANDSHAKE,
-            srtt_us: 0,
-            details: None,
-        }
+/// The live connection of a socket in `connections`, or the one that just closed.
+fn connection_in<'a>(
+    connections: &'a mut SocketMap<Connection>,
+    closing: &'a mut SocketMap<(Connection, u64)>,
+    sock: u64,
+) -> Option<&'a mut Connection> {
+    match connections.get_mut(&sock) {
+        Some(c) => Some(c),
+        None => closing.get_mut(&sock).map(|(c, _)| c),
     }
+}
 
-    fn track_listener(&mut self, t: &Transition, connection: &Connection) {
-        let key = (t.netns, t.local.port());
-        match (t.old, t.new) {
-            (_, TcpState::Listen) => {
-                if let Some(owner) = connection.owner() {
-                    self.listeners.insert(key, owner.task);
-                }
+/// A new connection for the first transition seen of its socket.
+fn open(
+    next_id: &mut u64,
+    listeners: &Listeners,
+    t: &Transition,
+    opening: Option<Direction>,
+) -> Connection {
+    let id = *next_id;
+    *next_id += 1;
+    let direction = opening.unwrap_or(Direction::Unknown);
+    // A passive socket is first seen leaving SYN_RECV when the kernel did not record its
+    // LISTEN -> SYN_RECV: its life began at the listener all the same.
+    let first = match (direction, t.old) {
+        (Direction::Passive, TcpState::SynRecv) => TcpState::Listen,
+        _ => t.old,
+    };
+    let mut path = Path::starting_at(first);
+    if first != t.old {
+        path.push(t.old);
+    }
+    let listener = match direction {
+        Direction::Passive => listeners.get(&(t.netns, t.local.port())).copied(),
+        _ => None,
+    };
+    Connection {
+        id,
+        sock: t.sock,
+        netns: t.netns,
+        local_ip: t.local.ip(),
+        local_port: t.local.port(),
+        remote_ip: t.remote.ip(),
+        remote_port: t.remote.port(),
+        direction,
+        owner_task: listener.unwrap_or(NO_TASK),
+        owner_source: listener.map(|_| OwnerSource::Listener),
+        state: t.old,
+        opened_ns: t.ts_ns,
+        last_ns: t.ts_ns,
+        path,
+        handshake_ns: NO_HANDSHAKE,
+        srtt_us: 0,
+        details: None,
+    }
+}
+
+/// Remembers who owns a listening socket, for the connections accepted from it.
+fn track_listener(listeners: &mut Listeners, t: &Transition, connection: &Connection) {
+    let key = (t.netns, t.local.port());
+    match (t.old, t.new) {
+        (_, TcpState::Listen) => {
+            if let Some(owner) = connection.owner() {
+                listeners.insert(key, owner.task);
             }
-            (TcpState::Listen, TcpState::Close) => {
-                self.listeners.remove(&key);
-            }
-            _ => {}
         }
+        (TcpState::Listen, TcpState::Close) => {
+            listeners.remove(&key);
+        }
+        _ => {}
     }
 }
 

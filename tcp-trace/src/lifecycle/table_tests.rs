@@ -363,11 +363,12 @@ fn a_life_recorded_without_its_middle_transitions_is_summarized_as_if_all_were_r
                     all_recorded: !quiet,
                     ..Transition::test(1, 1000 * i as u64, old, new).bytes(10, 10)
                 };
-                last = Some(table.apply(&t));
+                let applied = table.apply(&t);
+                last = Some((applied.closed, applied.connection.clone()));
             }
-            let last = last.expect("a CLOSE is always recorded");
-            assert!(last.closed && table.is_empty(), "{life:?}");
-            last.connection
+            let (closed, connection) = last.expect("a CLOSE is always recorded");
+            assert!(closed && table.is_empty(), "{life:?}");
+            connection
         };
         let (all, quiet) = (summarize(false), summarize(true));
         let path = |c: &Connection| c.path.states().collect::<Vec<_>>();

@@ -394,7 +394,7 @@ pub fn roundtrips_across_cpus(ns: &NetNs, addr: IpAddr, n: usize) -> Vec<Roundtr
     // The connections run on a thread of their own (`NetNs::run`), which alone is moved.
     roundtrips_hopping(ns, ns, addr, n, FirstCloser::Client, &mut || {
         step += 1;
-        pin_to(if step % 2 == 0 { a } else { b });
+        pin_to(if step.is_multiple_of(2) { a } else { b });
     })
 }
 

@@ -452,7 +452,7 @@ pub(super) mod tests {
                     };
                     let applied = table.apply(&t);
                     if k == n - 1 {
-                        closed.push(applied.connection);
+                        closed.push(applied.connection.clone());
                     }
                 }
             }
