@@ -221,15 +221,27 @@ impl SockDiag {
         };
         let before = out.len();
         let one_walk = !self.per_family
-            && self
-                .dump(&fd, ns, TCPDIAG_GETSOCK, both_families(states), out)
-                .is_ok();
+            && match self.dump(&fd, ns, TCPDIAG_GETSOCK, both_families(states), out) {
+                Ok(()) => true,
+                Err(err) => {
+                    // A kernel without the older request refuses it: per family from now on.
+                    // Any other failure (a signal, memory) is this list's only.
+                    self.per_family = refused(&err);
+                    tracing::debug!(
+                        "one walk for both families failed ({err}); per family{}",
+                        if self.per_family {
+                            " from now on"
+                        } else {
+                            " this time"
+                        }
+                    );
+                    false
+                }
+            };
         let result = if one_walk {
             Ok(())
         } else {
-            // A kernel without the older request: dumped per family, now and from now on.
             out.truncate(before);
-            self.per_family = true;
             [libc::AF_INET, libc::AF_INET6]
                 .into_iter()
                 .try_for_each(|family| {
@@ -308,6 +320,16 @@ impl SockDiag {
 }
 
 /// TCPDIAG_GETSOCK's request for the TCP sockets of both families in `states`.
+/// The kernel's answer to a request type it does not handle: `sock_diag` without the
+/// compatibility handler (`inet_diag` built without it, or its module absent) says EOPNOTSUPP;
+/// an unknown type, EINVAL.
+fn refused(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+    )
+}
+
 fn both_families(states: u32) -> CompatRequest {
     CompatRequest {
         family: libc::AF_UNSPEC as u8,
@@ -498,6 +520,14 @@ mod tests {
         assert_eq!(std::mem::size_of::<Message<Request>>(), 72);
         assert_eq!(std::mem::size_of::<CompatRequest>(), 60);
         assert_eq!(std::mem::size_of::<Message<CompatRequest>>(), 76);
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_one_walk_request_makes_lists_per_family_for_good() {
+        let error = |errno| io::Error::from_raw_os_error(errno);
+        assert!(refused(&error(libc::EOPNOTSUPP)) && refused(&error(libc::EINVAL)));
+        assert!(!refused(&error(libc::EINTR)) && !refused(&error(libc::ENOBUFS)));
+        assert!(!refused(&io::Error::from(io::ErrorKind::InvalidData)));
     }
 
     #[test]
