@@ -1,8 +1,10 @@
 //! The pipeline's own cost per connection, with no kernel behind it: the always-on agent's
 //! records of a churn (five a connection, as a quiet kernel writes them) replayed through the
-//! drain's `Sink`, a drain of 20 connections at a time. Ignored by default: it measures, it does
-//! not check. Run it under callgrind for instruction counts, which the noisy shared machines
-//! here cannot disturb (`docs/benchmarks.md`, "The agent's own work"):
+//! drain's `Sink`, a drain of 20 connections at a time; and (`replay_watched`) every record of
+//! each connection (ten) with one subscriber, whose events are built, encoded and queued.
+//! Ignored by default: they measure, they do not check. Run them under callgrind for
+//! instruction counts, which the noisy shared machines here cannot disturb
+//! (`docs/benchmarks.md`, 2026-12-03 06:36):
 //!
 //! ```text
 //! cargo test --release -p tcp-trace --lib replay -- --ignored --nocapture
@@ -17,7 +19,7 @@ use std::{
 
 use super::{heal::Heal, pipeline::Pipeline};
 use crate::{
-    bus::{Bus, BusConfig},
+    bus::{Bus, BusConfig, Start, SubscribeRequest},
     capture::{DecodeError, Hooks, KernelCounterReader, Record, Sink},
     event::Events,
     export::Observer,
@@ -52,8 +54,9 @@ fn pipeline() -> Pipeline {
     }
 }
 
-/// The records a quiet kernel writes for connection `i`, client and server end, at `ts`.
-fn connection(i: u64, ts: u64, out: &mut Vec<Result<Record, DecodeError>>) {
+/// The records a kernel writes for connection `i`, client and server end, at `ts`: five while
+/// quiet (`all`: false), ten while a subscriber asks for state changes.
+fn connection(i: u64, ts: u64, all: bool, out: &mut Vec<Result<Record, DecodeError>>) {
     let server = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 6379);
     let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1024 + (i % 60_000) as u16);
     // Kernel socket addresses: slab objects 2 KiB apart, reused as connections come and go.
@@ -62,44 +65,85 @@ fn connection(i: u64, ts: u64, out: &mut Vec<Result<Record, DecodeError>>) {
         0xffff_8880_0000_0800 + (i % 4096) * 4096,
     );
     let at = |sock, dt, old, new, local, remote| {
-        Transition::test(sock, ts + dt, old, new)
-            .between(local, remote)
-            .quiet()
+        let t = Transition::test(sock, ts + dt, old, new).between(local, remote);
+        Some(if all { t } else { t.quiet() })
     };
+    let every = |t: Option<Transition>| t.filter(|_| all);
     out.extend(
         [
-            at(active, 0, Close, SynSent, client, server).by_process(100),
-            at(passive, 20_000, SynRecv, Established, server, client).rtt(20, 0),
-            at(active, 20_000, SynSent, Established, client, server).rtt(20, 0),
+            at(active, 0, Close, SynSent, client, server).map(|t| t.by_process(100)),
+            every(at(passive, 10_000, Listen, SynRecv, server, client)),
+            at(passive, 20_000, SynRecv, Established, server, client).map(|t| t.rtt(20, 0)),
+            at(active, 20_000, SynSent, Established, client, server).map(|t| t.rtt(20, 0)),
+            every(at(active, 40_000, Established, FinWait1, client, server)),
+            every(at(passive, 45_000, Established, CloseWait, server, client)),
+            every(at(active, 50_000, FinWait1, FinWait2, client, server)),
+            every(at(passive, 55_000, CloseWait, LastAck, server, client)),
             at(active, 60_000, FinWait2, Close, client, server)
-                .by_process(100)
-                .bytes(14, 7),
-            at(passive, 70_000, LastAck, Close, server, client).bytes(7, 14),
+                .map(|t| t.by_process(100).bytes(14, 7)),
+            at(passive, 70_000, LastAck, Close, server, client).map(|t| t.bytes(7, 14)),
         ]
+        .into_iter()
+        .flatten()
         .map(|t| Ok(Record::Transition(t))),
     );
+}
+
+/// Replays `connections` through `pipeline`; returns how long it took.
+fn run(pipeline: &mut Pipeline, connections: u64, all: bool) -> Duration {
+    let mut records = Vec::new();
+    let started = Instant::now();
+    for drain in 0..connections / PER_DRAIN {
+        records.clear();
+        for i in drain * PER_DRAIN..(drain + 1) * PER_DRAIN {
+            connection(i, i * 100_000, all, &mut records);
+        }
+        pipeline.records(records.iter());
+        pipeline.batch_done(u64::MAX);
+    }
+    // The last drain's closes complete in the next.
+    pipeline.batch_done(u64::MAX);
+    let took = started.elapsed();
+    assert_eq!(
+        pipeline.table.lock().unwrap().len(),
+        0,
+        "every connection closed"
+    );
+    eprintln!(
+        "{connections} connections in {took:?}: {:.0} ns a connection",
+        took.as_nanos() as f64 / connections as f64,
+    );
+    took
 }
 
 #[test]
 #[ignore = "a measurement: run it on its own, see the module"]
 fn replay() {
+    run(&mut pipeline(), CONNECTIONS, false);
+}
+
+#[test]
+#[ignore = "a measurement: run it on its own, see the module"]
+fn replay_watched() {
     let mut pipeline = pipeline();
-    let mut records = Vec::new();
-    let started = Instant::now();
-    for drain in 0..CONNECTIONS / PER_DRAIN {
-        records.clear();
-        for i in drain * PER_DRAIN..(drain + 1) * PER_DRAIN {
-            connection(i, i * 50_000, &mut records);
-        }
-        pipeline.records(records.iter());
-        pipeline.batch_done(u64::MAX);
+    let mut subscription = pipeline
+        .bus
+        .subscribe(SubscribeRequest {
+            filter: Default::default(),
+            queue: usize::MAX,
+            queue_bytes: usize::MAX,
+            start: Start::Live,
+            peer: "replay".into(),
+        })
+        .unwrap();
+    // A subscriber that keeps up: each drain's events taken off its queue.
+    let connections = CONNECTIONS / 4;
+    run(&mut pipeline, connections, true);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut delivered = 0;
+    while let std::task::Poll::Ready(Some(delivery)) = subscription.poll_next(&mut cx) {
+        delivered += u64::from(matches!(delivery, crate::bus::Delivery::Event(_)));
     }
-    let took = started.elapsed();
-    let table = pipeline.table.lock().unwrap();
-    assert_eq!(table.len(), 0, "every connection closed");
-    eprintln!(
-        "{CONNECTIONS} connections in {took:?}: {:.0} ns a connection, {:.2} CPU-s per million",
-        took.as_nanos() as f64 / CONNECTIONS as f64,
-        took.as_secs_f64() * 1e6 / CONNECTIONS as f64
-    );
+    assert_eq!(delivered, connections * 12, "12 events a connection");
 }

@@ -211,7 +211,7 @@ impl Metrics {
         let Some(d) = position(&OPENED, &c.direction) else {
             return; // first seen mid-life: neither its handshake nor its length is known
         };
-        let established = c.path.states().any(|s| s == TcpState::Established);
+        let established = c.path.contains(TcpState::Established);
         if !established {
             // A failed handshake's retransmits; an established one counted them then.
             bump(
