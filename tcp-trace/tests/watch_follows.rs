@@ -69,6 +69,11 @@ async fn start_agent(
     let agent = Command::new(binary)
         .args(["agent", "--listen", &format!("unix:{}", socket.display())])
         .args(["--netns", &ns.inode().to_string()])
+        // Room for two seconds of this load per CPU: the suite runs tests side by side on
+        // 2 vCPUs, and in one full run (2026-12-03 07:16, the untraced rate a third of its
+        // usual) the drain was starved long enough to fill the default 2 MiB rings, a loss
+        // the agent reported (`lost`, stage kernel, ring full) and not this test's subject.
+        .args(["--ring-bytes", &(8 << 20).to_string()])
         .stdout(Stdio::null())
         .spawn()
         .expect("the optimised tcp-trace binary runs");
