@@ -30,6 +30,8 @@ pub struct AgentStats {
     pub heals: AtomicU64,
     pub healed_closed: AtomicU64,
     pub healed_adopted: AtomicU64,
+    /// CPU the heal's socket lists took (the kernel's walks of its socket hash included).
+    pub heal_cpu_ns: AtomicU64,
 }
 
 impl AgentStats {
@@ -45,6 +47,7 @@ impl AgentStats {
             heals: AtomicU64::new(0),
             healed_closed: AtomicU64::new(0),
             healed_adopted: AtomicU64::new(0),
+            heal_cpu_ns: AtomicU64::new(0),
         }
     }
 
@@ -134,6 +137,10 @@ impl AgentStats {
             keepalive_unfollowed: table.keepalive_unfollowed,
             healed_closed: self.healed_closed.load(Ordering::Relaxed),
             healed_adopted: self.healed_adopted.load(Ordering::Relaxed),
+            heal_cpu: prost_types::Duration::try_from(Duration::from_nanos(
+                self.heal_cpu_ns.load(Ordering::Relaxed),
+            ))
+            .ok(),
         }
     }
 }

@@ -258,3 +258,49 @@ fn a_heal_of_60000_sockets_costs_well_under_a_second() {
         "{dumped:?} + {compared:?}"
     );
 }
+
+/// A heal lists every namespace's sockets, and the kernel walks its whole socket hash for each
+/// (~1.9 ms here with no socket at all): with many namespaces, lists at the configured pace
+/// would take far more than 1% of a CPU. The agent spaces them to stay under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_lists_of_many_namespaces_are_spaced_to_take_at_most_a_hundredth_of_a_cpu() {
+    let namespaces: Vec<NetNs> = (0..60).map(|_| NetNs::new("many")).collect();
+    let mut agent = TestAgent::start_with(AgentConfig {
+        heal_interval: Duration::from_secs(1),
+        ..AgentConfig::default()
+    })
+    .await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let stats = agent
+        .client
+        .get_stats(proto::GetStatsRequest {})
+        .await
+        .expect("GetStats")
+        .into_inner();
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = stats.heal_cpu.expect("heal_cpu is reported");
+    let cpu = cpu.seconds as f64 + f64::from(cpu.nanos) * 1e-9;
+    // Lists compared: the list the CPU counts may be one more.
+    let lists = stats.heals.max(1) as f64;
+    let per_list = cpu / lists;
+    eprintln!(
+        "{} namespaces: {} lists compared in {elapsed:.1} s, {cpu:.3} s of CPU, {:.1} ms a list",
+        namespaces.len() + 1,
+        stats.heals,
+        per_list * 1e3
+    );
+    assert!(stats.heals >= 1, "the first list came and was compared");
+    assert!(
+        per_list > 0.02,
+        "a list of {} namespaces cost {per_list:.3} s: too cheap for 1 s apart to exceed the \
+         share, so this test would show nothing (a host with a far smaller socket hash)",
+        namespaces.len()
+    );
+    // At 1 s apart this would be about `elapsed` lists; spaced, the share over the time since
+    // the first, plus that first list.
+    assert!(
+        cpu <= 0.01 * elapsed + 2.0 * per_list,
+        "{cpu:.3} s of CPU in {elapsed:.1} s for lists of {per_list:.3} s each"
+    );
+}

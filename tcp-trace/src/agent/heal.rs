@@ -1,7 +1,7 @@
 //! Healing's agent side: the thread that lists the kernel's sockets, and what the drain
 //! asks of it.
 use std::{
-    sync::mpsc,
+    sync::{Arc, atomic::Ordering, mpsc},
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,12 @@ pub(super) struct Heal {
 const LOSS_CHECK: Duration = Duration::from_millis(250);
 /// At most one socket list per this, however many losses ask for one.
 const HEAL_SPACING: Duration = Duration::from_secs(1);
+/// Most of one CPU the socket lists may take. A list costs the kernel a walk of its whole
+/// established-socket hash for each namespace, empty buckets included (262,144 of them on the
+/// 24 GiB test machines, ~1.9 ms), so its cost grows with namespaces × the host's memory, not
+/// with sockets: 190 ms of CPU for 100 empty namespaces here, and ~8 times more per namespace on
+/// a host with 8 times the memory. Lists are spaced so that they stay under this share.
+const HEAL_CPU_SHARE: f64 = 0.01;
 /// Most lists in a row asked for only to confirm suspects: a table that never settles costs
 /// a few lists per interval, not one a second.
 const MAX_CONFIRMING: u32 = 5;
@@ -71,7 +77,7 @@ impl Confirming {
 }
 
 impl Heal {
-    pub(super) fn start(interval: Duration, netns: Option<u32>, stats: &AgentStats) -> Heal {
+    pub(super) fn start(interval: Duration, netns: Option<u32>, stats: &Arc<AgentStats>) -> Heal {
         let mut heal = Heal {
             requests: None,
             lists: None,
@@ -85,9 +91,10 @@ impl Heal {
         }
         let (requests, requested) = mpsc::sync_channel(1);
         let (send_list, lists) = mpsc::sync_channel(1);
+        let stats = Arc::clone(stats);
         let spawned = std::thread::Builder::new()
             .name("heal".into())
-            .spawn(move || heal_thread(interval, netns, &requested, &send_list));
+            .spawn(move || heal_thread(interval, netns, &requested, &send_list, &stats));
         match spawned {
             Ok(_) => (heal.requests, heal.lists) = (Some(requests), Some(lists)),
             Err(err) => tracing::warn!("no healing of the connection table: {err}"),
@@ -121,21 +128,30 @@ impl Heal {
 
 /// Lists the kernel's sockets every `interval`, or sooner when asked, until the pipeline is
 /// gone. Its own thread: a list of 60,000 sockets takes tens of milliseconds, which the drain
-/// must not wait for.
+/// must not wait for. Lists are spaced by [`spacing`], so that they take at most
+/// `HEAL_CPU_SHARE` of a CPU however many namespaces the host has.
 fn heal_thread(
     interval: Duration,
     netns: Option<u32>,
     requested: &mpsc::Receiver<()>,
     lists: &mpsc::SyncSender<SocketList>,
+    stats: &AgentStats,
 ) {
     let mut diag = SockDiag::default();
     let mut warned = false;
+    let mut stretched = false;
+    let mut wait = interval;
     loop {
-        if let Err(mpsc::RecvTimeoutError::Disconnected) = requested.recv_timeout(interval) {
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = requested.recv_timeout(wait) {
             return;
         }
         let started = Instant::now();
+        let cpu_before = thread_cpu();
         let (list, errors) = diag.list(netns);
+        let cpu = thread_cpu().saturating_sub(cpu_before);
+        stats
+            .heal_cpu_ns
+            .fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
         for err in &errors {
             if !warned {
                 tracing::warn!("healing the connection table: {err}");
@@ -144,17 +160,47 @@ fn heal_thread(
             }
         }
         warned |= !errors.is_empty();
+        let gap = spacing(cpu);
         tracing::debug!(
-            "listed {} sockets in {} namespaces in {:?}",
+            "listed {} sockets in {} namespaces in {:?} ({cpu:?} of CPU); next list in {gap:?} at the soonest",
             list.sockets.len(),
             list.netns.len(),
-            started.elapsed()
+            started.elapsed(),
         );
+        if gap > interval && !stretched {
+            tracing::info!(
+                "the kernel's socket list of {} namespaces took {cpu:?} of CPU: healing every \
+                 {gap:?} instead of every {interval:?}, to keep it under {}% of a CPU",
+                list.netns.len(),
+                HEAL_CPU_SHARE * 100.0,
+            );
+        }
+        stretched = gap > interval;
         if lists.send(list).is_err() {
             return;
         }
-        std::thread::sleep(HEAL_SPACING.saturating_sub(started.elapsed()));
+        std::thread::sleep(gap.saturating_sub(started.elapsed()));
+        wait = (started + interval.max(gap)).saturating_duration_since(Instant::now());
     }
+}
+
+/// The least time from the start of a list that cost `cpu` to the start of the next one, asked
+/// for or not: `HEAL_SPACING`, or longer when lists are dear enough to take more than
+/// `HEAL_CPU_SHARE` of a CPU at that pace.
+fn spacing(cpu: Duration) -> Duration {
+    HEAL_SPACING.max(cpu.div_f64(HEAL_CPU_SHARE))
+}
+
+/// The CPU time this thread has used (the kernel's walks of its socket hash run in the dump's
+/// system calls, so they count).
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; this clock always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 #[cfg(test)]
@@ -185,5 +231,37 @@ mod tests {
             assert!(confirming.again(&healed(1, 0, true)));
         }
         assert!(!confirming.again(&healed(0, 1, true)));
+    }
+
+    #[test]
+    fn lists_are_spaced_to_take_at_most_their_share_of_a_cpu() {
+        // Cheap lists (a few namespaces): the usual spacing.
+        assert_eq!(spacing(Duration::from_millis(7)), HEAL_SPACING);
+        // 100 namespaces at ~1.9 ms each: 19 s between lists at the soonest.
+        assert_eq!(spacing(Duration::from_millis(190)), Duration::from_secs(19));
+        // Whatever the cost, a list and the gap after it keep to the share.
+        for ms in [1, 10, 100, 1000, 10_000] {
+            let cpu = Duration::from_millis(ms);
+            assert!(cpu.as_secs_f64() / spacing(cpu).as_secs_f64() <= HEAL_CPU_SHARE + 1e-12);
+        }
+    }
+
+    #[test]
+    fn thread_cpu_counts_this_threads_work_only() {
+        let before = thread_cpu();
+        let slept = Instant::now();
+        std::thread::sleep(Duration::from_millis(50));
+        let asleep = thread_cpu() - before;
+        assert!(slept.elapsed() >= Duration::from_millis(50));
+        assert!(asleep < Duration::from_millis(25), "asleep: {asleep:?}");
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(
+            thread_cpu() - before >= Duration::from_millis(20),
+            "spun: {x}"
+        );
     }
 }

@@ -66,6 +66,12 @@ pub fn stats_text(s: &proto::Stats) -> String {
         "healed: closed / adopted (heals)",
         format!("{} / {} ({})", s.healed_closed, s.healed_adopted, s.heals),
     );
+    if let Some(cpu) = &s.heal_cpu {
+        row(
+            "heal socket lists, CPU",
+            format!("{:.3} s", cpu.seconds as f64 + f64::from(cpu.nanos) * 1e-9),
+        );
+    }
     if let Some(r) = &s.replay {
         let held = match r.oldest_seq {
             0 => format!("{} of {} events", r.held, r.capacity),
