@@ -342,17 +342,25 @@ impl Capture {
         let follow_up = (self.wakeup_interval / 4).max(Duration::from_micros(50));
         while !cancel.is_cancelled() {
             // Level-triggered: returns at once while unread records are in the ring. The
-            // timeout only bounds how long a stop request waits.
-            if let Err(err) = wait_readable(&fds, Duration::from_millis(100)) {
-                tracing::error!("polling the ring buffers failed: {err}");
-                break;
-            }
+            // timeout bounds how long a stop request waits, and paces the checks a drain makes
+            // with or without records (the kernel's skips, which write none; lives to complete).
+            let woken_by_records = match wait_readable(&fds, Duration::from_millis(100)) {
+                Ok(readable) => readable,
+                Err(err) => {
+                    tracing::error!("polling the ring buffers failed: {err}");
+                    break;
+                }
+            };
             let woken = std::time::Instant::now();
             loop {
                 let n = self.drain(sink);
                 let busy_for = woken.elapsed();
                 let idle = n == 0 && self.rings.pending() == 0;
-                if (idle && busy_for >= self.wakeup_interval) || cancel.is_cancelled() {
+                // After a timeout with the rings still empty, no record is on its way: back to
+                // waiting at once, not after an interval of follow-up drains (an idle host
+                // then wakes the agent 10 times a second, not 40).
+                let done = idle && (!woken_by_records || busy_for >= self.wakeup_interval);
+                if done || cancel.is_cancelled() {
                     break;
                 }
                 if n >= MAX_DRAIN {
@@ -427,8 +435,9 @@ fn raise_drain_priority() {
 /// published): a few milliseconds of the busiest churn, a few MiB of events held at most.
 pub const MAX_DRAIN: usize = 16_384;
 
-/// Waits until one of `fds` is readable or `timeout` passes (EINTR counts as a timeout).
-fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) -> io::Result<()> {
+/// Waits until one of `fds` is readable (true) or `timeout` passes (false; EINTR counts as a
+/// timeout).
+fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) -> io::Result<bool> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -456,7 +465,7 @@ fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) -> io::Result<()
             return Err(err);
         }
     }
-    Ok(())
+    Ok(rc > 0)
 }
 
 /// Without the lock owner flag, a task is only known for transitions that always run in the
