@@ -58,7 +58,13 @@ pub mod switch {
     /// between ESTABLISHED and CLOSE follow from the state a socket closes from). The others
     /// cost a tracepoint dispatch and a few loads, and no record.
     pub const TRANSITIONS: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// No subscriber at all: the programs wake the agent at most once per
+    /// [`UNWATCHED_WAKEUP_INTERVAL_NS`](super::globals::UNWATCHED_WAKEUP_INTERVAL_NS) instead of
+    /// once per [`WAKEUP_INTERVAL_NS`](super::globals::WAKEUP_INTERVAL_NS). Nobody waits for
+    /// the records then (the table, summaries and metrics only need them soon), and a drain
+    /// every millisecond costs the agent and the programs more than the records do.
+    pub const UNWATCHED: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Whether the state programs record a transition to `new_state` with [`switch::TRANSITIONS`] off.
@@ -247,6 +253,8 @@ pub mod globals {
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
     /// Minimum nanoseconds between two consumer wake-ups forced by the programs.
     pub const WAKEUP_INTERVAL_NS: &str = "WAKEUP_INTERVAL_NS";
+    /// The same while [`switch::UNWATCHED`](super::switch::UNWATCHED) is on.
+    pub const UNWATCHED_WAKEUP_INTERVAL_NS: &str = "UNWATCHED_WAKEUP_INTERVAL_NS";
     /// The running kernel's [`KernelOffsets`](super::KernelOffsets).
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 }

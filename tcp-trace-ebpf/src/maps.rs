@@ -33,6 +33,8 @@ static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
 static NETNS_FILTER: u32 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_INTERVAL_NS: u64 = 1_000_000;
+#[unsafe(no_mangle)]
+static UNWATCHED_WAKEUP_INTERVAL_NS: u64 = 10_000_000;
 
 #[unsafe(no_mangle)]
 pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
@@ -136,12 +138,17 @@ pub fn count(index: u32) {
 /// each, more than the record itself, so a record wakes the agent only if no record did in the
 /// last WAKEUP_INTERVAL_NS. The agent, once woken, keeps draining every interval until a drain
 /// one interval after its last wake-up finds the ring empty, so a record that did not wake it
-/// still arrives within about one interval.
+/// still arrives within about one interval. The interval is longer while nobody subscribes
+/// (`switch::UNWATCHED`).
 pub fn submit_flags(now: u64) -> u64 {
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
         return BPF_RB_FORCE_WAKEUP as u64;
     };
-    let interval = global!(WAKEUP_INTERVAL_NS);
+    let interval = if SWITCHES.get(switch::UNWATCHED).is_some_and(|&on| on != 0) {
+        global!(UNWATCHED_WAKEUP_INTERVAL_NS)
+    } else {
+        global!(WAKEUP_INTERVAL_NS)
+    };
     // Racy across CPUs by design: at worst two CPUs both wake the agent.
     unsafe {
         if now.wrapping_sub(*last) >= interval {

@@ -219,9 +219,17 @@ struct State {
     unrecorded: VecDeque<(u64, u64)>,
 }
 
-/// Told whether any subscriber now asks for state-change events (see
-/// [`Bus::on_state_change_demand`]).
-pub type DemandHook = Box<dyn Fn(bool) + Send + Sync>;
+/// What the subscribers ask of the kernel now (see [`Bus::on_demand`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// Some subscriber is connected.
+    pub subscribers: bool,
+    /// Some subscriber asks for state-change events.
+    pub state_changes: bool,
+}
+
+/// Told what the subscribers ask for, whenever it changes.
+pub type DemandHook = Box<dyn Fn(Demand) + Send + Sync>;
 
 pub struct Bus {
     state: Mutex<State>,
@@ -312,24 +320,25 @@ impl Bus {
         })
     }
 
-    /// Calls `hook` whenever the answer to "does any subscriber ask for state changes?" changes,
-    /// under the bus lock: when `subscribe` returns, the hook has been told about the new
-    /// subscriber. The agent turns the kernel's record of every transition on and off with it.
-    pub fn on_state_change_demand(&self, hook: DemandHook) {
+    /// Calls `hook` now and whenever the [`Demand`] changes (a first subscriber, the last one
+    /// gone; the first to ask for state changes, the last such gone), under the bus lock: when
+    /// `subscribe` returns, the hook has been told about the new subscriber. The agent turns the
+    /// kernel's record of every transition, and its wake-up pace, on and off with it.
+    pub fn on_demand(&self, hook: DemandHook) {
         let state = self.lock();
-        hook(state.wants_state_changes());
+        hook(state.demand());
         // Set once, by the agent; a second hook is a bug, and is ignored.
         let _ = self.demand_hook.set(hook);
     }
 
     /// After an (un)subscribe, under the lock: publishes the subscriber count, and tells the
-    /// hook if the demand for state changes changed.
-    fn subscribers_changed(&self, state: &State, before: bool) {
+    /// hook if the demand changed.
+    fn subscribers_changed(&self, state: &State, before: Demand) {
         self.subscribers_now.store(
             state.subscribers.len(),
             std::sync::atomic::Ordering::Release,
         );
-        let now = state.wants_state_changes();
+        let now = state.demand();
         if now != before
             && let Some(hook) = self.demand_hook.get()
         {
@@ -369,7 +378,7 @@ impl Bus {
         shared.account.held.store(replayed, Relaxed);
         state.next_id += 1;
         let id = state.next_id;
-        let demand_before = state.wants_state_changes();
+        let demand_before = state.demand();
         state.subscribers.push(Subscriber {
             id,
             filter_text: request.filter.to_string(),
@@ -390,7 +399,7 @@ impl Bus {
 
     fn unsubscribe(&self, id: u64) {
         let mut state = self.lock();
-        let demand_before = state.wants_state_changes();
+        let demand_before = state.demand();
         if let Some(at) = state.subscribers.iter().position(|s| s.id == id) {
             let gone = state.subscribers.swap_remove(at).snapshot();
             state.gone.matched += gone.matched;
@@ -505,10 +514,14 @@ impl Bus {
 }
 
 impl State {
-    fn wants_state_changes(&self) -> bool {
-        self.subscribers
-            .iter()
-            .any(|s| s.filter.asks_for_state_changes())
+    fn demand(&self) -> Demand {
+        Demand {
+            subscribers: !self.subscribers.is_empty(),
+            state_changes: self
+                .subscribers
+                .iter()
+                .any(|s| s.filter.asks_for_state_changes()),
+        }
     }
     /// What a new subscriber gets before live events. Called under the bus lock, so the next
     /// event published is the first live one.

@@ -383,3 +383,30 @@ fn dropping_a_subscription_frees_it_and_its_accounting_stays_in_the_totals() {
         }
     );
 }
+
+#[test]
+fn the_demand_hook_hears_of_the_first_and_last_subscriber_and_of_state_change_demand() {
+    let bus = bus(0);
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&heard);
+    bus.on_demand(Box::new(move |d| {
+        log.lock().unwrap().push((d.subscribers, d.state_changes));
+    }));
+    let closes = subscribe(&bus, closed_only(), 10, Start::Live);
+    let also_closes = subscribe(&bus, closed_only(), 10, Start::Live);
+    let everything = subscribe(&bus, Filter::default(), 10, Start::Live);
+    drop(everything);
+    drop(closes);
+    drop(also_closes);
+    assert_eq!(
+        *heard.lock().unwrap(),
+        // Told at once; then only changes: a second closes-only subscriber changes nothing.
+        [
+            (false, false),
+            (true, false),
+            (true, true),
+            (true, false),
+            (false, false)
+        ]
+    );
+}

@@ -9,17 +9,16 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
-    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::RingBuf,
+    maps::{Array, RingBuf},
     programs::{BtfTracePoint, ProgramError},
 };
 use tcp_trace::capture::{self, CaptureConfig};
-use tcp_trace_common::globals;
+use tcp_trace_common::{globals, switch};
 
 /// Which cut-down program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,9 +107,13 @@ impl Floor {
     pub fn start(program: FloorProgram) -> Result<Floor> {
         let defaults = CaptureConfig::default();
         let wakeup_ns = u64::try_from(defaults.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
+        // At the pace of the always-on agent, whose floors these are: nobody subscribes.
+        let pace = capture::UNWATCHED_WAKEUP_INTERVAL;
+        let unwatched_ns = pace.as_nanos() as u64;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
+            .override_global(globals::UNWATCHED_WAKEUP_INTERVAL_NS, &unwatched_ns, true)
             .map_max_entries("RINGS", capture::possible_cpus()?)
             // The size the one ring had before the rings were per CPU.
             .map_max_entries("FLOOR_SHARED", 4 << 20)
@@ -120,6 +123,9 @@ impl Floor {
             .load(capture::object())
             .context("load the agent's eBPF object")?;
         let mut rings = capture::per_cpu_rings(&mut ebpf, defaults.ring_bytes)?;
+        let mut switches: Array<_, u32> =
+            Array::try_from(ebpf.map_mut("SWITCHES").context("no SWITCHES map")?)?;
+        switches.set(switch::UNWATCHED, 1, 0)?;
         let shared = ebpf
             .take_map("FLOOR_SHARED")
             .context("no FLOOR_SHARED map")?;
@@ -141,7 +147,7 @@ impl Floor {
                     // As the agent's drain reads them (held records wait for the next drain).
                     while rings.drain(capture::MAX_DRAIN, false, |_| {}).len() > 0 {}
                     while shared.next().is_some() {}
-                    thread::sleep(Duration::from_millis(1));
+                    thread::sleep(pace);
                 }
             }
         })?;

@@ -423,8 +423,9 @@ const METHOD: &[&str] = &[
      namespace, so other traffic on the host counts in the CPU but not in the connections: an \
      upper bound on a shared machine. The always-on target (≤ 0.3) applies with no subscriber. \
      Its floor (always-on phase): `floor_record` writes the records the always-on state program \
-     writes, and a thread of the bench drains them as the agent does (read, merged in time \
-     order, decoded) and does nothing else; that thread's CPU per million connections. \
+     writes, and a thread of the bench drains them as the agent does with no subscriber (every \
+     10 ms; read, merged in time order, decoded) and does nothing else; that thread's CPU per \
+     million connections. \
      `floor_storage_end` and `floor_hash_end` give the same floor for one record per socket \
      end (2 a connection), and their ratios what keeping each socket's state in the kernel \
      costs the workload.",

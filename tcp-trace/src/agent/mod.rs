@@ -132,19 +132,28 @@ impl Agent {
             max_subscribers: config.limits.max_subscribers,
         });
         // The kernel records every transition only while a subscriber asks for state changes,
-        // unless told to always.
-        let switch = capture.transition_switch();
+        // unless told to always; and wakes the agent less often while nobody subscribes.
+        let switches = capture.switches();
         let always = config.capture.all_transitions;
         // Until then, a listing catches the table up with the kernel's socket list first.
         let recording_all_since = Arc::new(AtomicU64::new(u64::MAX));
         let since = Arc::clone(&recording_all_since);
-        bus.on_state_change_demand(Box::new(move |wanted| {
-            let on = wanted || always;
+        // The transitions switch as last set (2: not yet): a change of subscribers alone leaves
+        // it, and when recording all began, alone.
+        let transitions_set = std::sync::atomic::AtomicU8::new(2);
+        bus.on_demand(Box::new(move |demand| {
+            if let Err(err) = switches.set_unwatched(!demand.subscribers) {
+                tracing::error!("cannot switch the kernel's wake-up pace: {err}");
+            }
+            let on = demand.state_changes || always;
+            if transitions_set.swap(u8::from(on), Ordering::Relaxed) == u8::from(on) {
+                return;
+            }
             if !on {
                 // Before: a transition from here on may go unrecorded.
                 since.store(u64::MAX, Ordering::Release);
             }
-            match switch.set(on) {
+            match switches.set_transitions(on) {
                 // After: every transition from here on is recorded.
                 Ok(()) if on => since.store(catch_up::monotonic_ns(), Ordering::Release),
                 Ok(()) => {}

@@ -12,7 +12,10 @@ pub mod tracefs;
 use std::{
     io,
     os::fd::AsFd as _,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -115,16 +118,49 @@ pub struct Hooks {
     pub missing: Vec<String>,
 }
 
-/// Whether the state programs record every transition, or only those that open, establish and
-/// close a socket (`tcp_trace_common::switch`). Off when loaded. Shared: the subscriptions flip
-/// it from the gRPC tasks while the drain thread owns the rest of the capture.
-#[derive(Clone)]
-pub struct TransitionSwitch(Arc<Mutex<Array<MapData, u32>>>);
+/// Least time a record may wait before it wakes the agent while nobody subscribes: the
+/// programs' `switch::UNWATCHED` interval (or `--wakeup-interval-us`, if longer). At full churn
+/// a drain every millisecond cost the agent 16% more CPU and the state program 30% more time
+/// per run than one every 20 ms (docs/benchmarks.md, 2026-12-03 08:31); 10 ms keeps a busy
+/// CPU's records well inside its ring (2,000 at 200,000 records a second: 13% of 2 MiB).
+pub const UNWATCHED_WAKEUP_INTERVAL: Duration = Duration::from_millis(10);
 
-impl TransitionSwitch {
-    pub fn set(&self, on: bool) -> Result<(), aya::maps::MapError> {
-        let mut switches = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        switches.set(switch::TRANSITIONS, u32::from(on), 0)
+/// The agent's switches in the kernel (`tcp_trace_common::switch`), both off when loaded.
+/// Shared: subscriptions flip them from the gRPC tasks while the drain thread owns the rest of
+/// the capture.
+#[derive(Clone)]
+pub struct Switches {
+    map: Arc<Mutex<Array<MapData, u32>>>,
+    /// The wake-up interval in force, in ns: the drain paces itself by it.
+    interval_ns: Arc<AtomicU64>,
+    watched: Duration,
+    unwatched: Duration,
+}
+
+impl Switches {
+    /// Whether the state programs record every transition, or only those that open, establish
+    /// and close a socket.
+    pub fn set_transitions(&self, on: bool) -> Result<(), aya::maps::MapError> {
+        self.set(switch::TRANSITIONS, on)
+    }
+
+    /// Whether nobody subscribes: records then wake the agent at most every
+    /// [`UNWATCHED_WAKEUP_INTERVAL`], not every `--wakeup-interval-us`.
+    pub fn set_unwatched(&self, on: bool) -> Result<(), aya::maps::MapError> {
+        self.set(switch::UNWATCHED, on)?;
+        let interval = if on { self.unwatched } else { self.watched };
+        self.interval_ns
+            .store(interval.as_nanos() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn set(&self, index: u32, on: bool) -> Result<(), aya::maps::MapError> {
+        let mut switches = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        switches.set(index, u32::from(on), 0)
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -142,12 +178,11 @@ pub struct Capture {
     _ebpf: Ebpf,
     rings: rings::Rings,
     counters: KernelCounterReader,
-    switch: TransitionSwitch,
+    switches: Switches,
     hooks: Hooks,
     /// False when the kernel BTF lacks `sock.sk_lock.owned`: then a task is only trusted for transitions
     /// that always run in a system call.
     context_tracked: bool,
-    wakeup_interval: Duration,
 }
 
 impl Capture {
@@ -160,12 +195,15 @@ impl Capture {
         let kernel = offsets::resolve(&mut hooks);
         let netns_filter = config.netns.unwrap_or(0);
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
+        let unwatched_interval = config.wakeup_interval.max(UNWATCHED_WAKEUP_INTERVAL);
+        let unwatched_ns = u64::try_from(unwatched_interval.as_nanos()).unwrap_or(u64::MAX);
         let mut ebpf = EbpfLoader::new()
             // No CO-RE relocations to resolve (offsets come from `offsets::resolve`), so aya need
             // not parse the kernel's BTF again: that costs tens of MiB while loading.
             .btf(None)
             .override_global(globals::NETNS_FILTER, &netns_filter, true)
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
+            .override_global(globals::UNWATCHED_WAKEUP_INTERVAL_NS, &unwatched_ns, true)
             .override_global(globals::KERNEL_OFFSETS, &kernel.offsets, true)
             .map_max_entries("RINGS", possible_cpus()?)
             .load(EBPF_OBJECT)?;
@@ -280,10 +318,14 @@ impl Capture {
             _ebpf: ebpf,
             rings,
             counters,
-            switch: TransitionSwitch(Arc::new(Mutex::new(switches))),
+            switches: Switches {
+                map: Arc::new(Mutex::new(switches)),
+                interval_ns: Arc::new(AtomicU64::new(wakeup_ns)),
+                watched: config.wakeup_interval,
+                unwatched: unwatched_interval,
+            },
             hooks,
             context_tracked,
-            wakeup_interval: config.wakeup_interval,
         })
     }
 
@@ -291,9 +333,10 @@ impl Capture {
         &self.hooks
     }
 
-    /// The switch that makes the programs record every state transition.
-    pub fn transition_switch(&self) -> TransitionSwitch {
-        self.switch.clone()
+    /// The switches that make the programs record every state transition, and wake the agent
+    /// less often while nobody subscribes.
+    pub fn switches(&self) -> Switches {
+        self.switches.clone()
     }
 
     /// The programs' counters, readable from any task.
@@ -335,11 +378,11 @@ impl Capture {
     /// Once records have kept coming for a whole interval, it drains once per interval, the
     /// longest the programs let a record wait anyway: each drain has a cost of its own (waking
     /// every subscriber's task, a write to each, this thread's sleep), which under sustained
-    /// churn outweighs the records themselves if it drains more often.
+    /// churn outweighs the records themselves if it drains more often. The interval is the
+    /// one in force at each drain: [`UNWATCHED_WAKEUP_INTERVAL`] while nobody subscribes.
     pub fn run(&mut self, cancel: &tokio_util::sync::CancellationToken, sink: &mut impl Sink) {
         raise_drain_priority();
         let fds: Vec<_> = self.rings.fds().collect();
-        let follow_up = (self.wakeup_interval / 4).max(Duration::from_micros(50));
         while !cancel.is_cancelled() {
             // Level-triggered: returns at once while unread records are in the ring. The
             // timeout bounds how long a stop request waits, and paces the checks a drain makes
@@ -354,12 +397,15 @@ impl Capture {
             let woken = std::time::Instant::now();
             loop {
                 let n = self.drain(sink);
+                // Read at each drain: a subscription can change it.
+                let interval = self.switches.interval();
+                let follow_up = (interval / 4).max(Duration::from_micros(50));
                 let busy_for = woken.elapsed();
                 let idle = n == 0 && self.rings.pending() == 0;
                 // After a timeout with the rings still empty, no record is on its way: back to
                 // waiting at once, not after an interval of follow-up drains (an idle host
                 // then wakes the agent 10 times a second, not 40).
-                let done = idle && (!woken_by_records || busy_for >= self.wakeup_interval);
+                let done = idle && (!woken_by_records || busy_for >= interval);
                 if done || cancel.is_cancelled() {
                     break;
                 }
@@ -367,10 +413,10 @@ impl Capture {
                     // Behind: read on at once.
                     continue;
                 }
-                std::thread::sleep(if busy_for < self.wakeup_interval {
+                std::thread::sleep(if busy_for < interval {
                     follow_up
                 } else {
-                    self.wakeup_interval
+                    interval
                 });
             }
         }

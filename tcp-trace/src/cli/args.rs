@@ -60,8 +60,10 @@ pub struct AgentArgs {
     /// connections are counted, not followed.
     #[arg(long, value_name = "N", default_value_t = defaults().max_connections, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     pub max_connections: usize,
-    /// Longest a record may wait in the kernel before the agent reads it, in microseconds.
-    /// Lower is fresher, higher costs less CPU under heavy churn.
+    /// Longest a record may wait in the kernel before the agent reads it while a client
+    /// subscribes, in microseconds. Lower is fresher, higher costs less CPU under heavy churn.
+    /// With no subscriber, records wait up to 10 ms (or this, if longer): the table, metrics
+    /// and summaries need them no sooner, and draining less often costs less.
     #[arg(long, value_name = "MICROSECONDS", default_value_t = defaults().capture.wakeup_interval.as_micros() as u64, value_parser = clap::value_parser!(u64).range(50..=1_000_000))]
     pub wakeup_interval_us: u64,
     /// Trace transitions, segment retransmits and resets received through the classic
