@@ -252,6 +252,19 @@ fn closer(c: Closer) -> proto::Closer {
 
 /// The closing summary of a connection whose life is complete.
 pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Event, Keys) {
+    (
+        event(
+            c.last_ns,
+            clock,
+            connection(c, clock),
+            closed_body(c, long_lived_ns),
+        ),
+        keys(c, EventKind::ConnectionClosed),
+    )
+}
+
+/// The body of [`closed`]'s event.
+pub fn closed_body(c: &Connection, long_lived_ns: u64) -> proto::event::Body {
     let lifetime = if c.duration_ns() >= long_lived_ns {
         proto::Lifetime::Long
     } else {
@@ -284,22 +297,22 @@ pub fn closed(c: &Connection, clock: &Clock, long_lived_ns: u64) -> (proto::Even
         bytes_sent,
         bytes_received,
     };
-    let body = proto::event::Body::ConnectionClosed(summary);
-    (
-        event(c.last_ns, clock, connection(c, clock), body),
-        keys(c, EventKind::ConnectionClosed),
-    )
+    proto::event::Body::ConnectionClosed(summary)
 }
 
 pub fn retransmit(r: &Retransmit, c: &Connection, clock: &Clock) -> (proto::Event, Keys) {
-    let body = proto::event::Body::Retransmit(proto::Retransmit {
-        state: state(r.state) as i32,
-        count: c.retransmits(),
-    });
     (
-        event(r.ts_ns, clock, connection(c, clock), body),
+        event(r.ts_ns, clock, connection(c, clock), retransmit_body(r, c)),
         keys(c, EventKind::Retransmit),
     )
+}
+
+/// The body of [`retransmit`]'s event.
+pub fn retransmit_body(r: &Retransmit, c: &Connection) -> proto::event::Body {
+    proto::event::Body::Retransmit(proto::Retransmit {
+        state: state(r.state) as i32,
+        count: c.retransmits(),
+    })
 }
 
 /// A reset, of a known connection or (sent without a socket) of bare endpoints.
@@ -346,6 +359,19 @@ pub fn keepalive(
     c: &Connection,
     clock: &Clock,
 ) -> (proto::Event, Keys) {
+    (
+        event(
+            ts_ns,
+            clock,
+            connection(c, clock),
+            keepalive_body(change, c),
+        ),
+        keys(c, EventKind::Keepalive),
+    )
+}
+
+/// The body of [`keepalive`]'s event.
+pub fn keepalive_body(change: &KeepaliveChange, c: &Connection) -> proto::event::Body {
     use proto::keepalive::What;
     let (what, probe, by) = match *change {
         KeepaliveChange::Configured {
@@ -367,16 +393,12 @@ pub fn keepalive(
         KeepaliveChange::ProbeSent { probe } => (What::ProbeSent, probe, None),
         KeepaliveChange::PeerAnswered { probes } => (What::PeerAnswered, probes, None),
     };
-    let body = proto::event::Body::Keepalive(proto::Keepalive {
+    proto::event::Body::Keepalive(proto::Keepalive {
         what: what as i32,
         probe,
         settings: keepalive_settings(c),
         by,
-    });
-    (
-        event(ts_ns, clock, connection(c, clock), body),
-        keys(c, EventKind::Keepalive),
-    )
+    })
 }
 
 pub fn lost(count: u64, last_seq: u64, stage: proto::LossStage) -> proto::Event {

@@ -19,7 +19,7 @@ use prost::{
 
 use super::{Clock, convert};
 use crate::{
-    lifecycle::Connection,
+    lifecycle::{Connection, Direction, SocketMap},
     model::{Task, TcpState, Transition},
     proto,
 };
@@ -29,7 +29,47 @@ use crate::{
 #[derive(Default)]
 pub struct Encoder {
     buffer: BytesMut,
+    /// The encoding of each followed connection's fields 1-8 (who it is and who owns it), by
+    /// connection id, with what it was made from. Every state change carries them, and they
+    /// change rarely (an owner found at accept, a port learned): written once, they are copied
+    /// after. An entry goes with its connection's close ([`Encoder::forget`]).
+    identities: SocketMap<Identity>,
+    /// Buffers of forgotten entries, for the next connections.
+    spare: Vec<Vec<u8>>,
 }
+
+/// What a connection's fields 1-8 are made of, and their encoding.
+struct Identity {
+    of: IdentityKey,
+    bytes: Vec<u8>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct IdentityKey {
+    sock: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    netns: u32,
+    direction: Direction,
+    owner: (Option<Task>, proto::Attribution),
+}
+
+impl IdentityKey {
+    fn of(c: &Connection) -> IdentityKey {
+        IdentityKey {
+            sock: c.sock,
+            local: c.local(),
+            remote: c.remote(),
+            netns: c.netns,
+            direction: c.direction,
+            owner: convert::owner(c),
+        }
+    }
+}
+
+/// More cached identities than this (connections that ended without a close reaching the
+/// encoder) and the cache starts again.
+const MAX_IDENTITIES: usize = 1 << 20;
 
 impl Encoder {
     /// Any event built as a message (the kinds other than state changes).
@@ -40,12 +80,28 @@ impl Encoder {
         self.buffer.split().freeze()
     }
 
+    /// The encoding of an event of connection `c` at `ts_ns` with `body`: the same bytes as
+    /// the `proto::Event` `convert` builds with that body (`convert::closed`, `retransmit`,
+    /// `keepalive`), without building its connection.
+    pub fn with_connection(
+        &mut self,
+        ts_ns: u64,
+        c: &Connection,
+        clock: &Clock,
+        body: &proto::event::Body,
+    ) -> Bytes {
+        self.reserve(512 + body.encoded_len());
+        self.head(ts_ns, c, clock);
+        body.encode(&mut self.buffer);
+        self.buffer.split().freeze()
+    }
+
     /// The encoding of `convert::state_change(t, c, clock)`.
     pub fn state_change(&mut self, t: &Transition, c: &Connection, clock: &Clock) -> Bytes {
         // A state change is a few hundred bytes at most (the buffer grows if not).
         self.reserve(1024);
+        self.head(t.ts_ns, c, clock);
         let buf = &mut self.buffer;
-        event_head(buf, t.ts_ns, c, clock);
         nested(buf, 10, |buf| {
             enumeration(buf, 1, convert::state(t.old) as i32);
             enumeration(buf, 2, convert::state(t.new) as i32);
@@ -67,6 +123,50 @@ impl Encoder {
         self.buffer.split().freeze()
     }
 
+    /// Event fields 2-4: time, kernel_time_ns and the connection, its identity copied when the
+    /// cache has it as it is.
+    fn head(&mut self, ts_ns: u64, c: &Connection, clock: &Clock) {
+        if self.identities.len() >= MAX_IDENTITIES {
+            self.identities.clear();
+        }
+        let (identities, spare) = (&mut self.identities, &mut self.spare);
+        let buf = &mut self.buffer;
+        prost::encoding::message::encode(2, &clock.timestamp(ts_ns), buf);
+        varint(buf, 3, ts_ns);
+        nested(buf, 4, |buf| {
+            let of = IdentityKey::of(c);
+            match identities.get_mut(&c.id) {
+                Some(identity) if identity.of == of => buf.put_slice(&identity.bytes),
+                found => {
+                    let at = buf.len();
+                    identity(buf, c);
+                    let mut bytes = found
+                        .map(|old| std::mem::take(&mut old.bytes))
+                        .or_else(|| spare.pop())
+                        .unwrap_or_default();
+                    bytes.clear();
+                    bytes.extend_from_slice(&buf[at..]);
+                    identities.insert(c.id, Identity { of, bytes });
+                }
+            }
+            connection_rest(buf, c, clock);
+        });
+    }
+
+    /// Drops what is kept of a connection that ended.
+    pub fn forget(&mut self, c: &Connection) {
+        if let Some(identity) = self.identities.remove(&c.id)
+            && self.spare.len() < 1024
+        {
+            self.spare.push(identity.bytes);
+        }
+    }
+
+    /// Drops what is kept of every connection (events are no longer built).
+    pub fn forget_all(&mut self) {
+        self.identities.clear();
+    }
+
     fn reserve(&mut self, len: usize) {
         /// Room for a few hundred events: one allocation per drain at full churn.
         const CHUNK: usize = 64 << 10;
@@ -76,15 +176,8 @@ impl Encoder {
     }
 }
 
-/// Event fields 2-4: time, kernel_time_ns and the connection.
-fn event_head(buf: &mut BytesMut, ts_ns: u64, c: &Connection, clock: &Clock) {
-    prost::encoding::message::encode(2, &clock.timestamp(ts_ns), buf);
-    varint(buf, 3, ts_ns);
-    nested(buf, 4, |buf| connection(buf, c, clock));
-}
-
-/// The fields of `convert::connection(c, clock)`.
-fn connection(buf: &mut BytesMut, c: &Connection, clock: &Clock) {
+/// Fields 1-8 of `convert::connection(c, clock)`: who the connection is and who owns it.
+fn identity(buf: &mut BytesMut, c: &Connection) {
     varint(buf, 1, c.id);
     varint(buf, 2, c.sock);
     varint(buf, 3, if c.local().is_ipv4() { 4 } else { 6 });
@@ -94,6 +187,10 @@ fn connection(buf: &mut BytesMut, c: &Connection, clock: &Clock) {
     enumeration(buf, 7, convert::direction(c.direction) as i32);
     let (task, attribution) = convert::owner(c);
     nested(buf, 8, |buf| process(buf, task, attribution));
+}
+
+/// Fields 9-12 of `convert::connection(c, clock)`: where it stands.
+fn connection_rest(buf: &mut BytesMut, c: &Connection, clock: &Clock) {
     enumeration(buf, 9, convert::state(c.state) as i32);
     prost::encoding::message::encode(10, &clock.timestamp(c.opened_ns), buf);
     if let Some(latency) = c.handshake_ns().and_then(convert::duration) {
@@ -182,7 +279,7 @@ mod tests {
     use crate::{
         event::EncodedEvent,
         lifecycle::{KeepaliveDefaults, Peers, Table, testing::LIVES},
-        model::{Accept, Context, KeepaliveOption, SocketOption},
+        model::{Accept, Context, KeepaliveOption, Retransmit, SocketOption},
     };
 
     /// A small deterministic generator (xorshift), so failures reproduce.
@@ -246,12 +343,13 @@ mod tests {
     }
 
     #[test]
-    fn state_changes_encode_exactly_as_prost_encodes_the_same_message() {
+    fn events_of_a_connection_encode_exactly_as_prost_encodes_the_same_message() {
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let clock = Clock::now();
         let mut table = Table::new(100_000, Peers::new(1000, 1_000_000_000));
         let mut encoder = Encoder::default();
         let mut compared = 0;
+        let mut compared_other = 0;
         for life in 0..2000u64 {
             let v6 = life % 2 == 1;
             let sock = rng.edgy(u64::MAX).max(1) ^ (life << 6);
@@ -301,7 +399,13 @@ mod tests {
                         value: rng.edgy(100_000) as i32,
                         task: rng.task(),
                     };
-                    table.socket_option(&o, KeepaliveDefaults::LINUX);
+                    if let Some((c, change)) = table.socket_option(&o, KeepaliveDefaults::LINUX) {
+                        let body = convert::keepalive_body(&change, c);
+                        let (expected, _) = convert::keepalive(ts, &change, c, &clock);
+                        let sent = encoder.with_connection(ts, c, &clock, &body);
+                        assert_eq!(&sent[..], &expected.encode_to_vec()[..], "{change:?}");
+                        compared_other += 1;
+                    }
                 }
                 if i == 1 && rng.next().is_multiple_of(2) {
                     let a = Accept {
@@ -312,10 +416,38 @@ mod tests {
                     };
                     table.accepted(&a);
                 }
+                if i == 2 {
+                    let r = Retransmit {
+                        ts_ns: ts,
+                        sock,
+                        netns,
+                        syn_ack: false,
+                        state: new,
+                        local,
+                        remote,
+                    };
+                    if let Some(c) = table.retransmit(&r) {
+                        let (expected, _) = convert::retransmit(&r, c, &clock);
+                        let body = convert::retransmit_body(&r, c);
+                        let sent = encoder.with_connection(r.ts_ns, c, &clock, &body);
+                        assert_eq!(&sent[..], &expected.encode_to_vec()[..], "{r:?}");
+                        compared_other += 1;
+                    }
+                }
             }
             let mut closed = Vec::new();
             table.end_batch(&mut closed);
+            for c in &closed {
+                let long_lived = rng.edgy(u64::MAX);
+                let (expected, _) = convert::closed(c, &clock, long_lived);
+                let body = convert::closed_body(c, long_lived);
+                let sent = encoder.with_connection(c.last_ns, c, &clock, &body);
+                assert_eq!(&sent[..], &expected.encode_to_vec()[..], "{c:?}");
+                encoder.forget(c);
+                compared_other += 1;
+            }
         }
         assert!(compared > 6000);
+        assert!(compared_other > 2000, "{compared_other}");
     }
 }

@@ -122,8 +122,10 @@ impl Events {
         if self.counted_only() {
             return;
         }
-        let event = convert::retransmit(r, c, &self.clock);
-        self.push(event);
+        let body = convert::retransmit_body(r, c);
+        let bytes = self.encoder.with_connection(r.ts_ns, c, &self.clock, &body);
+        self.batch
+            .push((bytes, convert::keys(c, EventKind::Retransmit)));
     }
 
     /// A reset of a known connection, or bare when it was sent without a socket.
@@ -139,8 +141,10 @@ impl Events {
         if self.counted_only() {
             return;
         }
-        let event = convert::keepalive(ts_ns, change, c, &self.clock);
-        self.push(event);
+        let body = convert::keepalive_body(change, c);
+        let bytes = self.encoder.with_connection(ts_ns, c, &self.clock, &body);
+        self.batch
+            .push((bytes, convert::keys(c, EventKind::Keepalive)));
     }
 
     /// A connection's whole life, once it ended.
@@ -148,8 +152,13 @@ impl Events {
         if self.counted_only() {
             return;
         }
-        let event = convert::closed(c, &self.clock, long_lived_ns);
-        self.push(event);
+        let body = convert::closed_body(c, long_lived_ns);
+        let bytes = self
+            .encoder
+            .with_connection(c.last_ns, c, &self.clock, &body);
+        self.encoder.forget(c);
+        self.batch
+            .push((bytes, convert::keys(c, EventKind::ConnectionClosed)));
     }
 
     /// The kernel lost records since the last check: `ring_full` found the ring full, `skipped`
@@ -163,6 +172,10 @@ impl Events {
     pub fn drain_done(&mut self) {
         self.clock = Clock::now();
         self.unrecorded = self.quiet;
+        if self.unwatched {
+            // Closes are not seen while unwatched: what the encoder keeps would outlive them.
+            self.encoder.forget_all();
+        }
     }
 
     /// Counts the event instead of building it while nobody subscribes.

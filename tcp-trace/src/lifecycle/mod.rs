@@ -21,6 +21,7 @@ pub use connection::{
 };
 pub use heal::Healed;
 pub use peers::{PeerKey, PeerStats, Peers};
+pub(crate) use socket_map::SocketMap;
 pub use table::{Applied, KeepaliveChange, Table, UNRECORDED_WHEN_QUIET};
 
 pub use crate::model::{Direction, KeepaliveDefaults};
