@@ -19,12 +19,23 @@ impl Clock {
     }
 
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
-        let ns = i128::from(monotonic_ns) + self.offset_ns;
-        UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+        UNIX_EPOCH + Duration::from_nanos(self.unix_ns(monotonic_ns))
     }
 
+    /// `wall(monotonic_ns)` as a protobuf Timestamp, by arithmetic: going through SystemTime
+    /// (and prost's conversion back from it) cost 3% of the agent's time with a subscriber,
+    /// two timestamps per event.
     pub fn timestamp(&self, monotonic_ns: u64) -> prost_types::Timestamp {
-        self.wall(monotonic_ns).into()
+        let ns = self.unix_ns(monotonic_ns);
+        prost_types::Timestamp {
+            seconds: (ns / 1_000_000_000) as i64,
+            nanos: (ns % 1_000_000_000) as i32,
+        }
+    }
+
+    /// Nanoseconds since the Unix epoch; 0 for a time before it.
+    fn unix_ns(&self, monotonic_ns: u64) -> u64 {
+        u64::try_from(i128::from(monotonic_ns) + self.offset_ns).unwrap_or(0)
     }
 }
 
@@ -36,4 +47,39 @@ pub fn clock_ns(clock: libc::clockid_t) -> i128 {
     // SAFETY: valid clock id and a valid out pointer.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timestamp_is_what_prost_makes_of_the_wall_clock_time() {
+        let clocks = [
+            Clock::now(),
+            Clock { offset_ns: 0 },
+            Clock {
+                offset_ns: -5_000_000_000,
+            },
+            Clock {
+                offset_ns: 1_700_000_000_123_456_789,
+            },
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for clock in clocks {
+            for i in 0..10_000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mono = match i % 4 {
+                    0 => i,
+                    1 => x >> 1,
+                    2 => i * 999_999_999,
+                    _ => x,
+                };
+                let expected: prost_types::Timestamp = clock.wall(mono).into();
+                assert_eq!(clock.timestamp(mono), expected, "{mono} {clock:?}");
+            }
+        }
+    }
 }
