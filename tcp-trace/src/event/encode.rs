@@ -162,9 +162,14 @@ impl Encoder {
         }
     }
 
-    /// Drops what is kept of every connection (events are no longer built).
+    /// Drops what is kept of every connection (events are no longer built), memory included.
+    /// Called at every drain while nobody subscribes: a map cleared in place would still
+    /// rewrite its whole table each time.
     pub fn forget_all(&mut self) {
-        self.identities.clear();
+        if self.identities.capacity() > 0 {
+            self.identities = SocketMap::default();
+            self.spare = Vec::new();
+        }
     }
 
     fn reserve(&mut self, len: usize) {
@@ -449,5 +454,10 @@ mod tests {
         }
         assert!(compared > 6000);
         assert!(compared_other > 2000, "{compared_other}");
+        // Unwatched, the cache is dropped whole, its memory with it.
+        assert!(encoder.identities.capacity() > 0);
+        encoder.forget_all();
+        assert_eq!(encoder.identities.capacity(), 0);
+        assert!(encoder.spare.is_empty());
     }
 }
