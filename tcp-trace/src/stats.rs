@@ -1,7 +1,7 @@
 //! The agent's own counters, and the snapshot GetStats returns.
 use std::{
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use crate::{
@@ -109,10 +109,7 @@ impl AgentStats {
             ends_missed: table.reopened,
             peers: convert::peers(&table.peers),
             peers_full: table.peers.peers_full,
-            long_lived_threshold: prost_types::Duration::try_from(Duration::from_nanos(
-                table.peers.long_lived_ns(),
-            ))
-            .ok(),
+            long_lived_threshold: convert::duration(table.peers.long_lived_ns()),
             subscriber_drops: bus.totals.dropped,
             hooks_attached: self.hooks.attached.clone(),
             hooks_missing: self.hooks.missing.clone(),
@@ -137,10 +134,7 @@ impl AgentStats {
             keepalive_unfollowed: table.keepalive_unfollowed,
             healed_closed: self.healed_closed.load(Ordering::Relaxed),
             healed_adopted: self.healed_adopted.load(Ordering::Relaxed),
-            heal_cpu: prost_types::Duration::try_from(Duration::from_nanos(
-                self.heal_cpu_ns.load(Ordering::Relaxed),
-            ))
-            .ok(),
+            heal_cpu: convert::duration(self.heal_cpu_ns.load(Ordering::Relaxed)),
         }
     }
 }
@@ -207,20 +201,19 @@ impl Histogram {
     }
 
     pub fn to_proto(&self) -> proto::Histogram {
-        let duration = |ns: u64| prost_types::Duration::try_from(Duration::from_nanos(ns)).ok();
         let buckets: Vec<proto::HistogramBucket> = self
             .counts
             .iter()
             .enumerate()
             .map(|(i, count)| proto::HistogramBucket {
-                upper_bound: self.bounds.get(i).and_then(|&ns| duration(ns)),
+                upper_bound: self.bounds.get(i).and_then(|&ns| convert::duration(ns)),
                 count: count.load(Ordering::Relaxed),
             })
             .collect();
         proto::Histogram {
             count: buckets.iter().map(|b| b.count).sum(),
             buckets,
-            sum: duration(self.sum_ns.load(Ordering::Relaxed)),
+            sum: convert::duration(self.sum_ns.load(Ordering::Relaxed)),
         }
     }
 }

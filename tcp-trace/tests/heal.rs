@@ -17,6 +17,7 @@ use support::{
 use tcp_trace::{
     agent::AgentConfig,
     capture::{CaptureConfig, sockdiag::SockDiag},
+    event::thread_cpu,
     lifecycle::{Peers, Table},
     proto::{self, event::Body},
 };
@@ -153,17 +154,6 @@ async fn after_a_ring_overflow_every_subscriber_hears_of_it_and_the_table_heals_
         stats.heals
     );
     agent.shutdown().await;
-}
-
-/// This thread's CPU time (user and system).
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 const HOLDER_ENV: &str = "TCP_TRACE_HEAL_HOLD";

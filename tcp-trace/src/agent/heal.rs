@@ -10,6 +10,7 @@ use crate::{
         self,
         sockdiag::{SockDiag, SocketList},
     },
+    event::thread_cpu,
     lifecycle::Healed,
     stats::AgentStats,
 };
@@ -191,18 +192,6 @@ fn spacing(cpu: Duration) -> Duration {
     HEAL_SPACING.max(cpu.div_f64(HEAL_CPU_SHARE))
 }
 
-/// The CPU time this thread has used (the kernel's walks of its socket hash run in the dump's
-/// system calls, so they count).
-fn thread_cpu() -> Duration {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given; this clock always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,24 +233,5 @@ mod tests {
             let cpu = Duration::from_millis(ms);
             assert!(cpu.as_secs_f64() / spacing(cpu).as_secs_f64() <= HEAL_CPU_SHARE + 1e-12);
         }
-    }
-
-    #[test]
-    fn thread_cpu_counts_this_threads_work_only() {
-        let before = thread_cpu();
-        let slept = Instant::now();
-        std::thread::sleep(Duration::from_millis(50));
-        let asleep = thread_cpu() - before;
-        assert!(slept.elapsed() >= Duration::from_millis(50));
-        assert!(asleep < Duration::from_millis(25), "asleep: {asleep:?}");
-        let spin = Instant::now();
-        let mut x = 0u64;
-        while spin.elapsed() < Duration::from_millis(50) {
-            x = std::hint::black_box(x.wrapping_add(1));
-        }
-        assert!(
-            thread_cpu() - before >= Duration::from_millis(20),
-            "spun: {x}"
-        );
     }
 }

@@ -39,6 +39,12 @@ impl Clock {
     }
 }
 
+/// The CPU time the calling thread has used, user and system (work a system call does for it,
+/// such as the kernel's walk of its socket hash in a sock_diag dump, counts).
+pub fn thread_cpu() -> Duration {
+    Duration::from_nanos(clock_ns(libc::CLOCK_THREAD_CPUTIME_ID) as u64)
+}
+
 pub fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -51,6 +57,8 @@ pub fn clock_ns(clock: libc::clockid_t) -> i128 {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]
@@ -81,5 +89,24 @@ mod tests {
                 assert_eq!(clock.timestamp(mono), expected, "{mono} {clock:?}");
             }
         }
+    }
+
+    #[test]
+    fn thread_cpu_counts_this_threads_work_only() {
+        let before = thread_cpu();
+        let slept = Instant::now();
+        std::thread::sleep(Duration::from_millis(50));
+        let asleep = thread_cpu() - before;
+        assert!(slept.elapsed() >= Duration::from_millis(50));
+        assert!(asleep < Duration::from_millis(25), "asleep: {asleep:?}");
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(
+            thread_cpu() - before >= Duration::from_millis(20),
+            "spun: {x}"
+        );
     }
 }

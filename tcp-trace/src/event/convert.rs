@@ -145,7 +145,7 @@ fn event(
     }
 }
 
-pub(super) fn duration(ns: u64) -> Option<prost_types::Duration> {
+pub fn duration(ns: u64) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(Duration::from_nanos(ns)).ok()
 }
 

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-pub use clock::{Clock, clock_ns};
+pub use clock::{Clock, clock_ns, thread_cpu};
 pub use encode::Encoder;
 
 use crate::{
