@@ -123,9 +123,7 @@ impl Events {
             return;
         }
         let body = convert::retransmit_body(r, c);
-        let bytes = self.encoder.with_connection(r.ts_ns, c, &self.clock, &body);
-        self.batch
-            .push((bytes, convert::keys(c, EventKind::Retransmit)));
+        self.push_of(r.ts_ns, c, EventKind::Retransmit, &body);
     }
 
     /// A reset of a known connection, or bare when it was sent without a socket.
@@ -142,9 +140,7 @@ impl Events {
             return;
         }
         let body = convert::keepalive_body(change, c);
-        let bytes = self.encoder.with_connection(ts_ns, c, &self.clock, &body);
-        self.batch
-            .push((bytes, convert::keys(c, EventKind::Keepalive)));
+        self.push_of(ts_ns, c, EventKind::Keepalive, &body);
     }
 
     /// A connection's whole life, once it ended.
@@ -153,12 +149,8 @@ impl Events {
             return;
         }
         let body = convert::closed_body(c, long_lived_ns);
-        let bytes = self
-            .encoder
-            .with_connection(c.last_ns, c, &self.clock, &body);
+        self.push_of(c.last_ns, c, EventKind::ConnectionClosed, &body);
         self.encoder.forget(c);
-        self.batch
-            .push((bytes, convert::keys(c, EventKind::ConnectionClosed)));
     }
 
     /// The kernel lost records since the last check: `ring_full` found the ring full, `skipped`
@@ -182,6 +174,12 @@ impl Events {
     fn counted_only(&mut self) -> bool {
         self.skipped += u64::from(self.unwatched);
         self.unwatched
+    }
+
+    /// An event of connection `c` with `body`, encoded around the connection's cached identity.
+    fn push_of(&mut self, ts_ns: u64, c: &Connection, kind: EventKind, body: &proto::event::Body) {
+        let bytes = self.encoder.with_connection(ts_ns, c, &self.clock, body);
+        self.batch.push((bytes, convert::keys(c, kind)));
     }
 
     fn push(&mut self, (event, keys): (proto::Event, Keys)) {
