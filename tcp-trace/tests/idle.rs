@@ -50,27 +50,41 @@ fn activity(pid: u32) -> (u64, u64) {
     (switches, ticks)
 }
 
+/// The optimised agent, tracing only `ns`, and a client of it.
+async fn agent_tracing(
+    ns: &NetNs,
+    tag: &str,
+) -> (
+    AgentProcess,
+    proto::tcp_trace_client::TcpTraceClient<tonic::transport::Channel>,
+) {
+    let binary = support::process::optimised_binary(env!("CARGO_BIN_EXE_tcp-trace"));
+    AgentProcess::start(&binary, &std::env::temp_dir(), tag, Some(ns.inode()), &[])
+        .await
+        .expect("the agent starts")
+}
+
+/// After `settle`, the agent's voluntary context switches a second and CPU seconds over
+/// `window`.
+async fn measure(pid: u32, settle: Duration, window: Duration) -> (f64, f64) {
+    tokio::time::sleep(settle).await;
+    let before = activity(pid);
+    tokio::time::sleep(window).await;
+    let after = activity(pid);
+    (
+        (after.0 - before.0) as f64 / window.as_secs_f64(),
+        // USER_HZ ticks of 10 ms.
+        (after.1 - before.1) as f64 / 100.0,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_agent_wakes_about_ten_times_a_second_and_uses_no_measurable_cpu() {
     let ns = NetNs::new("idle");
-    let binary = support::process::optimised_binary(env!("CARGO_BIN_EXE_tcp-trace"));
-    let (agent, _client) = AgentProcess::start(
-        &binary,
-        &std::env::temp_dir(),
-        "idle",
-        Some(ns.inode()),
-        &[],
-    )
-    .await
-    .expect("the agent starts");
-    // Past start-up and the first client's connection.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (agent, _client) = agent_tracing(&ns, "idle").await;
     let window = Duration::from_secs(5);
-    let before = activity(agent.pid);
-    tokio::time::sleep(window).await;
-    let after = activity(agent.pid);
-    let wakeups = (after.0 - before.0) as f64 / window.as_secs_f64();
-    let cpu_s = (after.1 - before.1) as f64 / 100.0;
+    // Settled: past start-up and the first client's connection.
+    let (wakeups, cpu_s) = measure(agent.pid, Duration::from_secs(1), window).await;
     eprintln!(
         "idle agent: {wakeups:.1} context switches a second, {cpu_s:.2} s of CPU in {window:?}"
     );
@@ -80,7 +94,7 @@ async fn an_idle_agent_wakes_about_ten_times_a_second_and_uses_no_measurable_cpu
         wakeups <= 15.0,
         "{wakeups:.1} context switches a second with nothing to trace"
     );
-    // USER_HZ ticks of 10 ms: at most 1% of a CPU, with a tick of rounding to spare.
+    // At most 1% of a CPU, with a tick of rounding to spare.
     assert!(
         cpu_s <= 0.01 * window.as_secs_f64() + 0.01,
         "{cpu_s:.2} s of CPU in {window:?} with nothing to trace"
@@ -121,26 +135,11 @@ fn paced_churn(ns: &NetNs, per_ms: u32, stop: Arc<AtomicBool>) -> std::thread::J
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_subscriber_the_agent_drains_a_steady_churn_ten_times_less_often() {
     let ns = NetNs::new("paced");
-    let binary = support::process::optimised_binary(env!("CARGO_BIN_EXE_tcp-trace"));
-    let (agent, mut client) = AgentProcess::start(
-        &binary,
-        &std::env::temp_dir(),
-        "paced",
-        Some(ns.inode()),
-        &[],
-    )
-    .await
-    .expect("the agent starts");
+    let (agent, mut client) = agent_tracing(&ns, "paced").await;
     let stop = Arc::new(AtomicBool::new(false));
     let churn = paced_churn(&ns, 3, Arc::clone(&stop));
-    let window = Duration::from_secs(2);
-    let rate =
-        |before: (u64, u64), after: (u64, u64)| (after.0 - before.0) as f64 / window.as_secs_f64();
-
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = activity(agent.pid);
-    tokio::time::sleep(window).await;
-    let unwatched = rate(before, activity(agent.pid));
+    let (settle, window) = (Duration::from_millis(500), Duration::from_secs(2));
+    let (unwatched, _) = measure(agent.pid, settle, window).await;
 
     let mut stream = client
         .subscribe(proto::SubscribeRequest {
@@ -160,10 +159,7 @@ async fn with_no_subscriber_the_agent_drains_a_steady_churn_ten_times_less_often
             counted.fetch_add(1, Ordering::Relaxed);
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = activity(agent.pid);
-    tokio::time::sleep(window).await;
-    let watched = rate(before, activity(agent.pid));
+    let (watched, _) = measure(agent.pid, settle, window).await;
     stop.store(true, Ordering::Relaxed);
     let connections = tokio::task::spawn_blocking(move || churn.join().unwrap())
         .await
