@@ -27,6 +27,8 @@ use std::{
 
 use bytes::Bytes;
 
+pub use demand::{Demand, DemandHook};
+
 use crate::{
     event::{EventKind, Keys},
     filter::Filter,
@@ -219,18 +221,6 @@ struct State {
     unrecorded: VecDeque<(u64, u64)>,
 }
 
-/// What the subscribers ask of the kernel now (see [`Bus::on_demand`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Demand {
-    /// Some subscriber is connected.
-    pub subscribers: bool,
-    /// Some subscriber asks for state-change events.
-    pub state_changes: bool,
-}
-
-/// Told what the subscribers ask for, whenever it changes.
-pub type DemandHook = Box<dyn Fn(Demand) + Send + Sync>;
-
 pub struct Bus {
     state: Mutex<State>,
     demand_hook: std::sync::OnceLock<DemandHook>,
@@ -318,32 +308,6 @@ impl Bus {
             subscribers_now: std::sync::atomic::AtomicUsize::new(0),
             published: std::array::from_fn(|_| AtomicU64::new(0)),
         })
-    }
-
-    /// Calls `hook` now and whenever the [`Demand`] changes (a first subscriber, the last one
-    /// gone; the first to ask for state changes, the last such gone), under the bus lock: when
-    /// `subscribe` returns, the hook has been told about the new subscriber. The agent turns the
-    /// kernel's record of every transition, and its wake-up pace, on and off with it.
-    pub fn on_demand(&self, hook: DemandHook) {
-        let state = self.lock();
-        hook(state.demand());
-        // Set once, by the agent; a second hook is a bug, and is ignored.
-        let _ = self.demand_hook.set(hook);
-    }
-
-    /// After an (un)subscribe, under the lock: publishes the subscriber count, and tells the
-    /// hook if the demand changed.
-    fn subscribers_changed(&self, state: &State, before: Demand) {
-        self.subscribers_now.store(
-            state.subscribers.len(),
-            std::sync::atomic::Ordering::Release,
-        );
-        let now = state.demand();
-        if now != before
-            && let Some(hook) = self.demand_hook.get()
-        {
-            hook(now);
-        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -514,15 +478,6 @@ impl Bus {
 }
 
 impl State {
-    fn demand(&self) -> Demand {
-        Demand {
-            subscribers: !self.subscribers.is_empty(),
-            state_changes: self
-                .subscribers
-                .iter()
-                .any(|s| s.filter.asks_for_state_changes()),
-        }
-    }
     /// What a new subscriber gets before live events. Called under the bus lock, so the next
     /// event published is the first live one.
     fn replay_for(
@@ -700,4 +655,5 @@ impl Subscription {
 #[path = "bus_tests.rs"]
 mod tests;
 
+mod demand;
 mod replay;
