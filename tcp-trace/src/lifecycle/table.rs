@@ -376,13 +376,12 @@ impl Table {
                 Some(c) => c,
                 None => self.unfollowed.take().expect("just set"),
             };
-            match self.closing.entry(t.sock) {
-                Entry::Occupied(mut slot) => {
-                    slot.insert((connection, self.batch));
-                    &slot.into_mut().0
-                }
-                Entry::Vacant(slot) => &slot.insert((connection, self.batch)).0,
-            }
+            &self
+                .closing
+                .entry(t.sock)
+                .insert_entry((connection, self.batch))
+                .into_mut()
+                .0
         };
         Applied {
             connection,
