@@ -76,6 +76,30 @@ pub const fn recorded_when_quiet(new_state: u8) -> bool {
     )
 }
 
+/// The exported handshake histogram's buckets: below 1 s for handshakes without a
+/// retransmitted SYN, then one bucket just past each SYN retransmission (Linux's initial RTO
+/// is 1 s, doubling: the handshakes that needed 1, 2, 3 retransmits complete just after 1 s,
+/// 3 s, 7 s) and one for slow answers after. Here because the bench's kernel-side floor
+/// (`floor_aggregate`) buckets with them too.
+pub const HANDSHAKE_BOUNDS_NS: &[u64] = &[
+    100_000,
+    300_000,
+    1_000_000,
+    3_000_000,
+    10_000_000,
+    30_000_000,
+    100_000_000,
+    300_000_000,
+    1_000_000_000,
+    1_500_000_000,
+    3_000_000_000,
+    3_500_000_000,
+    7_000_000_000,
+    7_500_000_000,
+    15_000_000_000,
+    31_000_000_000,
+];
+
 /// Linux TCP states, numbered as in `include/net/tcp_states.h`.
 pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;

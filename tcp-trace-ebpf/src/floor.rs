@@ -4,16 +4,20 @@
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
     btf_maps::SkStorage,
-    helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+    },
     macros::{btf_map, btf_tracepoint, map},
-    maps::{HashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePointContext,
 };
-use tcp_trace_common::{Header, StateChange, kind, tcp_state};
+use tcp_trace_common::{HANDSHAKE_BOUNDS_NS, Header, StateChange, kind, tcp_state};
 
 use crate::{
-    maps,
-    state::{log_seen, wanted},
+    fields::load,
+    maps::{self, offset},
+    state::{log_seen, netns_of, tuple_of, wanted},
 };
 
 /// No work: the dispatch and the run-time statistics' own clock reads.
@@ -196,19 +200,8 @@ static SOCK_HASH: HashMap<u64, SockState> = HashMap::with_max_entries(1, 0);
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn floor_hash_end(ctx: BtfTracePointContext) -> u32 {
     let key: u64 = ctx.arg(0);
-    let sock = match SOCK_HASH.get_ptr_mut(key) {
-        Some(sock) => sock,
-        None => {
-            // SAFETY: plain old data; all zeroes is a valid value.
-            let fresh: SockState = unsafe { core::mem::zeroed() };
-            if SOCK_HASH.insert(key, fresh, 0).is_err() {
-                return 0;
-            }
-            let Some(sock) = SOCK_HASH.get_ptr_mut(key) else {
-                return 0;
-            };
-            sock
-        }
+    let Some(sock) = entry(&SOCK_HASH, &key) else {
+        return 0;
     };
     let Some((state, now)) = accumulate(&ctx, sock) else {
         return 0;
@@ -218,6 +211,17 @@ pub fn floor_hash_end(ctx: BtfTracePointContext) -> u32 {
         empty_record_at(key, now);
     }
     0
+}
+
+/// The entry of `key`, made all zero if there was none; `None` when the map is full.
+#[inline(always)]
+fn entry<V>(map: &HashMap<u64, V>, key: &u64) -> Option<*mut V> {
+    map.get_ptr_mut(key).or_else(|| {
+        // SAFETY: the floors' values are plain old data; all zeroes is a valid value.
+        let fresh: V = unsafe { core::mem::zeroed() };
+        map.insert(key, fresh, 0).ok()?;
+        map.get_ptr_mut(key)
+    })
 }
 
 /// Accumulates the transition in the socket's storage: its new state and time, and the open
@@ -246,4 +250,148 @@ fn accumulate(ctx: &BtfTracePointContext, sock: *mut SockState) -> Option<(u8, u
         (*sock).transitions += 1;
     }
     Some((new_state, now))
+}
+
+/// Slots of [`FLOOR_METRICS`]: the exported metrics' counters a close moves under the design
+/// that aggregates in the kernel (opens and closes by direction, failures, the handshake and
+/// duration histograms), summed per CPU as Prometheus counters are.
+const METRIC_SLOTS: u32 = 64;
+const HANDSHAKE_HISTOGRAM: u32 = 8;
+const DURATION_HISTOGRAM: u32 = 32;
+
+#[map(name = "FLOOR_METRICS")]
+static METRICS: PerCpuArray<u64> = PerCpuArray::with_max_entries(METRIC_SLOTS, 0);
+
+/// A remote peer as the agent's per-peer aggregates key it (`lifecycle::PeerKey`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PeerKey {
+    netns: u32,
+    port: u16,
+    active: u16,
+    address: [u8; 16],
+}
+
+/// What the agent keeps per peer: connections, failures, handshakes in power-of-two
+/// microsecond buckets.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PeerTotals {
+    connections: u64,
+    failures: u64,
+    handshake_us: [u32; 32],
+}
+
+/// Per CPU, so that CPUs closing connections to one peer at once share no cache line.
+#[map(name = "FLOOR_PEERS")]
+static PEERS: PerCpuHashMap<PeerKey, PeerTotals> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// The design that needs no record for an always-on connection: [`floor_hash_end`]'s state
+/// (and the owner at connect), and at close, instead of a record, the metrics and the peer's
+/// totals updated in the kernel for the agent to read when asked. The floor of that design's
+/// state program; its agent does nothing per connection.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn floor_aggregate(ctx: BtfTracePointContext) -> u32 {
+    let key: u64 = ctx.arg(0);
+    let Some(agg) = entry(&AGG_SOCKS, &key) else {
+        return 0;
+    };
+    // SAFETY: the entry found or made above, which this program alone writes.
+    let sock = unsafe { &raw mut (*agg).state };
+    let Some((state, now)) = accumulate(&ctx, sock) else {
+        return 0;
+    };
+    if state == tcp_state::SYN_SENT {
+        // The owner, as the state program takes it at connect.
+        unsafe {
+            (*agg).pid_tgid = bpf_get_current_pid_tgid();
+            (*agg).comm = bpf_get_current_comm().unwrap_or_default();
+        }
+    }
+    if state != tcp_state::CLOSE {
+        return 0;
+    }
+    let tp =
+        unsafe { bpf_skc_to_tcp_sock(ctx.arg::<*mut core::ffi::c_void>(0).cast()) } as *const u8;
+    if tp.is_null() {
+        let _ = AGG_SOCKS.remove(key);
+        return 0;
+    }
+    let netns = netns_of(tp);
+    let (_family, sport, dport, _saddr, daddr) = tuple_of(tp);
+    let error = load::<i32>(tp, offset!(sk_err));
+    // SAFETY: the entry found or made above; this program holds no other reference to it.
+    let (opened, established) = unsafe { ((*sock).opened_ns, (*sock).established_ns) };
+    let active = unsafe { (*agg).pid_tgid } != 0;
+    let handshake = if established > opened && opened != 0 {
+        established - opened
+    } else {
+        0
+    };
+    bump(active as u32);
+    bump(2 + (error != 0) as u32);
+    bump(HANDSHAKE_HISTOGRAM + bucket(handshake));
+    bump(DURATION_HISTOGRAM + bucket(now.wrapping_sub(opened)));
+    // A connection this host opened: the remote service. One it accepted: the remote address
+    // and the local port (the remote port is ephemeral, one per connection).
+    let peer = PeerKey {
+        netns,
+        port: if active { dport } else { sport },
+        active: active as u16,
+        address: daddr,
+    };
+    let totals = PEERS.get_ptr_mut(&peer).or_else(|| {
+        // SAFETY: plain old data; all zeroes is a valid value.
+        let fresh: PeerTotals = unsafe { core::mem::zeroed() };
+        PEERS.insert(&peer, &fresh, 0).ok()?;
+        PEERS.get_ptr_mut(&peer)
+    });
+    let Some(totals) = totals else {
+        let _ = AGG_SOCKS.remove(key);
+        return 0;
+    };
+    let us_bucket = (64 - (handshake / 1000).leading_zeros()).min(31) as usize;
+    // SAFETY: this CPU's copy of the peer's totals.
+    unsafe {
+        (*totals).connections += 1;
+        (*totals).failures += (error != 0) as u64;
+        if let Some(b) = (*totals).handshake_us.get_mut(us_bucket) {
+            *b += 1;
+        }
+    }
+    let _ = AGG_SOCKS.remove(key);
+    0
+}
+
+/// A socket's state under [`floor_aggregate`]: [`SockState`] and the owner taken at connect.
+#[repr(C)]
+pub struct AggState {
+    state: SockState,
+    pid_tgid: u64,
+    comm: [u8; 16],
+}
+
+/// [`SOCK_HASH`] for [`floor_aggregate`]; the bench sets the size.
+#[map(name = "FLOOR_AGG_SOCKS")]
+static AGG_SOCKS: HashMap<u64, AggState> = HashMap::with_max_entries(1, 0);
+
+/// The first bucket whose bound holds `ns` (16: past the last).
+#[inline(always)]
+fn bucket(ns: u64) -> u32 {
+    let mut i = 0;
+    while i < HANDSHAKE_BOUNDS_NS.len() {
+        if ns <= HANDSHAKE_BOUNDS_NS[i] {
+            return i as u32;
+        }
+        i += 1;
+    }
+    HANDSHAKE_BOUNDS_NS.len() as u32
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(counter) = METRICS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot.
+        unsafe { *counter += 1 };
+    }
 }

@@ -44,10 +44,13 @@ pub enum FloorProgram {
     StorageEnd,
     /// As `StorageEnd` with the state in a preallocated hash map keyed by the socket.
     HashEnd,
+    /// As `HashEnd` with the owner taken at connect, and at close the metrics and the peer's
+    /// totals updated in kernel maps instead of a record: no record at all.
+    Aggregate,
 }
 
 impl FloorProgram {
-    pub const ALL: [FloorProgram; 10] = [
+    pub const ALL: [FloorProgram; 11] = [
         FloorProgram::Empty,
         FloorProgram::Skip,
         FloorProgram::Quiet,
@@ -58,6 +61,7 @@ impl FloorProgram {
         FloorProgram::Storage,
         FloorProgram::StorageEnd,
         FloorProgram::HashEnd,
+        FloorProgram::Aggregate,
     ];
 
     /// The program's name in the object.
@@ -73,6 +77,7 @@ impl FloorProgram {
             FloorProgram::Storage => "floor_storage",
             FloorProgram::StorageEnd => "floor_storage_end",
             FloorProgram::HashEnd => "floor_hash_end",
+            FloorProgram::Aggregate => "floor_aggregate",
         }
     }
 
@@ -88,6 +93,7 @@ impl FloorProgram {
             FloorProgram::Storage => "floor: socket storage updated, no record",
             FloorProgram::StorageEnd => "floor: socket storage, a record at close",
             FloorProgram::HashEnd => "floor: hash map by socket, a record at close",
+            FloorProgram::Aggregate => "floor: hash map by socket, metrics and peers in the kernel",
         }
     }
 }
@@ -120,6 +126,9 @@ impl Floor {
             // Room for every socket of the churn at once (TIME_WAIT holds none: it is not a
             // full socket).
             .map_max_entries("FLOOR_SOCK_HASH", 1 << 16)
+            .map_max_entries("FLOOR_AGG_SOCKS", 1 << 16)
+            // `floor_aggregate` reads the socket's tuple and namespace as the state program does.
+            .override_global(globals::KERNEL_OFFSETS, &capture::kernel_offsets(), true)
             .load(capture::object())
             .context("load the agent's eBPF object")?;
         let mut rings = capture::per_cpu_rings(&mut ebpf, defaults.ring_bytes)?;

@@ -561,13 +561,15 @@ async fn run_phases(opts: &Options) -> Result<Results> {
             // The floor writes the records the always-on agent's state program writes, and its
             // drain reads them as the agent does: the least the agent's CPU can be. The
             // storage floor does the same for a design that keeps each socket's state in the
-            // socket and writes one record per end: the least such a design can cost.
+            // socket and writes one record per end: the least such a design can cost. The
+            // aggregate floor is the design that writes none: metrics and peers in the kernel.
             vec![
                 Tracer::None,
                 Tracer::agent(0),
                 Tracer::Floor(floor::FloorProgram::Record),
                 Tracer::Floor(floor::FloorProgram::StorageEnd),
                 Tracer::Floor(floor::FloorProgram::HashEnd),
+                Tracer::Floor(floor::FloorProgram::Aggregate),
             ],
             opts.rounds,
             full(opts.concurrency, opts.duration),

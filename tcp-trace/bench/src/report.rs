@@ -408,7 +408,10 @@ const METHOD: &[&str] = &[
      and `floor_hash_end` are the floors of a design that keeps each socket's state in the \
      kernel and writes one record per socket end: the state updated in the socket's own \
      storage (created on its first transition) with no record, then with a record at close, \
-     then kept in a preallocated hash map keyed by the socket instead. The `tcp-trace, 0 \
+     then kept in a preallocated hash map keyed by the socket instead. `floor_aggregate` is the \
+     design that writes no record for an always-on connection: the same hash map and the owner \
+     at connect, and at close the exported metrics' counters and histograms and the peer's \
+     totals updated in per-CPU kernel maps (the agent would read them when asked). The `tcp-trace, 0 \
      subscribers` rows are the always-on mode (`--phases always-on` measures them without the \
      rest of this phase).",
     "5 — CPU: utime + stime of the tracer process (/proc/PID/stat, all threads) over the run, per \
@@ -428,6 +431,7 @@ const METHOD: &[&str] = &[
      million connections. \
      `floor_storage_end` and `floor_hash_end` give the same floor for one record per socket \
      end (2 a connection), and their ratios what keeping each socket's state in the kernel \
-     costs the workload.",
+     costs the workload. `floor_aggregate` writes no record: its drain reads nothing, and its \
+     ratio is what aggregating in the kernel costs the workload.",
     "6 — the same agent CPU figure at a fixed rate with 1, 10 and 100 subscribers.",
 ];

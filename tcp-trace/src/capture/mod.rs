@@ -121,6 +121,12 @@ pub trait Sink {
     fn batch_done(&mut self, _handed_on_ns: u64) {}
 }
 
+/// The running kernel's member offsets, as the agent sets them in its programs (for the
+/// bench's floors, which load the same object).
+pub fn kernel_offsets() -> tcp_trace_common::KernelOffsets {
+    offsets::resolve(&mut Hooks::default()).offsets
+}
+
 pub struct Capture {
     // Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,

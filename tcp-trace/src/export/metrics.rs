@@ -12,27 +12,7 @@ use crate::{
     stats::{DURATION_BOUNDS_NS, HOOKS, Histogram},
 };
 
-/// Handshake buckets: below 1 s for handshakes without a retransmitted SYN, then one bucket
-/// just past each SYN retransmission (Linux's initial RTO is 1 s, doubling: the handshakes that
-/// needed 1, 2, 3 retransmits complete just after 1 s, 3 s, 7 s) and one for slow answers after.
-pub const HANDSHAKE_BOUNDS_NS: &[u64] = &[
-    100_000,
-    300_000,
-    1_000_000,
-    3_000_000,
-    10_000_000,
-    30_000_000,
-    100_000_000,
-    300_000_000,
-    1_000_000_000,
-    1_500_000_000,
-    3_000_000_000,
-    3_500_000_000,
-    7_000_000_000,
-    7_500_000_000,
-    15_000_000_000,
-    31_000_000_000,
-];
+pub use tcp_trace_common::HANDSHAKE_BOUNDS_NS;
 
 /// Directions of opened connections (listeners are not connections).
 const OPENED: [Direction; 2] = [Direction::Active, Direction::Passive];
