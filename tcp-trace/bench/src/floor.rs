@@ -44,13 +44,18 @@ pub enum FloorProgram {
     StorageEnd,
     /// As `StorageEnd` with the state in a preallocated hash map keyed by the socket.
     HashEnd,
+    /// The hash map touched only at connect, establishment and close, the record at close
+    /// carrying what it kept: the one-record-per-end design as it would run.
+    HashFew,
+    /// As `HashFew` with the state in an array of slots claimed per socket: no hash map.
+    Slots,
     /// As `HashEnd` with the owner taken at connect, and at close the metrics and the peer's
     /// totals updated in kernel maps instead of a record: no record at all.
     Aggregate,
 }
 
 impl FloorProgram {
-    pub const ALL: [FloorProgram; 11] = [
+    pub const ALL: [FloorProgram; 13] = [
         FloorProgram::Empty,
         FloorProgram::Skip,
         FloorProgram::Quiet,
@@ -61,6 +66,8 @@ impl FloorProgram {
         FloorProgram::Storage,
         FloorProgram::StorageEnd,
         FloorProgram::HashEnd,
+        FloorProgram::HashFew,
+        FloorProgram::Slots,
         FloorProgram::Aggregate,
     ];
 
@@ -77,6 +84,8 @@ impl FloorProgram {
             FloorProgram::Storage => "floor_storage",
             FloorProgram::StorageEnd => "floor_storage_end",
             FloorProgram::HashEnd => "floor_hash_end",
+            FloorProgram::HashFew => "floor_hash_few",
+            FloorProgram::Slots => "floor_slots",
             FloorProgram::Aggregate => "floor_aggregate",
         }
     }
@@ -93,10 +102,17 @@ impl FloorProgram {
             FloorProgram::Storage => "floor: socket storage updated, no record",
             FloorProgram::StorageEnd => "floor: socket storage, a record at close",
             FloorProgram::HashEnd => "floor: hash map by socket, a record at close",
+            FloorProgram::HashFew => {
+                "floor: hash map at connect, establishment and close, a record at close"
+            }
+            FloorProgram::Slots => "floor: a slot per socket in an array, a record at close",
             FloorProgram::Aggregate => "floor: hash map by socket, metrics and peers in the kernel",
         }
     }
 }
+
+/// Slots of `floor_slots`: a power of two, many times the sockets the churn holds at once.
+const SLOTS: u32 = 1 << 16;
 
 /// The name of the thread that drains a floor's rings (the bench measures its CPU).
 pub const DRAIN_THREAD: &str = "floor-drain";
@@ -127,6 +143,8 @@ impl Floor {
             // full socket).
             .map_max_entries("FLOOR_SOCK_HASH", 1 << 16)
             .map_max_entries("FLOOR_AGG_SOCKS", 1 << 16)
+            .map_max_entries("FLOOR_SLOTS", SLOTS)
+            .override_global("FLOOR_SLOTS_MASK", &(SLOTS - 1), true)
             // `floor_aggregate` reads the socket's tuple and namespace as the state program does.
             .override_global(globals::KERNEL_OFFSETS, &capture::kernel_offsets(), true)
             .load(capture::object())

@@ -569,6 +569,8 @@ async fn run_phases(opts: &Options) -> Result<Results> {
                 Tracer::Floor(floor::FloorProgram::Record),
                 Tracer::Floor(floor::FloorProgram::StorageEnd),
                 Tracer::Floor(floor::FloorProgram::HashEnd),
+                Tracer::Floor(floor::FloorProgram::HashFew),
+                Tracer::Floor(floor::FloorProgram::Slots),
                 Tracer::Floor(floor::FloorProgram::Aggregate),
             ],
             opts.rounds,

@@ -408,7 +408,12 @@ const METHOD: &[&str] = &[
      and `floor_hash_end` are the floors of a design that keeps each socket's state in the \
      kernel and writes one record per socket end: the state updated in the socket's own \
      storage (created on its first transition) with no record, then with a record at close, \
-     then kept in a preallocated hash map keyed by the socket instead. `floor_aggregate` is the \
+     then kept in a preallocated hash map keyed by the socket instead. `floor_hash_few` is that \
+     design as it would run: the map touched only at connect (open time and owner), \
+     establishment and close (read into the record, deleted), the other transitions on the \
+     state program's unrecorded path; `floor_slots` the same with the state in an array of \
+     slots indexed by a hash of the socket's address, each claimed by one socket until its \
+     close (no hash map: no lock, allocation or hashing). `floor_aggregate` is the \
      design that writes no record for an always-on connection: the same hash map and the owner \
      at connect, and at close the exported metrics' counters and histograms and the peer's \
      totals updated in per-CPU kernel maps (the agent would read them when asked). The `tcp-trace, 0 \
