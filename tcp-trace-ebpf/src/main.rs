@@ -1,5 +1,6 @@
 //! tcp-trace's kernel side: capture only. One module per hook family; every map in `maps`.
 #![no_std]
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod accept;
