@@ -175,7 +175,7 @@ pub fn set_state_guard(ctx: BtfTracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn record_btf(ctx: &BtfTracePointContext) -> u32 {
+pub(crate) fn record_btf(ctx: &BtfTracePointContext) -> u32 {
     let new_state = ctx.arg::<i32>(2) as u8;
     let Some(all) = wanted(new_state) else {
         return 0;

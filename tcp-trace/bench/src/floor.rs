@@ -49,13 +49,15 @@ pub enum FloorProgram {
     HashFew,
     /// As `HashFew` with the state in an array of slots claimed per socket: no hash map.
     Slots,
+    /// As `Slots` with the state program's own records, read from the socket.
+    SlotsFull,
     /// As `HashEnd` with the owner taken at connect, and at close the metrics and the peer's
     /// totals updated in kernel maps instead of a record: no record at all.
     Aggregate,
 }
 
 impl FloorProgram {
-    pub const ALL: [FloorProgram; 13] = [
+    pub const ALL: [FloorProgram; 14] = [
         FloorProgram::Empty,
         FloorProgram::Skip,
         FloorProgram::Quiet,
@@ -68,6 +70,7 @@ impl FloorProgram {
         FloorProgram::HashEnd,
         FloorProgram::HashFew,
         FloorProgram::Slots,
+        FloorProgram::SlotsFull,
         FloorProgram::Aggregate,
     ];
 
@@ -86,6 +89,7 @@ impl FloorProgram {
             FloorProgram::HashEnd => "floor_hash_end",
             FloorProgram::HashFew => "floor_hash_few",
             FloorProgram::Slots => "floor_slots",
+            FloorProgram::SlotsFull => "floor_slots_full",
             FloorProgram::Aggregate => "floor_aggregate",
         }
     }
@@ -106,6 +110,9 @@ impl FloorProgram {
                 "floor: hash map at connect, establishment and close, a record at close"
             }
             FloorProgram::Slots => "floor: a slot per socket in an array, a record at close",
+            FloorProgram::SlotsFull => {
+                "floor: a slot per socket, the state program's own record at close"
+            }
             FloorProgram::Aggregate => "floor: hash map by socket, metrics and peers in the kernel",
         }
     }

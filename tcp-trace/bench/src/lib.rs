@@ -571,6 +571,7 @@ async fn run_phases(opts: &Options) -> Result<Results> {
                 Tracer::Floor(floor::FloorProgram::HashEnd),
                 Tracer::Floor(floor::FloorProgram::HashFew),
                 Tracer::Floor(floor::FloorProgram::Slots),
+                Tracer::Floor(floor::FloorProgram::SlotsFull),
                 Tracer::Floor(floor::FloorProgram::Aggregate),
             ],
             opts.rounds,

@@ -413,7 +413,8 @@ const METHOD: &[&str] = &[
      establishment and close (read into the record, deleted), the other transitions on the \
      state program's unrecorded path; `floor_slots` the same with the state in an array of \
      slots indexed by a hash of the socket's address, each claimed by one socket until its \
-     close (no hash map: no lock, allocation or hashing). `floor_aggregate` is the \
+     close (no hash map: no lock, allocation or hashing), and `floor_slots_full` with the \
+     state program's own records, read from the socket. `floor_aggregate` is the \
      design that writes no record for an always-on connection: the same hash map and the owner \
      at connect, and at close the exported metrics' counters and histograms and the peer's \
      totals updated in per-CPU kernel maps (the agent would read them when asked). The `tcp-trace, 0 \
