@@ -351,6 +351,7 @@ fn slot_of(sock: u64) -> Option<*mut Slot> {
     SLOTS.get_ptr_mut((sock.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask)
 }
 
+/// `N - 1` for the `N` slots the bench gives [`SLOTS`] (set in .rodata before loading).
 #[unsafe(no_mangle)]
 static FLOOR_SLOTS_MASK: u32 = 0;
 
