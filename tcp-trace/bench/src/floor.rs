@@ -150,6 +150,9 @@ impl Floor {
             // full socket).
             .map_max_entries("FLOOR_SOCK_HASH", 1 << 16)
             .map_max_entries("FLOOR_AGG_SOCKS", 1 << 16)
+            // `floor_aggregate`'s counters and the peers of the churn (one listener each).
+            .map_max_entries("FLOOR_METRICS", 64)
+            .map_max_entries("FLOOR_PEERS", 4096)
             .map_max_entries("FLOOR_SLOTS", SLOTS)
             .override_global("FLOOR_SLOTS_MASK", &(SLOTS - 1), true)
             // `floor_aggregate` reads the socket's tuple and namespace as the state program does.
