@@ -5,7 +5,7 @@
 //! design must pay here: what no change to the program can remove.
 use std::{
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
@@ -18,7 +18,7 @@ use aya::{
     programs::{BtfTracePoint, ProgramError},
 };
 use tcp_trace::capture::{self, CaptureConfig};
-use tcp_trace_common::{globals, switch};
+use tcp_trace_common::{KernelOffsets, globals, switch};
 
 /// Which cut-down program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,6 +121,12 @@ impl FloorProgram {
 /// Slots of `floor_slots`: a power of two, many times the sockets the churn holds at once.
 const SLOTS: u32 = 1 << 16;
 
+/// The running kernel's member offsets, resolved from its BTF once for every floor run.
+fn kernel_offsets() -> &'static KernelOffsets {
+    static OFFSETS: OnceLock<KernelOffsets> = OnceLock::new();
+    OFFSETS.get_or_init(capture::kernel_offsets)
+}
+
 /// The name of the thread that drains a floor's rings (the bench measures its CPU).
 pub const DRAIN_THREAD: &str = "floor-drain";
 
@@ -156,7 +162,7 @@ impl Floor {
             .map_max_entries("FLOOR_SLOTS", SLOTS)
             .override_global("FLOOR_SLOTS_MASK", &(SLOTS - 1), true)
             // `floor_aggregate` reads the socket's tuple and namespace as the state program does.
-            .override_global(globals::KERNEL_OFFSETS, &capture::kernel_offsets(), true)
+            .override_global(globals::KERNEL_OFFSETS, kernel_offsets(), true)
             .load(capture::object())
             .context("load the agent's eBPF object")?;
         let mut rings = capture::per_cpu_rings(&mut ebpf, defaults.ring_bytes)?;
