@@ -16,7 +16,7 @@ use tcp_trace_common::{HANDSHAKE_BOUNDS_NS, Header, StateChange, kind, tcp_state
 
 use crate::{
     fields::load,
-    maps::{self, offset},
+    maps::{self, global, offset},
     state::{log_seen, netns_of, record_btf, tuple_of, wanted},
 };
 
@@ -88,18 +88,32 @@ fn empty_record(sock: u64) {
     maps::submit(entry, now);
 }
 
+/// Who owned a socket at its connect, as the state program takes it there.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Owner {
+    pid_tgid: u64,
+    comm: [u8; 16],
+}
+
+impl Owner {
+    #[inline(always)]
+    fn current() -> Owner {
+        Owner {
+            pid_tgid: bpf_get_current_pid_tgid(),
+            comm: bpf_get_current_comm().unwrap_or_default(),
+        }
+    }
+}
+
 /// The record at a socket's close under the one-record-per-end floors: what the kernel kept
 /// of its life (open and handshake times, the owner) in a state record's place.
 #[inline(always)]
-fn kept_record(
-    sock: u64,
-    now: u64,
-    (opened_ns, established_ns, pid_tgid, comm): (u64, u64, u64, [u8; 16]),
-) {
+fn kept_record(sock: u64, now: u64, opened_ns: u64, established_ns: u64, owner: Owner) {
     if let Some(mut entry) = maps::reserve::<StateChange>() {
         let mut record = zero_record(sock, now);
-        record.pid_tgid = pid_tgid;
-        record.comm = comm;
+        record.pid_tgid = owner.pid_tgid;
+        record.comm = owner.comm;
         record.bytes_acked = opened_ns;
         record.bytes_received = established_ns;
         entry.write(record);
@@ -294,8 +308,7 @@ pub fn floor_hash_few(ctx: BtfTracePointContext) -> u32 {
             unsafe {
                 if new_state == tcp_state::SYN_SENT {
                     (*agg).state.opened_ns = now;
-                    (*agg).pid_tgid = bpf_get_current_pid_tgid();
-                    (*agg).comm = bpf_get_current_comm().unwrap_or_default();
+                    (*agg).owner = Owner::current();
                 } else {
                     (*agg).state.established_ns = now;
                 }
@@ -307,16 +320,14 @@ pub fn floor_hash_few(ctx: BtfTracePointContext) -> u32 {
                 return 0;
             };
             // SAFETY: the entry found above; deleted only below, by this program.
-            let kept = unsafe {
-                let agg = &*agg;
-                (
-                    agg.state.opened_ns,
-                    agg.state.established_ns,
-                    agg.pid_tgid,
-                    agg.comm,
-                )
-            };
-            kept_record(key, now, kept);
+            let agg = unsafe { &*agg };
+            kept_record(
+                key,
+                now,
+                agg.state.opened_ns,
+                agg.state.established_ns,
+                agg.owner,
+            );
             let _ = AGG_SOCKS.remove(key);
         }
         _ => {}
@@ -331,8 +342,7 @@ pub struct Slot {
     sock: u64,
     opened_ns: u64,
     established_ns: u64,
-    pid_tgid: u64,
-    comm: [u8; 16],
+    owner: Owner,
 }
 
 /// Socket states without a hash map: an array of slots indexed by a hash of the socket's
@@ -347,7 +357,7 @@ static SLOTS: Array<Slot> = Array::with_max_entries(1, 0);
 /// apart), then the map's size as a mask.
 #[inline(always)]
 fn slot_of(sock: u64) -> Option<*mut Slot> {
-    let mask = global_slots_mask();
+    let mask = global!(FLOOR_SLOTS_MASK);
     SLOTS.get_ptr_mut((sock.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask)
 }
 
@@ -385,11 +395,6 @@ fn scalar(sock: u64) -> Option<u64> {
         core::ptr::write_volatile(word, sock);
         Some(core::ptr::read_volatile(word))
     }
-}
-
-#[inline(always)]
-fn global_slots_mask() -> u32 {
-    unsafe { core::ptr::read_volatile(&raw const FLOOR_SLOTS_MASK) }
 }
 
 /// The one-record-per-end design with [`SLOTS`] for the state: [`floor_hash_few`] without the
@@ -447,8 +452,7 @@ fn slots(ctx: &BtfTracePointContext, full: bool) -> u32 {
             unsafe {
                 if new_state == tcp_state::SYN_SENT {
                     (*slot).opened_ns = now;
-                    (*slot).pid_tgid = bpf_get_current_pid_tgid();
-                    (*slot).comm = bpf_get_current_comm().unwrap_or_default();
+                    (*slot).owner = Owner::current();
                 } else {
                     (*slot).established_ns = now;
                 }
@@ -460,15 +464,15 @@ fn slots(ctx: &BtfTracePointContext, full: bool) -> u32 {
                 return 0;
             }
             // SAFETY: this socket's slot, freed below.
-            let kept = unsafe {
-                let kept = ((*slot).opened_ns, (*slot).established_ns);
+            let (opened_ns, established_ns, owner) = unsafe {
+                let kept = ((*slot).opened_ns, (*slot).established_ns, (*slot).owner);
                 ((*slot).opened_ns, (*slot).established_ns) = (0, 0);
-                (kept.0, kept.1, (*slot).pid_tgid, (*slot).comm)
+                kept
             };
             if full {
                 record_btf(ctx);
             } else {
-                kept_record(sock, now, kept);
+                kept_record(sock, now, opened_ns, established_ns, owner);
             }
             unsafe { core::ptr::write_volatile(holder, 0) };
         }
@@ -530,11 +534,8 @@ pub fn floor_aggregate(ctx: BtfTracePointContext) -> u32 {
         return 0;
     };
     if state == tcp_state::SYN_SENT {
-        // The owner, as the state program takes it at connect.
-        unsafe {
-            (*agg).pid_tgid = bpf_get_current_pid_tgid();
-            (*agg).comm = bpf_get_current_comm().unwrap_or_default();
-        }
+        // SAFETY: the entry found or made above.
+        unsafe { (*agg).owner = Owner::current() };
     }
     if state != tcp_state::CLOSE {
         return 0;
@@ -550,7 +551,7 @@ pub fn floor_aggregate(ctx: BtfTracePointContext) -> u32 {
     let error = load::<i32>(tp, offset!(sk_err));
     // SAFETY: the entry found or made above; this program holds no other reference to it.
     let (opened, established) = unsafe { ((*sock).opened_ns, (*sock).established_ns) };
-    let active = unsafe { (*agg).pid_tgid } != 0;
+    let active = unsafe { (*agg).owner.pid_tgid } != 0;
     let handshake = if established > opened && opened != 0 {
         established - opened
     } else {
@@ -595,8 +596,7 @@ pub fn floor_aggregate(ctx: BtfTracePointContext) -> u32 {
 #[repr(C)]
 pub struct AggState {
     state: SockState,
-    pid_tgid: u64,
-    comm: [u8; 16],
+    owner: Owner,
 }
 
 /// [`SOCK_HASH`] for [`floor_aggregate`]; the bench sets the size.

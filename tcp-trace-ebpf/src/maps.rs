@@ -89,6 +89,7 @@ macro_rules! global {
         unsafe { core::ptr::read_volatile(&raw const $name) }
     };
 }
+pub(crate) use global;
 
 /// Whether the agent asked for every state transition (`switch::TRANSITIONS`).
 #[inline(always)]
