@@ -17,6 +17,26 @@ pub mod kind {
     pub const SOCKET_OPTION: u32 = 5;
     /// An [`Accept`](super::Accept): accept() returned a socket to a process.
     pub const ACCEPT: u32 = 6;
+    /// A [`KeptFacts`](super::KeptFacts): what a socket's slot kept, handed on before a record
+    /// of the socket that needs them (see [`Slot`](super::Slot)).
+    pub const KEPT: u32 = 7;
+    /// A [`KeptClose`](super::KeptClose): a socket's CLOSE, with what its slot kept of its life.
+    pub const KEPT_CLOSE: u32 = 8;
+}
+
+/// Bits of [`Kept::have`]: which of its facts are set.
+pub mod kept {
+    /// connect(): `opened_ns` is the SYN_SENT transition.
+    pub const OPENED: u32 = 1 << 0;
+    /// `established_ns`, `srtt_us` and `total_retrans` are the ESTABLISHED transition.
+    pub const ESTABLISHED: u32 = 1 << 1;
+    /// A passive open: ESTABLISHED came from SYN_RECV (and `opened_ns` is its time).
+    pub const PASSIVE: u32 = 1 << 2;
+    /// `pid_tgid` and `comm` are the task that connect()ed (with [`OPENED`]) or accept()ed
+    /// (with [`ACCEPTED`]).
+    pub const OWNER: u32 = 1 << 3;
+    /// accept() returned the socket at `owner_ns`.
+    pub const ACCEPTED: u32 = 1 << 4;
 }
 
 /// Values of [`Retransmit::what`].
@@ -279,6 +299,9 @@ pub mod globals {
     pub const WAKEUP_INTERVAL_NS: &str = "WAKEUP_INTERVAL_NS";
     /// The same while [`switch::UNWATCHED`](super::switch::UNWATCHED) is on.
     pub const UNWATCHED_WAKEUP_INTERVAL_NS: &str = "UNWATCHED_WAKEUP_INTERVAL_NS";
+    /// The number of [`Slot`](super::Slot)s less one (a power of two less one), or
+    /// `u32::MAX`: no slots, every transition recorded as it happens.
+    pub const SLOT_MASK: &str = "SLOT_MASK";
     /// The running kernel's [`KernelOffsets`](super::KernelOffsets).
     pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 }
@@ -366,12 +389,100 @@ pub mod counter {
     /// entries that found another keepalive timer's entry still waiting for its exit: a
     /// probe such a run sent is not recorded.
     pub const KEEPALIVE_UNPAIRED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Sockets that found their [`Slot`](super::Slot) held by another: their transitions are
+    /// recorded as they happen, as without slots. Nothing is lost; it costs records.
+    pub const SLOT_TAKEN: u32 = 4;
+    /// Sockets whose slot another program held past a few tries: a record went out without
+    /// the slot's facts, which the agent adopts later (the connection's open is late).
+    pub const SLOT_CONTENDED: u32 = 5;
+    pub const COUNT: u32 = 6;
     // Successes are not counted in the kernel: the agent counts what it reads.
+}
+
+/// What the kernel keeps of a socket's life in its [`Slot`] instead of writing records: its
+/// open, its handshake's end and its owner. Handed on at its close ([`KeptClose`]), before any
+/// other record of the socket ([`KeptFacts`]), or when the agent adopts the slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Bits of [`kept`].
+    pub have: u32,
+    pub netns: u32,
+    /// The tuple as of the latest fact (a SYN_SENT socket has no source port yet).
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _reserved: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// When the slot was taken: connect()'s SYN_SENT, or a passive open's ESTABLISHED.
+    pub opened_ns: u64,
+    pub established_ns: u64,
+    /// At ESTABLISHED, as [`StateChange::srtt_us`] and [`StateChange::total_retrans`].
+    pub srtt_us: u32,
+    pub total_retrans: u32,
+    /// When accept() returned the socket ([`kept::ACCEPTED`]).
+    pub owner_ns: u64,
+    pub pid_tgid: u64,
+    pub comm: [u8; 16],
+}
+
+/// One element of the `SOCKET_SLOTS` array: a socket's [`Kept`] facts while it holds the
+/// slot. The slot of a socket is fixed by its address (a hash, [`slot_index`]); a socket whose
+/// slot another holds goes without, and its transitions are recorded as they happen.
+///
+/// `holder` is the only word written concurrently, by compare-and-swap only:
+/// - [`slot::FREE`] -> [`slot::BUSY`]: a socket's program claims the slot, writes the facts,
+///   then stores the socket's address;
+/// - socket -> [`slot::BUSY`]: a program of the socket (to add a fact, or to take the facts for
+///   a record and store [`slot::FREE`]), or the agent adopting the facts (then
+///   [`slot::FREE`]). Whoever wins owns the facts; a program that loses to the agent records
+///   its transition as it happens, after the agent's adoption.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub holder: u64,
+    pub kept: Kept,
+}
+
+/// Values of [`Slot::holder`] that are not a socket.
+pub mod slot {
+    pub const FREE: u64 = 0;
+    pub const BUSY: u64 = 1;
+}
+
+/// The slot of a socket: Fibonacci hashing of its address (sockets are slab objects a few KiB
+/// apart), masked to the number of slots (a power of two).
+#[inline(always)]
+pub const fn slot_index(sock: u64, mask: u32) -> u32 {
+    (sock.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & mask
+}
+
+/// A slot's facts handed on before another record of its socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptFacts {
+    /// `ts_ns` is when the facts left the slot.
+    pub header: Header,
+    pub kept: Kept,
+}
+
+/// A socket's transition to CLOSE with what its slot kept: the one record of a connection end
+/// while nobody asks for every transition.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeptClose {
+    /// `header.kind` is [`kind::KEPT_CLOSE`].
+    pub change: StateChange,
+    pub kept: Kept,
 }
 
 #[cfg(feature = "user")]
 mod user {
+    unsafe impl aya::Pod for super::Kept {}
+    unsafe impl aya::Pod for super::Slot {}
+    unsafe impl aya::Pod for super::KeptFacts {}
+    unsafe impl aya::Pod for super::KeptClose {}
     // SAFETY: plain old data, `#[repr(C)]`, every bit pattern valid, no padding.
     unsafe impl aya::Pod for super::Header {}
     unsafe impl aya::Pod for super::StateChange {}
@@ -393,4 +504,8 @@ const _: () = assert!(core::mem::size_of::<Keepalive>() == 24 + 8);
 const _: () = assert!(core::mem::size_of::<SocketOption>() == 24 + 16 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<Accept>() == 24 + 8 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 10 * 4);
+const _: () = assert!(core::mem::size_of::<Kept>() == 8 + 8 + 32 + 8 + 8 + 8 + 8 + 8 + 16);
+const _: () = assert!(core::mem::size_of::<Slot>() == 8 + 104);
+const _: () = assert!(core::mem::size_of::<KeptFacts>() == 24 + 104);
+const _: () = assert!(core::mem::size_of::<KeptClose>() == 128 + 104);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 20 * 4 + 8 + 10 * 4);

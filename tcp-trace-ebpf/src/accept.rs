@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use tcp_trace_common::{Accept, Header, kind};
+use tcp_trace_common::{Accept, Header, kept, kind};
 
-use crate::{fields::field, kernel, maps};
+use crate::{fields::field, kernel, maps, slots};
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
@@ -40,10 +40,25 @@ fn accepted(ctx: &TracePointContext) {
     if !maps::netns_wanted(netns) {
         return;
     }
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A socket that keeps its open in a slot keeps its owner there too: no record.
+    if slots::on()
+        && let Some(held) = slots::take(sock)
+    {
+        // SAFETY: the slot is this program's until `keep`.
+        unsafe {
+            let kept = held.kept();
+            (*kept).have |= kept::OWNER | kept::ACCEPTED;
+            (*kept).owner_ns = now;
+            (*kept).pid_tgid = bpf_get_current_pid_tgid();
+            (*kept).comm = bpf_get_current_comm().unwrap_or_default();
+        }
+        held.keep();
+        return;
+    }
     let Some(mut entry) = maps::reserve::<Accept>() else {
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     entry.write(Accept {
         header: Header {
             kind: kind::ACCEPT,

@@ -17,6 +17,7 @@ use tcp_trace_common::{HANDSHAKE_BOUNDS_NS, Header, StateChange, kind, tcp_state
 use crate::{
     fields::load,
     maps::{self, global, offset},
+    slots::{cas, number as scalar},
     state::{log_seen, netns_of, record_btf, tuple_of, wanted},
 };
 
@@ -365,38 +366,6 @@ fn slot_of(sock: u64) -> Option<*mut Slot> {
 #[unsafe(no_mangle)]
 static FLOOR_SLOTS_MASK: u32 = 0;
 
-/// `*at = new` if `*at == old`, atomically; returns what `*at` held. BPF's CMPXCHG (BPF ISA
-/// v3), written out: Rust's BPF target offers no compare-and-swap.
-#[inline(always)]
-unsafe fn cas(at: *mut u64, old: u64, new: u64) -> u64 {
-    let mut r0 = old;
-    unsafe {
-        core::arch::asm!(
-            "r0 = cmpxchg_64({at} + 0, r0, {new})",
-            at = in(reg) at,
-            new = in(reg) new,
-            inout("r0") r0,
-        );
-    }
-    r0
-}
-
-/// A word of scratch per CPU; see [`scalar`].
-#[map(name = "FLOOR_SCRATCH")]
-static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-/// The socket's address as a number: the verifier allows no arithmetic on the typed pointer
-/// the tracepoint passes, but a word read back from a map is a plain scalar.
-#[inline(always)]
-fn scalar(sock: u64) -> Option<u64> {
-    let word = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's word of the map.
-    unsafe {
-        core::ptr::write_volatile(word, sock);
-        Some(core::ptr::read_volatile(word))
-    }
-}
-
 /// The one-record-per-end design with [`SLOTS`] for the state: [`floor_hash_few`] without the
 /// hash map's locks, allocation and hashing.
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -437,47 +406,52 @@ fn slots(ctx: &BtfTracePointContext, full: bool) -> u32 {
     };
     // SAFETY: an element of the array; its first word changes only by `cas` or its holder.
     let holder = unsafe { &raw mut (*slot).sock };
-    match new_state {
+    // One call of `record` below: each is the whole state program inlined, and two do not fit
+    // the BPF stack.
+    let (write, free) = match new_state {
         tcp_state::SYN_SENT | tcp_state::ESTABLISHED => {
             let held = unsafe {
                 let now_held = core::ptr::read_volatile(holder);
                 now_held == sock || (now_held == 0 && cas(holder, 0, sock) == 0)
             };
-            if !held {
-                // Taken by another socket: this one's records go as today.
-                record(sock, now);
-                return 0;
-            }
-            // SAFETY: the slot is this socket's until its close frees it.
-            unsafe {
-                if new_state == tcp_state::SYN_SENT {
-                    (*slot).opened_ns = now;
-                    (*slot).owner = Owner::current();
-                } else {
-                    (*slot).established_ns = now;
+            if held {
+                // SAFETY: the slot is this socket's until its close frees it.
+                unsafe {
+                    if new_state == tcp_state::SYN_SENT {
+                        (*slot).opened_ns = now;
+                        (*slot).owner = Owner::current();
+                    } else {
+                        (*slot).established_ns = now;
+                    }
                 }
             }
+            // Taken by another socket: this one's records go as today.
+            (!held, false)
         }
         tcp_state::CLOSE => {
             if unsafe { core::ptr::read_volatile(holder) } != sock {
-                record(sock, now);
-                return 0;
-            }
-            // SAFETY: this socket's slot, freed below.
-            let (opened_ns, established_ns, owner) = unsafe {
-                let kept = ((*slot).opened_ns, (*slot).established_ns, (*slot).owner);
-                ((*slot).opened_ns, (*slot).established_ns) = (0, 0);
-                kept
-            };
-            if full {
-                record_btf(ctx);
+                (true, false)
             } else {
-                kept_record(sock, now, opened_ns, established_ns, owner);
+                // SAFETY: this socket's slot, freed below.
+                let (opened_ns, established_ns, owner) = unsafe {
+                    let kept = ((*slot).opened_ns, (*slot).established_ns, (*slot).owner);
+                    ((*slot).opened_ns, (*slot).established_ns) = (0, 0);
+                    kept
+                };
+                if !full {
+                    kept_record(sock, now, opened_ns, established_ns, owner);
+                }
+                (full, true)
             }
-            unsafe { core::ptr::write_volatile(holder, 0) };
         }
         // LISTEN: recorded as today.
-        _ => record(sock, now),
+        _ => (true, false),
+    };
+    if write {
+        record(sock, now);
+    }
+    if free {
+        unsafe { core::ptr::write_volatile(holder, 0) };
     }
     0
 }

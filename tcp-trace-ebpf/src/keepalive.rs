@@ -21,6 +21,7 @@ use crate::{
     fields::{field, load},
     kernel,
     maps::{self, offset},
+    slots,
 };
 
 /// The keepalive timer running on this CPU, between entry and exit (timer callbacks do not
@@ -113,6 +114,7 @@ fn exited(timer: u64) {
     if !maps::netns_wanted(running.netns) {
         return;
     }
+    slots::hand_on(running.sock);
     let Some(mut entry) = maps::reserve::<Keepalive>() else {
         return;
     };
@@ -166,6 +168,7 @@ fn try_setsockopt(ctx: &SockoptContext) -> Option<()> {
     if !maps::netns_wanted(netns) {
         return None;
     }
+    slots::hand_on(sock);
     let mut entry = maps::reserve::<SocketOption>()?;
     let now = unsafe { bpf_ktime_get_ns() };
     entry.write(SocketOption {

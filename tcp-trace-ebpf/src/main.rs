@@ -9,6 +9,7 @@ mod floor;
 mod keepalive;
 mod kernel;
 mod maps;
+mod slots;
 mod state;
 mod tcp;
 

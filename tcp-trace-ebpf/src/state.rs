@@ -31,13 +31,15 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use tcp_trace_common::{
-    AF_INET, Header, IPPROTO_TCP, StateChange, counter, flags, kind, recorded_when_quiet, tcp_state,
+    AF_INET, Header, IPPROTO_TCP, KeptClose, StateChange, counter, flags, kept, kind,
+    recorded_when_quiet, tcp_state,
 };
 
 use crate::{
     fields::{address, field, load, load_bytes16, widen},
     kernel,
     maps::{self, offset},
+    slots,
 };
 
 // Field offsets in the tracepoint record (/sys/kernel/tracing/events/sock/inet_sock_set_state/format);
@@ -191,15 +193,51 @@ pub(crate) fn record_btf(ctx: &BtfTracePointContext) -> u32 {
     if !maps::netns_wanted(netns) {
         return 0;
     }
-    let Some(mut entry) = maps::reserve::<StateChange>() else {
-        return 0;
-    };
     let now = unsafe { bpf_ktime_get_ns() };
+    let old_state = ctx.arg::<i32>(1) as u8;
+    let (srtt, retrans) = (offset!(srtt), offset!(total_retrans));
+    let rtt_and_retransmits = || (load::<u32>(tp, srtt) >> 3, load(tp, retrans));
+    let owned = load::<i32>(tp, offset!(sk_lock_owned)) != 0;
+    let task = || {
+        Task::current(owned, || {
+            let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+            load_bytes16(task, offset!(sock.task_comm))
+        })
+    };
+    // With slots, the transitions of an open and a handshake go into the socket's slot and
+    // its CLOSE carries them; asked for every transition, the slot's facts go out first.
+    let mut held = None;
+    if slots::on()
+        && let Some(sock) = slots::number(sk as u64)
+    {
+        if all {
+            slots::hand_on(sock);
+        } else {
+            match new_state {
+                tcp_state::SYN_SENT | tcp_state::ESTABLISHED => {
+                    if keep(
+                        tp,
+                        sock,
+                        netns,
+                        old_state,
+                        new_state,
+                        now,
+                        rtt_and_retransmits,
+                        task,
+                    ) {
+                        return 0;
+                    }
+                }
+                tcp_state::CLOSE => held = slots::take(sock),
+                _ => {}
+            }
+        }
+    }
     let (family, sport, dport, saddr, daddr) = tuple_of(tp);
     let transition = Transition {
         sock: sk as u64,
         netns,
-        old_state: ctx.arg::<i32>(1) as u8,
+        old_state,
         new_state,
         family,
         sport,
@@ -207,22 +245,103 @@ pub(crate) fn record_btf(ctx: &BtfTracePointContext) -> u32 {
         saddr,
         daddr,
     };
-    let (srtt, retrans) = (offset!(srtt), offset!(total_retrans));
     let (acked, received) = (offset!(bytes_acked), offset!(bytes_received));
     let fields = SockFields::at(
         new_state,
         || load::<i32>(tp, offset!(sk_err)) as u32,
-        || (load::<u32>(tp, srtt) >> 3, load(tp, retrans)),
+        rtt_and_retransmits,
         || (load(tp, acked), load(tp, received)),
     );
-    let owned = load::<i32>(tp, offset!(sk_lock_owned)) != 0;
-    let task = Task::current(owned, || {
-        let task = unsafe { bpf_get_current_task_btf() } as *const u8;
-        load_bytes16(task, offset!(sock.task_comm))
-    });
+    let task = task();
+    if let Some(held) = held {
+        let Some(mut entry) = maps::reserve::<KeptClose>() else {
+            held.free();
+            return 0;
+        };
+        let mut record = transition.record(now, task, fields, all);
+        record.header.kind = kind::KEPT_CLOSE;
+        let close = entry.as_mut_ptr();
+        // SAFETY: the reserved record, and the slot, this program's until `free`.
+        unsafe {
+            (*close).change = record;
+            core::ptr::copy_nonoverlapping(held.kept(), &raw mut (*close).kept, 1);
+        }
+        held.free();
+        maps::submit(entry, now);
+        return 0;
+    }
+    let Some(mut entry) = maps::reserve::<StateChange>() else {
+        return 0;
+    };
     entry.write(transition.record(now, task, fields, all));
     maps::submit(entry, now);
     0
+}
+
+/// Keeps an open (SYN_SENT, or a passive open's ESTABLISHED) in a slot it claims, or a
+/// handshake's end in the slot its socket holds. False when the transition is to be recorded
+/// as it happens: the socket holds no slot, or its slot is another's. Written in place: the
+/// BPF stack has no room for a copy.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn keep(
+    tp: *const u8,
+    sock: u64,
+    netns: u32,
+    old_state: u8,
+    new_state: u8,
+    now: u64,
+    rtt_and_retransmits: impl FnOnce() -> (u32, u32),
+    task: impl FnOnce() -> Task,
+) -> bool {
+    let passive = new_state == tcp_state::ESTABLISHED && old_state == tcp_state::SYN_RECV;
+    let held = if new_state == tcp_state::SYN_SENT || passive {
+        slots::claim(sock)
+    } else {
+        slots::take(sock)
+    };
+    let Some(held) = held else {
+        return false;
+    };
+    let kept = held.kept();
+    // SAFETY: the slot is this program's until `keep`.
+    unsafe {
+        if new_state == tcp_state::SYN_SENT {
+            let task = task();
+            let owned = task.flags & flags::KERNEL_CONTEXT == 0;
+            (*kept).have = if owned {
+                kept::OPENED | kept::OWNER
+            } else {
+                kept::OPENED
+            };
+            (*kept).netns = netns;
+            (*kept).opened_ns = now;
+            (*kept).owner_ns = now;
+            (*kept).pid_tgid = task.pid_tgid;
+            (*kept).comm = task.comm;
+            (*kept).established_ns = 0;
+            ((*kept).srtt_us, (*kept).total_retrans) = (0, 0);
+        } else {
+            let (srtt_us, total_retrans) = rtt_and_retransmits();
+            if passive {
+                (*kept).have = kept::PASSIVE | kept::ESTABLISHED;
+                (*kept).netns = netns;
+                (*kept).opened_ns = now;
+                (*kept).owner_ns = 0;
+                (*kept).pid_tgid = 0;
+                (*kept).comm = [0; 16];
+            } else {
+                (*kept).have |= kept::ESTABLISHED;
+            }
+            (*kept).established_ns = now;
+            ((*kept).srtt_us, (*kept).total_retrans) = (srtt_us, total_retrans);
+        }
+        let (family, sport, dport, saddr, daddr) = tuple_of(tp);
+        ((*kept).family, (*kept).sport, (*kept).dport) = (family, sport, dport);
+        ((*kept).saddr, (*kept).daddr) = (saddr, daddr);
+    }
+    held.keep();
+    true
 }
 
 /// Whether a transition to `new_state` is recorded, and if so whether every transition is

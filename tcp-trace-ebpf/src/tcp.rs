@@ -16,6 +16,7 @@ use crate::{
     fields::{field, load, widen},
     kernel,
     maps::{self, offset},
+    slots,
     state::{netns_of, tuple_of},
 };
 
@@ -41,6 +42,9 @@ fn retransmit(ctx: &TracePointContext, what: u8, sock: u64, state: u8, at: Tuple
     let netns = kernel::netns_of_sock(sock);
     if !maps::netns_wanted(netns) {
         return;
+    }
+    if what == retransmit::SEGMENT {
+        slots::hand_on(sock);
     }
     let Some(mut entry) = maps::reserve::<Retransmit>() else {
         return;
@@ -115,6 +119,9 @@ type Tuple = (u16, u16, u16, [u8; 16], [u8; 16]);
 fn reset(direction: u8, sock: u64, netns: u32, state: u8, reason: u32, tuple: Tuple) {
     if !maps::netns_wanted(netns) {
         return;
+    }
+    if sock != 0 {
+        slots::hand_on(sock);
     }
     let Some(mut entry) = maps::reserve::<Reset>() else {
         return;
@@ -219,6 +226,7 @@ pub fn tcp_retransmit_skb_btf(ctx: BtfTracePointContext) -> u32 {
     if !maps::netns_wanted(netns) {
         return 0;
     }
+    slots::hand_on(sk as u64);
     let Some(mut entry) = maps::reserve::<Retransmit>() else {
         return 0;
     };

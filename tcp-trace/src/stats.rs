@@ -1,6 +1,9 @@
 //! The agent's own counters, and the snapshot GetStats returns.
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::SystemTime,
 };
 
@@ -15,9 +18,16 @@ use crate::{
 /// The hooks the kernel's skips are counted by (/metrics `tcptrace_kernel_runs_missed_total`).
 pub use crate::capture::HOOKS;
 
+/// Brings the table up to the kernel's open connections before a snapshot of it (GetStats,
+/// `/metrics`, OTLP, listings): the agent's wiring, the socket slots' adoption. Blocking,
+/// briefly.
+pub type BeforeRead = Arc<dyn Fn() + Send + Sync>;
+
 pub struct AgentStats {
     pub records_decoded: AtomicU64,
     pub records_malformed: AtomicU64,
+    /// Sockets whose open the agent took from their kernel slot (capture/slots.rs).
+    pub slots_adopted: AtomicU64,
     pub kernel: KernelCounterReader,
     pub hooks: Hooks,
     pub started_at: SystemTime,
@@ -39,6 +49,7 @@ impl AgentStats {
         AgentStats {
             records_decoded: AtomicU64::new(0),
             records_malformed: AtomicU64::new(0),
+            slots_adopted: AtomicU64::new(0),
             kernel,
             hooks,
             started_at: SystemTime::now(),
@@ -96,6 +107,8 @@ impl AgentStats {
             kernel_missed: kernel.missed,
             kernel_recovered: kernel.recovered,
             kernel_keepalive_unpaired: kernel.keepalive_unpaired,
+            kernel_slot_taken: kernel.slot_taken,
+            kernel_slot_contended: kernel.slot_contended,
             kernel_missed_by_program: kernel
                 .by_program
                 .iter()
@@ -103,6 +116,7 @@ impl AgentStats {
                 .collect(),
             records_decoded: self.records_decoded.load(Ordering::Relaxed),
             records_malformed: self.records_malformed.load(Ordering::Relaxed),
+            slots_adopted: self.slots_adopted.load(Ordering::Relaxed),
             subscribers: u32::try_from(bus.subscribers.len()).unwrap_or(u32::MAX),
             live_connections: table.len() as u64,
             table_full: table.table_full,

@@ -84,6 +84,11 @@ async fn after_a_ring_overflow_every_subscriber_hears_of_it_and_the_table_heals_
         capture: CaptureConfig {
             ring_bytes: 4096,
             netns: Some(ns.inode() as u32),
+            // Without socket slots: a lost CLOSE then leaves its connection in the table, a
+            // ghost for the heal to close. (With slots, the close record carries the whole
+            // life, and losing it leaves no ghost: the path a socket takes when its slot is
+            // another's or was adopted.)
+            socket_slots: 0,
             ..CaptureConfig::default()
         },
         heal_interval: Duration::from_secs(1),

@@ -192,6 +192,9 @@ pub enum Tracer {
         /// `--netns <the bench namespace>`: other namespaces' transitions are dropped in the
         /// kernel program.
         kernel_filter: bool,
+        /// `--socket-slots 0`: every socket's transitions recorded as they happen, as before
+        /// the slots (docs/always-on-slots.md), to compare with them in one run.
+        without_slots: bool,
     },
     Bpftrace,
     /// bpftrace with an empty action on the tracepoint: the floor of any program's cost there
@@ -211,6 +214,7 @@ impl Tracer {
         Tracer::Agent {
             subscribers,
             kernel_filter: false,
+            without_slots: false,
         }
     }
 
@@ -220,9 +224,15 @@ impl Tracer {
             Tracer::Agent {
                 subscribers,
                 kernel_filter,
+                without_slots,
             } => format!(
-                "tcp-trace{}, {subscribers} subscriber{}",
+                "tcp-trace{}{}, {subscribers} subscriber{}",
                 if *kernel_filter { " --netns" } else { "" },
+                if *without_slots {
+                    " --socket-slots 0"
+                } else {
+                    ""
+                },
                 if *subscribers == 1 { "" } else { "s" }
             ),
             Tracer::Bpftrace => "bpftrace".into(),
@@ -516,6 +526,7 @@ async fn run_phases(opts: &Options) -> Result<Results> {
                 Tracer::Agent {
                     subscribers: 1,
                     kernel_filter: true,
+                    without_slots: false,
                 },
                 Tracer::Bpftrace,
                 Tracer::EmptyProgram,
@@ -525,8 +536,16 @@ async fn run_phases(opts: &Options) -> Result<Results> {
             .collect()
         }
     } else if opts.wants("always-on") {
-        // The always-on figure's BPF cost, without the rest of the stats phase.
-        vec![Tracer::agent(0)]
+        // The always-on figure's BPF cost, without the rest of the stats phase, with and
+        // without the socket slots.
+        vec![
+            Tracer::agent(0),
+            Tracer::Agent {
+                subscribers: 0,
+                kernel_filter: false,
+                without_slots: true,
+            },
+        ]
     } else {
         Vec::new()
     };
@@ -566,6 +585,12 @@ async fn run_phases(opts: &Options) -> Result<Results> {
             vec![
                 Tracer::None,
                 Tracer::agent(0),
+                // Today's agent against the one before the slots, side by side.
+                Tracer::Agent {
+                    subscribers: 0,
+                    kernel_filter: false,
+                    without_slots: true,
+                },
                 Tracer::Floor(floor::FloorProgram::Record),
                 Tracer::Floor(floor::FloorProgram::StorageEnd),
                 Tracer::Floor(floor::FloorProgram::HashEnd),

@@ -133,10 +133,16 @@ async fn run_once(
         Tracer::Agent {
             subscribers: _,
             kernel_filter,
+            without_slots,
         } => {
             let filter = kernel_filter.then_some(ns.inode());
+            let args: &[&str] = if without_slots {
+                &["--socket-slots", "0"]
+            } else {
+                &[]
+            };
             let (process, client) =
-                AgentProcess::start(&opts.agent, &opts.out_dir, &tag, filter, &[]).await?;
+                AgentProcess::start(&opts.agent, &opts.out_dir, &tag, filter, args).await?;
             Running::Agent {
                 process,
                 client: Box::new(client),

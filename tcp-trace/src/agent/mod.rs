@@ -69,6 +69,10 @@ impl Default for AgentConfig {
     }
 }
 
+/// Longest a read of the table waits for the drain thread to adopt the socket slots (it
+/// answers within a drain: well under a millisecond unless it is behind the kernel).
+const ADOPTION_WAIT: Duration = Duration::from_millis(200);
+
 /// Between heals when nothing was lost: a ghost a skipped run left lives at most this long.
 pub const DEFAULT_HEAL_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -165,11 +169,20 @@ impl Agent {
         }));
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        // Every read of the table as a whole first takes in the connections whose open the
+        // kernel still keeps in a socket slot (capture/slots.rs).
+        let adopter = capture.adopter();
+        let before_read: crate::stats::BeforeRead = Arc::new(move || {
+            if !adopter.adopt(ADOPTION_WAIT) {
+                tracing::debug!("socket slots not adopted within {ADOPTION_WAIT:?}");
+            }
+        });
         let exporters = export::start(
             &config.export,
             Arc::clone(&table),
             Arc::clone(&bus),
             Arc::clone(&stats),
+            Some(Arc::clone(&before_read)),
             &cancel,
             &mut tasks,
         )
@@ -206,7 +219,14 @@ impl Agent {
             stats,
             limits: config.limits.clone(),
             stop: cancel.clone(),
-            catch_up: Some(Arc::new(move |fresh_enough| catch_up.run(fresh_enough))),
+            catch_up: Some(Arc::new({
+                let before_read = Arc::clone(&before_read);
+                move |fresh_enough| {
+                    before_read();
+                    catch_up.run(fresh_enough)
+                }
+            })),
+            before_read: Some(before_read),
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter

@@ -104,6 +104,14 @@ impl Pipeline {
                 // Changes the owner that later events carry; not an event of its own.
                 table.accepted(a);
             }
+            Record::Kept(kept) => {
+                for record in kept.records() {
+                    self.record(table, &record);
+                }
+                if let Some(close) = &kept.close {
+                    self.record(table, &Record::Transition(*close));
+                }
+            }
             Record::SocketOption(o) => {
                 let defaults = self.keepalive_defaults(o.netns, o.task.pid);
                 let change = table.socket_option(o, defaults);
@@ -144,6 +152,28 @@ impl capture::Sink for Pipeline {
             .records_decoded
             .fetch_add(decoded, Ordering::Relaxed);
     }
+    fn adopted<'a>(&mut self, records: impl Iterator<Item = &'a Result<Record, DecodeError>>) {
+        let table = Arc::clone(&self.table);
+        let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut adopted = 0;
+        for record in records.flatten() {
+            adopted += 1;
+            self.record(&mut table, record);
+        }
+        self.stats
+            .slots_adopted
+            .fetch_add(adopted, Ordering::Relaxed);
+    }
+
+    fn wants_adoption(&self, handed_on_ns: u64) -> bool {
+        // The heal below compares the table with the kernel's list: every socket still in a
+        // slot must be in the table by then.
+        self.heal
+            .received
+            .as_ref()
+            .is_some_and(|list| list.finished_ns <= handed_on_ns)
+    }
+
     fn batch_done(&mut self, handed_on_ns: u64) {
         let mut closed = std::mem::take(&mut self.closed);
         // Compared only once every record written before the list was complete is in the

@@ -111,6 +111,9 @@ pub struct Service {
     pub stop: CancellationToken,
     /// Called before a listing (blocking) to bring the table's states up to the kernel's.
     pub catch_up: Option<CatchUp>,
+    /// Called before GetStats reads the table (blocking, briefly): brings it up to the
+    /// kernel's open connections (the agent's wiring: the socket slots' adoption).
+    pub before_read: Option<crate::stats::BeforeRead>,
 }
 
 /// Brings the table's connection states up to date with the kernel's (the agent's wiring: a
@@ -277,6 +280,10 @@ impl TcpTrace for Service {
         &self,
         _request: Request<proto::GetStatsRequest>,
     ) -> Result<Response<proto::Stats>, Status> {
+        if let Some(before_read) = &self.before_read {
+            let before_read = Arc::clone(before_read);
+            let _ = tokio::task::spawn_blocking(move || before_read()).await;
+        }
         let bus = self.bus.snapshot();
         let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let stats = self.stats.snapshot(&bus, &table);

@@ -22,6 +22,10 @@ pub struct KernelCounters {
     pub recovered: u64,
     /// Keepalive timer runs whose entry and exit did not pair up (`counter::KEEPALIVE_UNPAIRED`).
     pub keepalive_unpaired: u64,
+    /// Sockets that found their slot another's (`counter::SLOT_TAKEN`), and records written
+    /// past a busy slot (`counter::SLOT_CONTENDED`).
+    pub slot_taken: u64,
+    pub slot_contended: u64,
     /// `missed` by program name (every loaded program but the guard, in name order): which
     /// hook lost runs tells which records are missing.
     pub by_program: Vec<(&'static str, u64)>,
@@ -77,17 +81,26 @@ impl KernelCounterReader {
         by_program.sort_unstable();
         // The map after the skips (the kernel counts a skip before the guard records it): a
         // recovery that slips in between makes `missed` a moment late, never ahead.
-        let (ring_full, filtered, recovered, keepalive_unpaired) = match &self.map {
-            None => (0, 0, 0, 0),
+        let [
+            ring_full,
+            filtered,
+            recovered,
+            keepalive_unpaired,
+            slot_taken,
+            slot_contended,
+        ] = match &self.map {
+            None => [0; 6],
             Some(map) => {
                 let map = map.lock().unwrap_or_else(|p| p.into_inner());
                 let sum = |index: u32| map.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-                (
+                [
                     sum(counter::RING_FULL),
                     sum(counter::FILTERED),
                     sum(counter::RECOVERED),
                     sum(counter::KEEPALIVE_UNPAIRED),
-                )
+                    sum(counter::SLOT_TAKEN),
+                    sum(counter::SLOT_CONTENDED),
+                ]
             }
         };
         for (name, n) in &mut by_program {
@@ -101,6 +114,8 @@ impl KernelCounterReader {
             missed: by_program.iter().map(|(_, n)| n).sum(),
             recovered,
             keepalive_unpaired,
+            slot_taken,
+            slot_contended,
             by_program,
         }
     }

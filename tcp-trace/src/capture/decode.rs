@@ -2,9 +2,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tcp_trace_common::{
-    AF_INET, AF_INET6, Accept as RawAccept, Header, Keepalive, Reset as RawReset,
-    Retransmit as RawRetransmit, SocketOption as RawSocketOption, StateChange, flags, kind, reset,
-    retransmit, sockopt,
+    AF_INET, AF_INET6, Accept as RawAccept, Header, Keepalive, Kept as RawKept, KeptClose,
+    KeptFacts, Reset as RawReset, Retransmit as RawRetransmit, SocketOption as RawSocketOption,
+    StateChange, flags, kept, kind, reset, retransmit, sockopt,
 };
 
 use crate::model::{
@@ -42,6 +42,102 @@ pub enum Record {
     Keepalive(KeepaliveTimer),
     SocketOption(SocketOption),
     Accept(Accept),
+    /// What a socket's slot kept of its open and handshake, with its CLOSE at its end: the
+    /// records it stands for are [`Kept::records`], then the close.
+    Kept(Kept),
+}
+
+/// A socket's open, handshake end and owner as the kernel kept them in its slot
+/// (`tcp_trace_common::Slot`) instead of recording them, from a record or the agent's
+/// adoption of the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub sock: u64,
+    pub cpu: u32,
+    pub facts: RawKept,
+    /// The tuple as of the latest fact.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The socket's CLOSE, when the facts came with it.
+    pub close: Option<Transition>,
+}
+
+impl Kept {
+    /// Facts kept in a slot, read from it (the agent adopting it) or from a record.
+    pub fn new(sock: u64, cpu: u32, facts: RawKept) -> Result<Kept, DecodeError> {
+        let (local, remote) = addresses(facts.family, &facts.saddr, &facts.daddr)?;
+        Ok(Kept {
+            sock,
+            cpu,
+            facts,
+            local: SocketAddr::new(local, facts.sport),
+            remote: SocketAddr::new(remote, facts.dport),
+            close: None,
+        })
+    }
+
+    /// The records the facts stand for, in the order they happened: the SYN_SENT of a
+    /// connect(), the ESTABLISHED, the accept(). Each as the kernel would have written it while
+    /// it records only opens and closes.
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        let f = &self.facts;
+        let transition = |ts_ns, old, new, context, srtt_us, total_retrans| Transition {
+            ts_ns,
+            sock: self.sock,
+            netns: f.netns,
+            old,
+            new,
+            local: self.local,
+            remote: self.remote,
+            context,
+            cpu: self.cpu,
+            error: 0,
+            srtt_us,
+            total_retrans,
+            bytes_acked: 0,
+            bytes_received: 0,
+            all_recorded: false,
+        };
+        let owner = task(f.pid_tgid, f.comm);
+        let opened = (f.have & kept::OPENED != 0).then(|| {
+            let context = if f.have & kept::OWNER != 0 {
+                Context::Process(owner)
+            } else {
+                Context::Kernel
+            };
+            let t = transition(
+                f.opened_ns,
+                TcpState::Close,
+                TcpState::SynSent,
+                context,
+                0,
+                0,
+            );
+            Record::Transition(t)
+        });
+        let established = (f.have & kept::ESTABLISHED != 0).then(|| {
+            let old = if f.have & kept::PASSIVE != 0 {
+                TcpState::SynRecv
+            } else {
+                TcpState::SynSent
+            };
+            Record::Transition(transition(
+                f.established_ns,
+                old,
+                TcpState::Established,
+                Context::Kernel,
+                f.srtt_us,
+                f.total_retrans,
+            ))
+        });
+        let accepted = (f.have & kept::ACCEPTED != 0).then_some(Record::Accept(Accept {
+            ts_ns: f.owner_ns,
+            sock: self.sock,
+            netns: f.netns,
+            task: owner,
+        }));
+        [opened, established, accepted].into_iter().flatten()
+    }
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
@@ -62,6 +158,16 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         }
         kind::SOCKET_OPTION => {
             socket_option(&record(bytes, header.kind)?).map(Record::SocketOption)
+        }
+        kind::KEPT => {
+            let raw: KeptFacts = record(bytes, header.kind)?;
+            Kept::new(raw.header.sock, raw.header.cpu, raw.kept).map(Record::Kept)
+        }
+        kind::KEPT_CLOSE => {
+            let raw: KeptClose = record(bytes, header.kind)?;
+            let mut kept = Kept::new(raw.change.header.sock, raw.change.header.cpu, raw.kept)?;
+            kept.close = Some(transition(&raw.change)?);
+            Ok(Record::Kept(kept))
         }
         kind::ACCEPT => {
             let raw: RawAccept = record(bytes, header.kind)?;
@@ -301,5 +407,87 @@ pub(crate) mod tests {
         assert_eq!(decode(&bytes_of(&bad_state)), Err(DecodeError::State(42)));
         let bad_family = raw_state_change(7, 2, 1);
         assert_eq!(decode(&bytes_of(&bad_family)), Err(DecodeError::Family(1)));
+    }
+
+    /// A close with the facts its slot kept of an active open: connect()'s SYN_SENT with its
+    /// owner, then the ESTABLISHED, then the close, each with the slot's tuple and times.
+    #[test]
+    fn a_kept_close_stands_for_the_open_the_handshake_and_the_close() {
+        let mut change = raw_state_change(1, 7, AF_INET);
+        change.header.kind = kind::KEPT_CLOSE;
+        change.header.ts_ns = 900;
+        let kept = RawKept {
+            have: kept::OPENED | kept::OWNER | kept::ESTABLISHED,
+            netns: change.netns,
+            family: AF_INET,
+            sport: 40000,
+            dport: 80,
+            saddr: change.saddr,
+            daddr: change.daddr,
+            opened_ns: 100,
+            established_ns: 130,
+            srtt_us: 12,
+            total_retrans: 1,
+            owner_ns: 100,
+            pid_tgid: change.pid_tgid,
+            comm: change.comm,
+            ..RawKept::default()
+        };
+        let raw = KeptClose { change, kept };
+        // SAFETY: KeptClose is Pod with no padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw as *const KeptClose).cast::<u8>(),
+                std::mem::size_of::<KeptClose>(),
+            )
+        };
+        let Record::Kept(k) = decode(bytes).unwrap() else {
+            panic!("kept facts")
+        };
+        let records: Vec<_> = k.records().collect();
+        let [Record::Transition(open), Record::Transition(established)] = records[..] else {
+            panic!("an open and a handshake: {records:?}")
+        };
+        assert_eq!(
+            (open.old, open.new, open.ts_ns),
+            (TcpState::Close, TcpState::SynSent, 100)
+        );
+        assert_eq!(open.context.task().map(|t| t.pid), Some(1000));
+        assert_eq!(open.local, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(
+            (established.old, established.new, established.ts_ns),
+            (TcpState::SynSent, TcpState::Established, 130)
+        );
+        assert_eq!((established.srtt_us, established.total_retrans), (12, 1));
+        assert!(!open.all_recorded && !established.all_recorded);
+        let close = k.close.expect("the close");
+        assert_eq!(
+            (close.old, close.new, close.ts_ns),
+            (TcpState::Established, TcpState::Close, 900)
+        );
+    }
+
+    /// A passive open's slot: ESTABLISHED from SYN_RECV, then accept()'s owner.
+    #[test]
+    fn kept_facts_of_an_accepted_socket_stand_for_its_handshake_and_accept() {
+        let kept = RawKept {
+            have: kept::PASSIVE | kept::ESTABLISHED | kept::OWNER | kept::ACCEPTED,
+            family: AF_INET,
+            opened_ns: 10,
+            established_ns: 10,
+            owner_ns: 20,
+            pid_tgid: 7 << 32 | 8,
+            ..RawKept::default()
+        };
+        let k = Kept::new(0xffff_0000_5678, 0, kept).unwrap();
+        let records: Vec<_> = k.records().collect();
+        let [Record::Transition(established), Record::Accept(accept)] = records[..] else {
+            panic!("a handshake and an accept: {records:?}")
+        };
+        assert_eq!(
+            (established.old, established.new),
+            (TcpState::SynRecv, TcpState::Established)
+        );
+        assert_eq!((accept.ts_ns, accept.task.pid, accept.task.tid), (20, 7, 8));
     }
 }

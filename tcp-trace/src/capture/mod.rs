@@ -6,6 +6,7 @@ mod counters;
 pub mod decode;
 mod offsets;
 pub mod rings;
+mod slots;
 pub mod sockdiag;
 mod switches;
 pub mod tracefs;
@@ -20,7 +21,8 @@ use aya::{
 use tcp_trace_common::globals;
 
 pub use counters::{HOOKS, KernelCounterReader, KernelCounters};
-pub use decode::{DecodeError, Record};
+pub use decode::{DecodeError, Kept, Record};
+pub use slots::{ADOPT_EVERY, Adopter, DEFAULT_SOCKET_SLOTS};
 pub use switches::{Switches, UNWATCHED_WAKEUP_INTERVAL};
 
 use crate::model::{Context, TcpState};
@@ -70,6 +72,8 @@ pub enum CaptureError {
     Map(&'static str, aya::maps::MapError),
     #[error("creating the per-CPU ring buffers failed: {0}")]
     Rings(io::Error),
+    #[error("{0}")]
+    Slots(String),
 }
 
 /// Each CPU's ring. 2 MiB: about 15,000 records, 80 ms of the heaviest churn one CPU of these
@@ -91,6 +95,10 @@ pub struct CaptureConfig {
     /// replay buffer then holds them for subscriptions resumed later), at the cost of about
     /// twice the records.
     pub all_transitions: bool,
+    /// Socket slots (a power of two; 0: none): while nobody asks for every transition, the
+    /// kernel keeps each socket's open and handshake in one and writes one record per socket
+    /// end (capture/slots.rs).
+    pub socket_slots: u32,
 }
 
 impl Default for CaptureConfig {
@@ -101,6 +109,7 @@ impl Default for CaptureConfig {
             wakeup_interval: Duration::from_millis(1),
             classic_tracepoint: false,
             all_transitions: false,
+            socket_slots: DEFAULT_SOCKET_SLOTS,
         }
     }
 }
@@ -119,6 +128,16 @@ pub trait Sink {
     /// The drain is over; a good moment to publish. Every record the programs wrote up to
     /// `handed_on_ns` (CLOCK_MONOTONIC) has been handed on, in this drain or an earlier one.
     fn batch_done(&mut self, _handed_on_ns: u64) {}
+    /// What the socket slots kept of the sockets adopted from them ([`Record::Kept`]), in no
+    /// particular order: not records of the kernel's.
+    fn adopted<'a>(&mut self, records: impl Iterator<Item = &'a Result<Record, DecodeError>>) {
+        self.records(records);
+    }
+    /// Whether the sink is about to read the table as a whole (a heal): the socket slots are
+    /// adopted first.
+    fn wants_adoption(&self, _handed_on_ns: u64) -> bool {
+        false
+    }
 }
 
 /// The running kernel's member offsets, as the agent sets them in its programs (for the
@@ -134,6 +153,8 @@ pub struct Capture {
     counters: KernelCounterReader,
     switches: Switches,
     hooks: Hooks,
+    /// The socket slots, when the programs have them.
+    slots: Option<slots::Slots>,
     /// False when the kernel BTF lacks `sock.sk_lock.owned`: then a task is only trusted for transitions
     /// that always run in a system call.
     context_tracked: bool,
@@ -151,6 +172,22 @@ impl Capture {
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let unwatched_interval = config.wakeup_interval.max(UNWATCHED_WAKEUP_INTERVAL);
         let unwatched_ns = u64::try_from(unwatched_interval.as_nanos()).unwrap_or(u64::MAX);
+        // Slots only where the BTF state program runs (the classic one has none), and only
+        // while some transitions go unrecorded: recording all, the programs never keep any.
+        let slot_count = if config.all_transitions
+            || config.classic_tracepoint
+            || kernel.direct_missing.is_some()
+        {
+            0
+        } else {
+            config.socket_slots
+        };
+        if slot_count != 0 && !slot_count.is_power_of_two() {
+            return Err(CaptureError::Slots(format!(
+                "{slot_count} socket slots: not a power of two"
+            )));
+        }
+        let slot_mask = slot_count.checked_sub(1).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
             // No CO-RE relocations to resolve (offsets come from `offsets::resolve`), so aya need
             // not parse the kernel's BTF again: that costs tens of MiB while loading.
@@ -159,8 +196,24 @@ impl Capture {
             .override_global(globals::WAKEUP_INTERVAL_NS, &wakeup_ns, true)
             .override_global(globals::UNWATCHED_WAKEUP_INTERVAL_NS, &unwatched_ns, true)
             .override_global(globals::KERNEL_OFFSETS, &kernel.offsets, true)
+            .override_global(globals::SLOT_MASK, &slot_mask, true)
             .map_max_entries("RINGS", possible_cpus()?)
+            .map_max_entries("SOCKET_SLOTS", slot_count.max(1))
             .load(EBPF_OBJECT)?;
+        let slots = match slot_count {
+            0 => None,
+            n => {
+                let map = ebpf
+                    .map("SOCKET_SLOTS")
+                    .expect("the object defines SOCKET_SLOTS");
+                let aya::maps::Map::Array(data) = map else {
+                    return Err(CaptureError::Slots("SOCKET_SLOTS is not an array".into()));
+                };
+                Some(slots::Slots::new(data, n).map_err(|err| {
+                    CaptureError::Slots(format!("mapping the socket slots: {err}"))
+                })?)
+            }
+        };
         // Before any program is attached: a record that finds no ring is lost.
         let rings = per_cpu_rings(&mut ebpf, config.ring_bytes)?;
 
@@ -274,6 +327,7 @@ impl Capture {
             counters,
             switches: Switches::new(switches, config.wakeup_interval, unwatched_interval),
             hooks,
+            slots,
             context_tracked,
         })
     }
@@ -286,6 +340,14 @@ impl Capture {
     /// less often while nobody subscribes.
     pub fn switches(&self) -> Switches {
         self.switches.clone()
+    }
+
+    /// Asks for the socket slots' adoption before a read of the table (does nothing without
+    /// slots).
+    pub fn adopter(&self) -> Adopter {
+        self.slots
+            .as_ref()
+            .map_or(Adopter::none(), slots::Slots::adopter)
     }
 
     /// The programs' counters, readable from any task.
@@ -303,15 +365,26 @@ impl Capture {
         // Bounded: when the programs write faster than the agent reads, the rings never empty,
         // and an unbounded drain would publish nothing and hold every decoded event in memory.
         let records = self.rings.drain(MAX_DRAIN, flush, |record| {
-            if !context_tracked && let Ok(Record::Transition(t)) = record {
-                distrust_context(t);
+            if !context_tracked {
+                match record {
+                    Ok(Record::Transition(t)) => distrust_context(t),
+                    Ok(Record::Kept(Kept { close: Some(t), .. })) => distrust_context(t),
+                    _ => {}
+                }
             }
         });
         let n = records.len();
         sink.records(records);
+        let cut = self.rings.cut();
+        if let Some(slots) = &mut self.slots
+            && (slots.due() || sink.wants_adoption(cut))
+        {
+            sink.adopted(slots.adopt(cut).iter());
+            slots.done();
+        }
         // Also after an empty drain: the table completes the lives of connections that closed
         // in the drain before.
-        sink.batch_done(self.rings.cut());
+        sink.batch_done(cut);
         n
     }
 
@@ -331,7 +404,11 @@ impl Capture {
     /// one in force at each drain: [`UNWATCHED_WAKEUP_INTERVAL`] while nobody subscribes.
     pub fn run(&mut self, cancel: &tokio_util::sync::CancellationToken, sink: &mut impl Sink) {
         raise_drain_priority();
-        let fds: Vec<_> = self.rings.fds().collect();
+        let fds: Vec<_> = self
+            .rings
+            .fds()
+            .chain(self.slots.as_ref().map(slots::Slots::wake_fd))
+            .collect();
         while !cancel.is_cancelled() {
             // Level-triggered: returns at once while unread records are in the ring. The
             // timeout bounds how long a stop request waits, and paces the checks a drain makes

@@ -353,8 +353,8 @@ fn record_time(bytes: &[u8]) -> u64 {
         .map_or(0, |b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
 }
 
-struct Mapping {
-    ptr: NonNull<u8>,
+pub(super) struct Mapping {
+    pub(super) ptr: NonNull<u8>,
     len: usize,
 }
 
@@ -362,7 +362,12 @@ struct Mapping {
 unsafe impl Send for Mapping {}
 
 impl Mapping {
-    fn new(fd: &OwnedFd, len: usize, prot: libc::c_int, offset: usize) -> io::Result<Mapping> {
+    pub(super) fn new(
+        fd: &OwnedFd,
+        len: usize,
+        prot: libc::c_int,
+        offset: usize,
+    ) -> io::Result<Mapping> {
         // SAFETY: a fresh shared mapping of a ring buffer map's fd, at the kernel's layout.
         let ptr = unsafe {
             libc::mmap(

@@ -76,6 +76,13 @@ pub struct AgentArgs {
     /// opens, establishments and closes until someone asks: about half the records.
     #[arg(long)]
     pub all_transitions: bool,
+    /// Socket slots in the kernel (a power of two up to 4,194,304, 112 bytes each; 0 for
+    /// none). While nobody asks for every transition, a socket keeps its open and handshake in
+    /// its slot and the kernel writes one record at its close instead of one per transition.
+    /// A socket whose slot another holds is recorded as without slots (`stats`: kernel slot
+    /// taken); the agent empties held slots about once a second and before any listing.
+    #[arg(long, value_name = "N", default_value_t = defaults().capture.socket_slots, value_parser = parse_socket_slots)]
+    pub socket_slots: u32,
     /// Events queued per subscriber before it starts losing events (it is told how many); a
     /// queue also holds at most --subscriber-queue-mib.
     #[arg(long, value_name = "N", default_value_t = defaults().limits.subscriber_queue as u64, value_parser = clap::value_parser!(u64).range(2..=1_048_576))]
@@ -152,6 +159,7 @@ impl AgentArgs {
                 wakeup_interval: Duration::from_micros(self.wakeup_interval_us),
                 classic_tracepoint: self.classic_tracepoint,
                 all_transitions: self.all_transitions,
+                socket_slots: self.socket_slots,
             },
             max_connections: self.max_connections,
             long_lived: Duration::from_secs(self.long_lived),
@@ -221,6 +229,21 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     }
     Ok(n)
 }
+
+fn parse_socket_slots(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of slots"))?;
+    if n != 0 && (!n.is_power_of_two() || n > MAX_SOCKET_SLOTS) {
+        return Err(format!(
+            "{n} is not 0 or a power of two up to {MAX_SOCKET_SLOTS} (e.g. 16384)"
+        ));
+    }
+    Ok(n)
+}
+
+/// 448 MiB of kernel memory.
+const MAX_SOCKET_SLOTS: u32 = 1 << 22;
 
 /// The kernel maps a ring twice (for records that wrap around), all of it resident.
 const MAX_RING_BYTES: u32 = 1 << 30;

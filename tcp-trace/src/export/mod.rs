@@ -25,7 +25,11 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::Metrics;
 pub use otlp::{LogEncoder, Logs as OtlpLogs, OtlpConfig};
 
-use crate::{bus::Bus, lifecycle::Connection, lifecycle::Table, stats::AgentStats};
+use crate::{
+    bus::Bus,
+    lifecycle::{Connection, Table},
+    stats::{AgentStats, BeforeRead},
+};
 use metrics::{Family, Live};
 
 /// Where to export; nothing by default.
@@ -107,6 +111,9 @@ pub struct Sources {
     pub stats: Arc<AgentStats>,
     /// Closed connections the OTLP exporter dropped.
     pub otlp_lost: Arc<AtomicU64>,
+    /// Brings the table up to the kernel's open connections before it is counted (the
+    /// agent's wiring: the socket slots' adoption). Blocking, briefly.
+    pub before_read: Option<BeforeRead>,
 }
 
 impl Sources {
@@ -114,6 +121,9 @@ impl Sources {
     /// it runs once per scrape or export, never per event.
     pub fn families(&self) -> Vec<Family> {
         let mut live = Live::default();
+        if let Some(before_read) = &self.before_read {
+            before_read();
+        }
         let table_full = {
             let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
             live.count(table.connections());
@@ -146,6 +156,7 @@ pub async fn start(
     table: Arc<Mutex<Table>>,
     bus: Arc<Bus>,
     stats: Arc<AgentStats>,
+    before_read: Option<BeforeRead>,
     stop: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<Exporters, ExportError> {
@@ -156,6 +167,7 @@ pub async fn start(
         bus,
         stats,
         otlp_lost: Arc::clone(&otlp_lost),
+        before_read,
     });
     let mut observer = Observer {
         metrics: Arc::clone(&sources.metrics),

@@ -63,6 +63,13 @@ pub fn stats_text(s: &proto::Stats) -> String {
         s.kernel_keepalive_unpaired.to_string(),
     );
     row(
+        "kernel slots: taken / contended / adopted",
+        format!(
+            "{} / {} / {}",
+            s.kernel_slot_taken, s.kernel_slot_contended, s.slots_adopted
+        ),
+    );
+    row(
         "healed: closed / adopted (heals)",
         format!("{} / {} ({})", s.healed_closed, s.healed_adopted, s.heals),
     );
