@@ -56,27 +56,7 @@ impl Pipeline {
         // event of every record the agent reads after it.
         self.events.unwatched = !self.keep_replay && !self.bus.has_subscribers();
         match record {
-            Record::Transition(t) => {
-                // Recorded while the kernel recorded only opens and closes?
-                self.events.quiet = !t.all_recorded;
-                self.events.unrecorded |= self.events.quiet;
-                let applied = table.apply(t);
-                let c = applied.connection;
-                if applied.opened {
-                    self.export.opened(c);
-                }
-                if t.new == TcpState::Established {
-                    if let Some(ns) = c.handshake_ns() {
-                        self.stats.established(ns);
-                    }
-                    self.export.established(c);
-                }
-                // A transition recorded while the kernel skipped its neighbours is not shown:
-                // no subscriber asked for state changes when it happened.
-                if t.all_recorded {
-                    self.events.state_change(t, c);
-                }
-            }
+            Record::Transition(t) => self.transition(table, t),
             Record::Retransmit(r) => {
                 let connection = table.retransmit(r);
                 if let Some(c) = connection {
@@ -105,11 +85,16 @@ impl Pipeline {
                 table.accepted(a);
             }
             Record::Kept(kept) => {
-                for record in kept.records() {
-                    self.record(table, &record);
+                // The records the slot stood for, applied in place: not copied into records.
+                let (opened, established, accepted) = kept.parts();
+                for t in [opened, established].iter().flatten() {
+                    self.transition(table, t);
+                }
+                if let Some(a) = &accepted {
+                    table.accepted(a);
                 }
                 if let Some(close) = &kept.close {
-                    self.record(table, &Record::Transition(*close));
+                    self.transition(table, close);
                 }
             }
             Record::SocketOption(o) => {
@@ -119,6 +104,30 @@ impl Pipeline {
                     self.events.keepalive(o.ts_ns, &change, c);
                 }
             }
+        }
+    }
+}
+
+impl Pipeline {
+    fn transition(&mut self, table: &mut Table, t: &crate::model::Transition) {
+        // Recorded while the kernel recorded only opens and closes?
+        self.events.quiet = !t.all_recorded;
+        self.events.unrecorded |= self.events.quiet;
+        let applied = table.apply(t);
+        let c = applied.connection;
+        if applied.opened {
+            self.export.opened(c);
+        }
+        if t.new == TcpState::Established {
+            if let Some(ns) = c.handshake_ns() {
+                self.stats.established(ns);
+            }
+            self.export.established(c);
+        }
+        // A transition recorded while the kernel skipped its neighbours is not shown:
+        // no subscriber asked for state changes when it happened.
+        if t.all_recorded {
+            self.events.state_change(t, c);
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The pipeline's own cost per connection, with no kernel behind it: the always-on agent's
 //! records of a churn (five a connection, as a quiet kernel writes them) replayed through the
-//! drain's `Sink`, a drain of 20 connections at a time; and (`replay_watched`) every record of
-//! each connection (ten) with one subscriber, whose events are built, encoded and queued.
+//! drain's `Sink`, a drain of 20 connections at a time; (`replay_slots`) the same churn as the
+//! kernel writes it with socket slots, one record per socket end; and (`replay_watched`) every
+//! record of each connection (ten) with one subscriber, whose events are built, encoded and
+//! queued.
 //! Ignored by default: they measure, they do not check. Run them under callgrind for
 //! instruction counts, which the noisy shared machines here cannot disturb
 //! (`docs/benchmarks.md`, 2026-12-03 06:36):
@@ -20,7 +22,7 @@ use std::{
 use super::{heal::Heal, pipeline::Pipeline};
 use crate::{
     bus::{Bus, BusConfig, Start, SubscribeRequest},
-    capture::{DecodeError, Hooks, KernelCounterReader, Record, Sink},
+    capture::{DecodeError, Hooks, Kept, KernelCounterReader, Record, Sink},
     event::Events,
     export::Observer,
     lifecycle::{Peers, Table},
@@ -89,14 +91,75 @@ fn connection(i: u64, ts: u64, all: bool, out: &mut Vec<Result<Record, DecodeErr
     );
 }
 
+/// The records of [`connection`] as the kernel writes them with socket slots: each end's
+/// CLOSE with what its slot kept (the client's connect and handshake, the server's handshake
+/// and accept).
+fn kept_connection(i: u64, ts: u64, out: &mut Vec<Result<Record, DecodeError>>) {
+    let mut quiet = Vec::new();
+    connection(i, ts, false, &mut quiet);
+    let t = |r: &Result<Record, DecodeError>| match r {
+        Ok(Record::Transition(t)) => *t,
+        _ => unreachable!("transitions only"),
+    };
+    let (open, passive_established, established, active_close, passive_close) = (
+        t(&quiet[0]),
+        t(&quiet[1]),
+        t(&quiet[2]),
+        t(&quiet[3]),
+        t(&quiet[4]),
+    );
+    let facts = |t: &Transition, have: u32, opened_ns: u64| tcp_trace_common::Kept {
+        have,
+        netns: t.netns,
+        family: tcp_trace_common::AF_INET,
+        sport: t.local.port(),
+        dport: t.remote.port(),
+        saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        opened_ns,
+        established_ns: t.ts_ns,
+        srtt_us: t.srtt_us,
+        total_retrans: t.total_retrans,
+        owner_ns: opened_ns,
+        pid_tgid: 100 << 32 | 100,
+        ..Default::default()
+    };
+    use tcp_trace_common::kept::*;
+    let client = facts(&established, OPENED | OWNER | ESTABLISHED, open.ts_ns);
+    let server = facts(
+        &passive_established,
+        PASSIVE | ESTABLISHED | OWNER | ACCEPTED,
+        passive_established.ts_ns,
+    );
+    for (sock, facts, close) in [
+        (open.sock, client, active_close),
+        (passive_established.sock, server, passive_close),
+    ] {
+        let mut kept = Kept::new(sock, 0, facts).expect("an IPv4 tuple");
+        kept.close = Some(close);
+        out.push(Ok(Record::Kept(kept)));
+    }
+}
+
 /// Replays `connections` through `pipeline`; returns how long it took.
 fn run(pipeline: &mut Pipeline, connections: u64, all: bool) -> Duration {
+    run_with(pipeline, connections, |i, ts, out| {
+        connection(i, ts, all, out)
+    })
+}
+
+/// Replays `connections`, each written by `write`, through `pipeline`.
+fn run_with(
+    pipeline: &mut Pipeline,
+    connections: u64,
+    write: impl Fn(u64, u64, &mut Vec<Result<Record, DecodeError>>),
+) -> Duration {
     let mut records = Vec::new();
     let started = Instant::now();
     for drain in 0..connections / PER_DRAIN {
         records.clear();
         for i in drain * PER_DRAIN..(drain + 1) * PER_DRAIN {
-            connection(i, i * 100_000, all, &mut records);
+            write(i, i * 100_000, &mut records);
         }
         pipeline.records(records.iter());
         pipeline.batch_done(u64::MAX);
@@ -120,6 +183,12 @@ fn run(pipeline: &mut Pipeline, connections: u64, all: bool) -> Duration {
 #[ignore = "a measurement: run it on its own, see the module"]
 fn replay() {
     run(&mut pipeline(), CONNECTIONS, false);
+}
+
+#[test]
+#[ignore = "a measurement: run it on its own, see the module"]
+fn replay_slots() {
+    run_with(&mut pipeline(), CONNECTIONS, kept_connection);
 }
 
 #[test]

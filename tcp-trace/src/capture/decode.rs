@@ -42,8 +42,8 @@ pub enum Record {
     Keepalive(KeepaliveTimer),
     SocketOption(SocketOption),
     Accept(Accept),
-    /// What a socket's slot kept of its open and handshake, with its CLOSE at its end: the
-    /// records it stands for are [`Kept::records`], then the close.
+    /// What a socket's slot kept of its open and handshake, with its CLOSE at its end: it
+    /// stands for [`Kept::parts`], then the close.
     Kept(Kept),
 }
 
@@ -76,10 +76,10 @@ impl Kept {
         })
     }
 
-    /// The records the facts stand for, in the order they happened: the SYN_SENT of a
-    /// connect(), the ESTABLISHED, the accept(). Each as the kernel would have written it while
-    /// it records only opens and closes.
-    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+    /// What the facts stand for, in the order it happened: the SYN_SENT of a connect(), the
+    /// ESTABLISHED, the accept(). Each as the kernel would have recorded it while it records
+    /// only opens and closes.
+    pub fn parts(&self) -> (Option<Transition>, Option<Transition>, Option<Accept>) {
         let f = &self.facts;
         let transition = |ts_ns, old, new, context, srtt_us, total_retrans| Transition {
             ts_ns,
@@ -105,15 +105,14 @@ impl Kept {
             } else {
                 Context::Kernel
             };
-            let t = transition(
+            transition(
                 f.opened_ns,
                 TcpState::Close,
                 TcpState::SynSent,
                 context,
                 0,
                 0,
-            );
-            Record::Transition(t)
+            )
         });
         let established = (f.have & kept::ESTABLISHED != 0).then(|| {
             let old = if f.have & kept::PASSIVE != 0 {
@@ -121,22 +120,22 @@ impl Kept {
             } else {
                 TcpState::SynSent
             };
-            Record::Transition(transition(
+            transition(
                 f.established_ns,
                 old,
                 TcpState::Established,
                 Context::Kernel,
                 f.srtt_us,
                 f.total_retrans,
-            ))
+            )
         });
-        let accepted = (f.have & kept::ACCEPTED != 0).then_some(Record::Accept(Accept {
+        let accepted = (f.have & kept::ACCEPTED != 0).then_some(Accept {
             ts_ns: f.owner_ns,
             sock: self.sock,
             netns: f.netns,
             task: owner,
-        }));
-        [opened, established, accepted].into_iter().flatten()
+        });
+        (opened, established, accepted)
     }
 }
 
@@ -444,9 +443,8 @@ pub(crate) mod tests {
         let Record::Kept(k) = decode(bytes).unwrap() else {
             panic!("kept facts")
         };
-        let records: Vec<_> = k.records().collect();
-        let [Record::Transition(open), Record::Transition(established)] = records[..] else {
-            panic!("an open and a handshake: {records:?}")
+        let (Some(open), Some(established), None) = k.parts() else {
+            panic!("an open and a handshake: {:?}", k.parts())
         };
         assert_eq!(
             (open.old, open.new, open.ts_ns),
@@ -480,9 +478,8 @@ pub(crate) mod tests {
             ..RawKept::default()
         };
         let k = Kept::new(0xffff_0000_5678, 0, kept).unwrap();
-        let records: Vec<_> = k.records().collect();
-        let [Record::Transition(established), Record::Accept(accept)] = records[..] else {
-            panic!("a handshake and an accept: {records:?}")
+        let (None, Some(established), Some(accept)) = k.parts() else {
+            panic!("a handshake and an accept: {:?}", k.parts())
         };
         assert_eq!(
             (established.old, established.new),
