@@ -133,6 +133,12 @@ pub(crate) fn take(sock: u64) -> Option<Held> {
     let slot = slot_of(sock)?;
     // SAFETY: as in `claim`.
     let holder = unsafe { &raw mut (*slot).holder };
+    // Most sockets asked hold no slot (every socket, while every transition is recorded): a
+    // plain load tells, without the locked instruction's cost.
+    let now_held = unsafe { core::ptr::read_volatile(holder) };
+    if now_held != sock && now_held != slot::BUSY {
+        return None;
+    }
     for _ in 0..TRIES {
         match unsafe { cas(holder, sock, slot::BUSY) } {
             s if s == sock => return Some(Held { slot, sock }),

@@ -553,6 +553,11 @@ async fn run_phases(opts: &Options) -> Result<Results> {
         Some(_) => installed(&[
             Tracer::None,
             Tracer::agent(0),
+            Tracer::Agent {
+                subscribers: 0,
+                kernel_filter: false,
+                without_slots: true,
+            },
             Tracer::agent(1),
             Tracer::Bpftrace,
         ]),
