@@ -18,7 +18,7 @@ pub mod kind {
     /// An [`Accept`](super::Accept): accept() returned a socket to a process.
     pub const ACCEPT: u32 = 6;
     /// A [`KeptFacts`](super::KeptFacts): what a socket's slot kept, handed on before a record
-    /// of the socket that needs them (see [`Slot`](super::Slot)).
+    /// of the socket that needs them (see [`slot`](super::slot)).
     pub const KEPT: u32 = 7;
     /// A [`KeptClose`](super::KeptClose): a socket's CLOSE, with what its slot kept of its life.
     pub const KEPT_CLOSE: u32 = 8;
@@ -299,7 +299,7 @@ pub mod globals {
     pub const WAKEUP_INTERVAL_NS: &str = "WAKEUP_INTERVAL_NS";
     /// The same while [`switch::UNWATCHED`](super::switch::UNWATCHED) is on.
     pub const UNWATCHED_WAKEUP_INTERVAL_NS: &str = "UNWATCHED_WAKEUP_INTERVAL_NS";
-    /// The number of [`Slot`](super::Slot)s less one (a power of two less one), or
+    /// The number of socket slots ([`slot`](super::slot)) less one (a power of two less one), or
     /// `u32::MAX`: no slots, every transition recorded as it happens.
     pub const SLOT_MASK: &str = "SLOT_MASK";
     /// The running kernel's [`KernelOffsets`](super::KernelOffsets).
@@ -389,7 +389,7 @@ pub mod counter {
     /// entries that found another keepalive timer's entry still waiting for its exit: a
     /// probe such a run sent is not recorded.
     pub const KEEPALIVE_UNPAIRED: u32 = 3;
-    /// Sockets that found their [`Slot`](super::Slot) held by another: their transitions are
+    /// Sockets that found their slot ([`slot`](super::slot)) held by another: their transitions are
     /// recorded as they happen, as without slots. Nothing is lost; it costs records.
     pub const SLOT_TAKEN: u32 = 4;
     /// Sockets whose slot another program held past a few tries: a record went out without
@@ -399,7 +399,7 @@ pub mod counter {
     // Successes are not counted in the kernel: the agent counts what it reads.
 }
 
-/// What the kernel keeps of a socket's life in its [`Slot`] instead of writing records: its
+/// What the kernel keeps of a socket's life in its slot ([`slot`]) instead of writing records: its
 /// open, its handshake's end and its owner. Handed on at its close ([`KeptClose`]), before any
 /// other record of the socket ([`KeptFacts`]), or when the agent adopts the slot.
 #[repr(C)]
@@ -427,25 +427,20 @@ pub struct Kept {
     pub comm: [u8; 16],
 }
 
-/// One element of the `SOCKET_SLOTS` array: a socket's [`Kept`] facts while it holds the
-/// slot. The slot of a socket is fixed by its address (a hash, [`slot_index`]); a socket whose
-/// slot another holds goes without, and its transitions are recorded as they happen.
+/// The socket slots: the `SOCKET_SLOT_HOLDERS` array (a `u64` each) and the `SOCKET_SLOTS`
+/// array (a [`Kept`] each), of the same length. A socket's slot is fixed by its address (a
+/// hash, [`slot_index`]); a socket whose slot another holds goes without, and its transitions
+/// are recorded as they happen.
 ///
-/// `holder` is the only word written concurrently, by compare-and-swap only:
+/// A holder is the only word written concurrently, by compare-and-swap only:
 /// - [`slot::FREE`] -> [`slot::BUSY`]: a socket's program claims the slot, writes the facts,
 ///   then stores the socket's address;
 /// - socket -> [`slot::BUSY`]: a program of the socket (to add a fact, or to take the facts for
 ///   a record and store [`slot::FREE`]), or the agent adopting the facts (then
 ///   [`slot::FREE`]). Whoever wins owns the facts; a program that loses to the agent records
 ///   its transition as it happens, after the agent's adoption.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Slot {
-    pub holder: u64,
-    pub kept: Kept,
-}
-
-/// Values of [`Slot::holder`] that are not a socket.
+///
+/// Values of a holder that are not a socket.
 pub mod slot {
     pub const FREE: u64 = 0;
     pub const BUSY: u64 = 1;
@@ -480,7 +475,6 @@ pub struct KeptClose {
 #[cfg(feature = "user")]
 mod user {
     unsafe impl aya::Pod for super::Kept {}
-    unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::KeptFacts {}
     unsafe impl aya::Pod for super::KeptClose {}
     // SAFETY: plain old data, `#[repr(C)]`, every bit pattern valid, no padding.
@@ -505,7 +499,6 @@ const _: () = assert!(core::mem::size_of::<SocketOption>() == 24 + 16 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<Accept>() == 24 + 8 + 8 + 16);
 const _: () = assert!(core::mem::size_of::<SockLayout>() == 10 * 4);
 const _: () = assert!(core::mem::size_of::<Kept>() == 8 + 8 + 32 + 8 + 8 + 8 + 8 + 8 + 16);
-const _: () = assert!(core::mem::size_of::<Slot>() == 8 + 104);
 const _: () = assert!(core::mem::size_of::<KeptFacts>() == 24 + 104);
 const _: () = assert!(core::mem::size_of::<KeptClose>() == 128 + 104);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 20 * 4 + 8 + 10 * 4);

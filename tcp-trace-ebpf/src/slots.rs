@@ -3,7 +3,7 @@
 //! kept facts (`KeptClose`), not its SYN_SENT, ESTABLISHED, accept and CLOSE.
 //!
 //! A socket's slot is fixed by its address (`slot_index`). The protocol is in
-//! `tcp_trace_common::Slot`: every change of `holder` is a compare-and-swap, and whoever moves
+//! `tcp_trace_common::slot`: every change of a holder is a compare-and-swap, and whoever moves
 //! it from a socket to `BUSY` owns the facts until it stores the socket (kept) or `FREE`
 //! (handed on). The agent adopts slots the same way (tcp-trace/src/capture/slots.rs).
 //!
@@ -14,16 +14,23 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use tcp_trace_common::{Header, Kept, KeptFacts, Slot, counter, kind, slot, slot_index};
+use tcp_trace_common::{Header, Kept, KeptFacts, counter, kind, slot, slot_index};
 
 use crate::maps::{self, global};
 
 /// `BPF_F_MMAPABLE`: the agent maps the array and adopts slots without a system call.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// The slots; the agent sets the number (a power of two) at load.
+/// Each slot's holder (`tcp_trace_common::slot`), apart from its facts: every recorded
+/// transition may look here for a slot its socket holds, and 8 bytes a slot (128 KiB for
+/// 16,384) stay in the CPU's cache where the facts' 104 would not. The agent sets the number
+/// of slots (a power of two) at load, the same for both arrays.
+#[map(name = "SOCKET_SLOT_HOLDERS")]
+static HOLDERS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Each slot's facts, written only by whoever moved its holder to `BUSY`.
 #[map(name = "SOCKET_SLOTS")]
-static SLOTS: Array<Slot> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+static SLOTS: Array<Kept> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// `tcp_trace_common::globals::SLOT_MASK`, set by the agent before loading.
 #[unsafe(no_mangle)]
@@ -73,15 +80,15 @@ pub(crate) unsafe fn cas(at: *mut u64, old: u64, new: u64) -> u64 {
 
 /// A slot this program owns (its holder is `BUSY`) until [`Held::keep`] or [`Held::free`].
 pub(crate) struct Held {
-    slot: *mut Slot,
+    holder: *mut u64,
+    kept: *mut Kept,
     sock: u64,
 }
 
 impl Held {
     #[inline(always)]
     pub(crate) fn kept(&self) -> *mut Kept {
-        // SAFETY: an element of the array.
-        unsafe { &raw mut (*self.slot).kept }
+        self.kept
     }
 
     /// The socket holds the slot again, with the facts as written.
@@ -89,14 +96,14 @@ impl Held {
     pub(crate) fn keep(self) {
         barrier();
         // SAFETY: the slot is this program's; the facts are written before the holder.
-        unsafe { core::ptr::write_volatile(&raw mut (*self.slot).holder, self.sock) };
+        unsafe { core::ptr::write_volatile(self.holder, self.sock) };
     }
 
     /// The facts were taken: the slot is free for any socket.
     #[inline(always)]
     pub(crate) fn free(self) {
         barrier();
-        unsafe { core::ptr::write_volatile(&raw mut (*self.slot).holder, slot::FREE) };
+        unsafe { core::ptr::write_volatile(self.holder, slot::FREE) };
     }
 }
 
@@ -109,30 +116,30 @@ fn barrier() {
     unsafe { core::arch::asm!("", options(nostack)) };
 }
 
+/// The socket's slot: its holder, and its facts.
 #[inline(always)]
-fn slot_of(sock: u64) -> Option<*mut Slot> {
-    SLOTS.get_ptr_mut(slot_index(sock, global!(SLOT_MASK)))
+fn slot_of(sock: u64) -> Option<(*mut u64, *mut Kept)> {
+    let index = slot_index(sock, global!(SLOT_MASK));
+    Some((HOLDERS.get_ptr_mut(index)?, SLOTS.get_ptr_mut(index)?))
 }
 
 /// Claims the socket's slot for a new life, or counts it taken (the socket then goes without).
 #[inline(always)]
 pub(crate) fn claim(sock: u64) -> Option<Held> {
-    let slot = slot_of(sock)?;
-    // SAFETY: an element of the array; its holder changes by compare-and-swap only.
-    if unsafe { cas(&raw mut (*slot).holder, slot::FREE, slot::BUSY) } != slot::FREE {
+    let (holder, kept) = slot_of(sock)?;
+    // SAFETY: an element of the array; a holder changes by compare-and-swap only.
+    if unsafe { cas(holder, slot::FREE, slot::BUSY) } != slot::FREE {
         maps::count(counter::SLOT_TAKEN);
         return None;
     }
-    Some(Held { slot, sock })
+    Some(Held { holder, kept, sock })
 }
 
 /// The socket's slot, if the socket holds it: None when it holds none (or the agent adopted
 /// its facts), and, counted, when another program kept it busy past a few tries.
 #[inline(always)]
 pub(crate) fn take(sock: u64) -> Option<Held> {
-    let slot = slot_of(sock)?;
-    // SAFETY: as in `claim`.
-    let holder = unsafe { &raw mut (*slot).holder };
+    let (holder, kept) = slot_of(sock)?;
     // Most sockets asked hold no slot (every socket, while every transition is recorded): a
     // plain load tells, without the locked instruction's cost.
     let now_held = unsafe { core::ptr::read_volatile(holder) };
@@ -141,7 +148,7 @@ pub(crate) fn take(sock: u64) -> Option<Held> {
     }
     for _ in 0..TRIES {
         match unsafe { cas(holder, sock, slot::BUSY) } {
-            s if s == sock => return Some(Held { slot, sock }),
+            s if s == sock => return Some(Held { holder, kept, sock }),
             slot::BUSY => continue,
             _ => return None,
         }

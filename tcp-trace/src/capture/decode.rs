@@ -48,7 +48,7 @@ pub enum Record {
 }
 
 /// A socket's open, handshake end and owner as the kernel kept them in its slot
-/// (`tcp_trace_common::Slot`) instead of recording them, from a record or the agent's
+/// (`tcp_trace_common::slot`) instead of recording them, from a record or the agent's
 /// adoption of the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Kept {

@@ -198,20 +198,22 @@ impl Capture {
             .override_global(globals::KERNEL_OFFSETS, &kernel.offsets, true)
             .override_global(globals::SLOT_MASK, &slot_mask, true)
             .map_max_entries("RINGS", possible_cpus()?)
+            .map_max_entries("SOCKET_SLOT_HOLDERS", slot_count.max(1))
             .map_max_entries("SOCKET_SLOTS", slot_count.max(1))
             .load(EBPF_OBJECT)?;
         let slots = match slot_count {
             0 => None,
             n => {
-                let map = ebpf
-                    .map("SOCKET_SLOTS")
-                    .expect("the object defines SOCKET_SLOTS");
-                let aya::maps::Map::Array(data) = map else {
-                    return Err(CaptureError::Slots("SOCKET_SLOTS is not an array".into()));
+                let array = |name: &'static str| match ebpf.map(name) {
+                    Some(aya::maps::Map::Array(data)) => Ok(data),
+                    _ => Err(CaptureError::Slots(format!("{name} is not an array"))),
                 };
-                Some(slots::Slots::new(data, n).map_err(|err| {
-                    CaptureError::Slots(format!("mapping the socket slots: {err}"))
-                })?)
+                Some(
+                    slots::Slots::new(array("SOCKET_SLOT_HOLDERS")?, array("SOCKET_SLOTS")?, n)
+                        .map_err(|err| {
+                            CaptureError::Slots(format!("mapping the socket slots: {err}"))
+                        })?,
+                )
             }
         };
         // Before any program is attached: a record that finds no ring is lost.

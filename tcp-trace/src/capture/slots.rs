@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use tcp_trace_common::{Slot, slot};
+use tcp_trace_common::{Kept as Facts, slot};
 
 use super::{
     decode::{DecodeError, Kept, Record},
@@ -36,9 +36,10 @@ pub const DEFAULT_SOCKET_SLOTS: u32 = 1 << 14;
 /// connection that is still open may be missing from the open counters a trace keeps.
 pub const ADOPT_EVERY: Duration = Duration::from_secs(1);
 
-/// The slot array, mapped.
+/// The slot arrays, mapped: the holders, and the facts.
 pub(super) struct Slots {
-    mapping: Mapping,
+    holders: Mapping,
+    facts: Mapping,
     count: usize,
     last: Instant,
     requests: Arc<Requests>,
@@ -95,20 +96,25 @@ impl Adopter {
 }
 
 impl Slots {
-    /// Maps `count` slots of the programs' `SOCKET_SLOTS`.
-    pub(super) fn new(map: &MapData, count: u32) -> io::Result<Slots> {
-        let fd = map.fd().as_fd().try_clone_to_owned()?;
+    /// Maps `count` slots of the programs' `SOCKET_SLOT_HOLDERS` and `SOCKET_SLOTS`.
+    pub(super) fn new(holders: &MapData, facts: &MapData, count: u32) -> io::Result<Slots> {
         let count = count as usize;
-        let page = 4096;
-        let len = (count * std::mem::size_of::<Slot>()).div_ceil(page) * page;
-        let mapping = Mapping::new(&fd, len, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+        let map = |data: &MapData, size: usize| {
+            let fd = data.fd().as_fd().try_clone_to_owned()?;
+            let page = 4096;
+            let len = (count * size).div_ceil(page) * page;
+            Mapping::new(&fd, len, libc::PROT_READ | libc::PROT_WRITE, 0)
+        };
+        let holders = map(holders, std::mem::size_of::<u64>())?;
+        let facts = map(facts, std::mem::size_of::<Facts>())?;
         // SAFETY: a new eventfd, owned here.
         let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if wake < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(Slots {
-            mapping,
+            holders,
+            facts,
             count,
             last: Instant::now(),
             requests: Arc::new(Requests {
@@ -146,16 +152,16 @@ impl Slots {
     pub(super) fn adopt(&mut self, cut: u64) -> &[Result<Record, DecodeError>] {
         let asked = self.requests.asked.load(Ordering::Acquire);
         self.adopted.clear();
-        let base = self.mapping.ptr.as_ptr().cast::<Slot>();
+        let holders = self.holders.ptr.as_ptr().cast::<u64>();
+        let all_facts = self.facts.ptr.as_ptr().cast::<Facts>();
         for i in 0..self.count {
-            // SAFETY: slot `i` of the mapped array; its holder is only changed atomically (by
+            // SAFETY: slot `i` of the mapped arrays; its holder is only changed atomically (by
             // the programs' CMPXCHG and this thread), and its facts only by whoever moved the
             // holder to BUSY.
             let (holder, facts) = unsafe {
-                let slot = base.add(i);
                 (
-                    AtomicU64::from_ptr(&raw mut (*slot).holder),
-                    &raw const (*slot).kept,
+                    AtomicU64::from_ptr(holders.add(i)),
+                    all_facts.add(i).cast_const(),
                 )
             };
             let sock = holder.load(Ordering::Acquire);
