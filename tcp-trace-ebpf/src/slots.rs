@@ -164,9 +164,14 @@ pub(crate) fn hand_on(sock: u64) {
     if !on() {
         return;
     }
-    let Some(sock) = number(sock) else {
-        return;
-    };
+    if let Some(sock) = number(sock) {
+        hand_on_number(sock);
+    }
+}
+
+/// [`hand_on`] for a socket address already made a number (slots on).
+#[inline(always)]
+pub(crate) fn hand_on_number(sock: u64) {
     let Some(held) = take(sock) else {
         return;
     };

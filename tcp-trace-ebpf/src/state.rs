@@ -211,7 +211,7 @@ pub(crate) fn record_btf(ctx: &BtfTracePointContext) -> u32 {
         && let Some(sock) = slots::number(sk as u64)
     {
         if all {
-            slots::hand_on(sock);
+            slots::hand_on_number(sock);
         } else {
             match new_state {
                 tcp_state::SYN_SENT | tcp_state::ESTABLISHED => {
