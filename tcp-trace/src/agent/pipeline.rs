@@ -109,6 +109,38 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Applies each decoded record under one hold of the table's lock, and counts (and warns
+    /// of, once) the undecodable ones; returns how many it applied.
+    fn apply_all<'a>(
+        &mut self,
+        records: impl Iterator<Item = &'a Result<Record, DecodeError>>,
+    ) -> u64 {
+        // The table's lock is taken once per drain, not once per record: under churn a lock
+        // and unlock per record was a tenth of the agent's CPU. A listing or a scrape waits
+        // for one drain at most.
+        let table = Arc::clone(&self.table);
+        let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
+        let mut applied = 0;
+        for record in records {
+            match record {
+                Ok(record) => {
+                    applied += 1;
+                    self.record(&mut table, record);
+                }
+                Err(err) => {
+                    self.stats.records_malformed.fetch_add(1, Ordering::Relaxed);
+                    if !self.warned_malformed {
+                        self.warned_malformed = true;
+                        tracing::warn!(
+                            "undecodable record from the kernel (counted in stats): {err}"
+                        );
+                    }
+                }
+            }
+        }
+        applied
+    }
+
     fn transition(&mut self, table: &mut Table, t: &crate::model::Transition) {
         // Recorded while the kernel recorded only opens and closes?
         self.events.quiet = !t.all_recorded;
@@ -134,41 +166,14 @@ impl Pipeline {
 
 impl capture::Sink for Pipeline {
     fn records<'a>(&mut self, records: impl Iterator<Item = &'a Result<Record, DecodeError>>) {
-        // The table's lock is taken once per drain, not once per record: under churn a lock
-        // and unlock per record was a tenth of the agent's CPU. A listing or a scrape waits
-        // for one drain at most.
-        let table = Arc::clone(&self.table);
-        let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut decoded = 0;
-        for record in records {
-            match record {
-                Ok(record) => {
-                    decoded += 1;
-                    self.record(&mut table, record);
-                }
-                Err(err) => {
-                    self.stats.records_malformed.fetch_add(1, Ordering::Relaxed);
-                    if !self.warned_malformed {
-                        self.warned_malformed = true;
-                        tracing::warn!(
-                            "undecodable record from the kernel (counted in stats): {err}"
-                        );
-                    }
-                }
-            }
-        }
+        let decoded = self.apply_all(records);
         self.stats
             .records_decoded
             .fetch_add(decoded, Ordering::Relaxed);
     }
+
     fn adopted<'a>(&mut self, records: impl Iterator<Item = &'a Result<Record, DecodeError>>) {
-        let table = Arc::clone(&self.table);
-        let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
-        let mut adopted = 0;
-        for record in records.flatten() {
-            adopted += 1;
-            self.record(&mut table, record);
-        }
+        let adopted = self.apply_all(records);
         self.stats
             .slots_adopted
             .fetch_add(adopted, Ordering::Relaxed);
