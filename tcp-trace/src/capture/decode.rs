@@ -54,10 +54,8 @@ pub enum Record {
 pub struct Kept {
     pub sock: u64,
     pub cpu: u32,
-    pub facts: RawKept,
-    /// The tuple as of the latest fact.
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
+    /// Their family checked by [`Kept::new`].
+    facts: RawKept,
     /// The socket's CLOSE, when the facts came with it.
     pub close: Option<Transition>,
 }
@@ -65,13 +63,11 @@ pub struct Kept {
 impl Kept {
     /// Facts kept in a slot, read from it (the agent adopting it) or from a record.
     pub fn new(sock: u64, cpu: u32, facts: RawKept) -> Result<Kept, DecodeError> {
-        let (local, remote) = addresses(facts.family, &facts.saddr, &facts.daddr)?;
+        addresses(facts.family, &facts.saddr, &facts.daddr)?;
         Ok(Kept {
             sock,
             cpu,
             facts,
-            local: SocketAddr::new(local, facts.sport),
-            remote: SocketAddr::new(remote, facts.dport),
             close: None,
         })
     }
@@ -81,14 +77,21 @@ impl Kept {
     /// only opens and closes.
     pub fn parts(&self) -> (Option<Transition>, Option<Transition>, Option<Accept>) {
         let f = &self.facts;
+        // The tuple as of the latest fact.
+        let (local, remote) =
+            addresses(f.family, &f.saddr, &f.daddr).expect("the family was checked by Kept::new");
+        let (local, remote) = (
+            SocketAddr::new(local, f.sport),
+            SocketAddr::new(remote, f.dport),
+        );
         let transition = |ts_ns, old, new, context, srtt_us, total_retrans| Transition {
             ts_ns,
             sock: self.sock,
             netns: f.netns,
             old,
             new,
-            local: self.local,
-            remote: self.remote,
+            local,
+            remote,
             context,
             cpu: self.cpu,
             error: 0,
