@@ -172,21 +172,7 @@ impl Capture {
         let wakeup_ns = u64::try_from(config.wakeup_interval.as_nanos()).unwrap_or(u64::MAX);
         let unwatched_interval = config.wakeup_interval.max(UNWATCHED_WAKEUP_INTERVAL);
         let unwatched_ns = u64::try_from(unwatched_interval.as_nanos()).unwrap_or(u64::MAX);
-        // Slots only where the BTF state program runs (the classic one has none), and only
-        // while some transitions go unrecorded: recording all, the programs never keep any.
-        let slot_count = if config.all_transitions
-            || config.classic_tracepoint
-            || kernel.direct_missing.is_some()
-        {
-            0
-        } else {
-            config.socket_slots
-        };
-        if slot_count != 0 && !slot_count.is_power_of_two() {
-            return Err(CaptureError::Slots(format!(
-                "{slot_count} socket slots: not a power of two"
-            )));
-        }
+        let slot_count = slots::count(config, kernel.direct_missing.is_none())?;
         let slot_mask = slot_count.checked_sub(1).unwrap_or(u32::MAX);
         let mut ebpf = EbpfLoader::new()
             // No CO-RE relocations to resolve (offsets come from `offsets::resolve`), so aya need
@@ -201,21 +187,7 @@ impl Capture {
             .map_max_entries("SOCKET_SLOT_HOLDERS", slot_count.max(1))
             .map_max_entries("SOCKET_SLOTS", slot_count.max(1))
             .load(EBPF_OBJECT)?;
-        let slots = match slot_count {
-            0 => None,
-            n => {
-                let array = |name: &'static str| match ebpf.map(name) {
-                    Some(aya::maps::Map::Array(data)) => Ok(data),
-                    _ => Err(CaptureError::Slots(format!("{name} is not an array"))),
-                };
-                Some(
-                    slots::Slots::new(array("SOCKET_SLOT_HOLDERS")?, array("SOCKET_SLOTS")?, n)
-                        .map_err(|err| {
-                            CaptureError::Slots(format!("mapping the socket slots: {err}"))
-                        })?,
-                )
-            }
-        };
+        let slots = slots::Slots::map(&ebpf, slot_count)?;
         // Before any program is attached: a record that finds no ring is lost.
         let rings = per_cpu_rings(&mut ebpf, config.ring_bytes)?;
 

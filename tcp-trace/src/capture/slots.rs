@@ -19,10 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::MapData;
+use aya::{Ebpf, maps::MapData};
 use tcp_trace_common::{Kept as Facts, slot};
 
 use super::{
+    CaptureConfig, CaptureError,
     decode::{DecodeError, Kept, Record},
     rings::Mapping,
 };
@@ -95,9 +96,40 @@ impl Adopter {
     }
 }
 
+/// The slots to give the programs: `--socket-slots`, but none where the BTF state program
+/// does not run (the classic one has none) or every transition is recorded (the programs then
+/// never keep any).
+pub(super) fn count(config: &CaptureConfig, btf_state: bool) -> Result<u32, CaptureError> {
+    let count = if config.all_transitions || config.classic_tracepoint || !btf_state {
+        0
+    } else {
+        config.socket_slots
+    };
+    if count != 0 && !count.is_power_of_two() {
+        return Err(CaptureError::Slots(format!(
+            "{count} socket slots: not a power of two"
+        )));
+    }
+    Ok(count)
+}
+
 impl Slots {
+    /// The loaded programs' `count` slots, mapped; None for none.
+    pub(super) fn map(ebpf: &Ebpf, count: u32) -> Result<Option<Slots>, CaptureError> {
+        if count == 0 {
+            return Ok(None);
+        }
+        let array = |name: &'static str| match ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => Ok(data),
+            _ => Err(CaptureError::Slots(format!("{name} is not an array"))),
+        };
+        Slots::new(array("SOCKET_SLOT_HOLDERS")?, array("SOCKET_SLOTS")?, count)
+            .map(Some)
+            .map_err(|err| CaptureError::Slots(format!("mapping the socket slots: {err}")))
+    }
+
     /// Maps `count` slots of the programs' `SOCKET_SLOT_HOLDERS` and `SOCKET_SLOTS`.
-    pub(super) fn new(holders: &MapData, facts: &MapData, count: u32) -> io::Result<Slots> {
+    fn new(holders: &MapData, facts: &MapData, count: u32) -> io::Result<Slots> {
         let count = count as usize;
         let map = |data: &MapData, size: usize| {
             let fd = data.fd().as_fd().try_clone_to_owned()?;
