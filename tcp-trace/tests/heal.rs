@@ -34,17 +34,9 @@ fn followed(sockets: Vec<(u16, u16, u8)>) -> Vec<(u16, u16, u8)> {
 }
 
 async fn listed(agent: &mut TestAgent, netns: u64) -> Vec<(u16, u16, u8)> {
-    let response = agent
-        .client
-        .list_connections(proto::ListConnectionsRequest {
-            filter: Some(netns_filter(netns)),
-            ..Default::default()
-        })
+    let mut sockets: Vec<_> = agent
+        .connections(netns)
         .await
-        .expect("ListConnections")
-        .into_inner();
-    let mut sockets: Vec<_> = response
-        .connections
         .iter()
         .map(|c| {
             (

@@ -32,17 +32,9 @@ fn kernel_sockets(ns: &NetNs) -> Sockets {
 }
 
 async fn listed_sockets(agent: &mut TestAgent, ns: &NetNs) -> Sockets {
-    let response = agent
-        .client
-        .list_connections(proto::ListConnectionsRequest {
-            filter: Some(netns_filter(ns.inode())),
-            ..Default::default()
-        })
+    let mut sockets: Sockets = agent
+        .connections(ns.inode())
         .await
-        .expect("ListConnections answers")
-        .into_inner();
-    let mut sockets: Sockets = response
-        .connections
         .iter()
         .map(|c| {
             let (local, remote) = (endpoint(&c.local), endpoint(&c.remote));

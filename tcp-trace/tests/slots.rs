@@ -14,7 +14,7 @@ use std::{
 
 use support::{
     NetNs,
-    agent::{TestAgent, collect, netns_filter, transitions_by_connection},
+    agent::{TestAgent, collect, transitions_by_connection},
     roundtrips,
 };
 use tcp_trace::{agent::AgentConfig, proto};
@@ -41,19 +41,6 @@ fn hold(ns: &NetNs, n: usize) -> (Vec<TcpStream>, Vec<TcpStream>, TcpListener) {
     })
 }
 
-async fn listed(agent: &mut TestAgent, ns: &NetNs) -> Vec<proto::Connection> {
-    agent
-        .client
-        .list_connections(proto::ListConnectionsRequest {
-            filter: Some(netns_filter(ns.inode())),
-            ..Default::default()
-        })
-        .await
-        .expect("ListConnections answers")
-        .into_inner()
-        .connections
-}
-
 /// A subscription to the summaries of `ns`'s connections, once the agent counts it.
 async fn summaries(agent: &mut TestAgent, ns: &NetNs) -> tonic::Streaming<proto::Event> {
     let stream = agent
@@ -76,7 +63,7 @@ async fn connections_still_in_their_slots_are_listed_with_owner_and_handshake() 
     let before = agent.stats().await;
     let n = 20;
     let (clients, servers, _listener) = hold(&ns, n);
-    let connections = listed(&mut agent, &ns).await;
+    let connections = agent.connections(ns.inode()).await;
     let pid = std::process::id();
     let established: Vec<_> = connections
         .iter()

@@ -96,6 +96,19 @@ impl TestAgent {
         wait_for_subscribers(&mut self.client, n).await
     }
 
+    /// ListConnections of one network namespace (inode), one page.
+    pub async fn connections(&mut self, netns: u64) -> Vec<proto::Connection> {
+        self.client
+            .list_connections(proto::ListConnectionsRequest {
+                filter: Some(netns_filter(netns)),
+                ..Default::default()
+            })
+            .await
+            .expect("ListConnections answers")
+            .into_inner()
+            .connections
+    }
+
     pub async fn stats(&mut self) -> proto::Stats {
         stats(&mut self.client).await
     }
